@@ -1,0 +1,321 @@
+"""Convert Hugging Face PyTorch BERT checkpoints to and from our Flax param tree.
+
+Reads `model.safetensors` (no torch needed) or `pytorch_model.bin` (needs torch), from a
+BertModel, BertForMaskedLM, BertForPreTraining or BertForSequenceClassification checkpoint, with or
+without the `bert.` prefix and with legacy `LayerNorm.gamma/beta` names. Every tensor in the file
+is either loaded or reported unused; heads the file lacks or that do not fit the config (pooler,
+classifier) are initialised fresh and reported, while any other missing or misshapen tensor is an
+`InputError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from sda_jax.errors import InputError
+from sda_jax.models import BertConfig, hf_normal_init, init_params
+
+SAFETENSORS_NAME = "model.safetensors"
+PYTORCH_NAME = "pytorch_model.bin"
+
+# Non-trainable buffers some HF versions serialise; they carry no weights.
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+# Raw safetensors dtypes numpy lacks natively; ml_dtypes ships with JAX.
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What a checkpoint load did, by HF tensor name as `state_dict_from_params` spells them.
+
+    `loaded` and `initialized` use our canonical names; `unused` keeps the file's own names.
+    """
+
+    source: str
+    loaded: tuple[str, ...]
+    unused: tuple[str, ...]
+    initialized: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # why each head was initialised fresh
+
+    def summary(self) -> str:
+        parts = [f"Loaded {len(self.loaded)} tensors from {self.source}."]
+        if self.initialized:
+            parts.append(f"Initialised fresh: {', '.join(self.initialized)}.")
+        parts.extend(self.notes)
+        if self.unused:
+            shown = ", ".join(self.unused[:8]) + (", ..." if len(self.unused) > 8 else "")
+            parts.append(f"Unused checkpoint tensors ({len(self.unused)}): {shown}.")
+        return " ".join(parts)
+
+
+def find_weights_file(model_dir: Path) -> Path | None:
+    """`model.safetensors` if present, else `pytorch_model.bin`, else None."""
+    for name in (SAFETENSORS_NAME, PYTORCH_NAME):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a `.safetensors` or torch `.bin` file as numpy; fp16/bf16 become float32."""
+    if path.suffix == ".safetensors":
+        tensors = _read_safetensors(path)
+    else:
+        tensors = _read_torch(path)
+    return {name: _to_float32(array) for name, array in tensors.items()}
+
+
+def _to_float32(array: np.ndarray) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    return array
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load_file(path)
+    except TypeError:
+        # safetensors.numpy cannot build bfloat16 arrays; parse the simple format ourselves.
+        return _read_safetensors_raw(path)
+    except (safetensors.SafetensorError, OSError) as err:
+        raise InputError(f"{path}: not a readable safetensors file: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    # Library errors can span paragraphs and carry terminal colours (torch's weights_only one
+    # does both); an InputError message is one plain line.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_safetensors_raw(path: Path) -> dict[str, np.ndarray]:
+    # Layout: u64 little-endian header size, JSON header {name: {dtype, shape, data_offsets}}, data.
+    try:
+        data = path.read_bytes()
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_len])
+        body = memoryview(data)[8 + header_len :]
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            array = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
+            tensors[name] = array.copy()  # own the memory rather than pin the whole file
+        return tensors
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a readable safetensors file: {err!r}") from None
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch  # optional: only old-style checkpoints need it
+    except ImportError:
+        raise InputError(
+            f"{path}: reading pytorch_model.bin needs PyTorch: pip install torch "
+            "(or convert the checkpoint to model.safetensors)"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint: {_first_line(err)}") from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InputError(f"{path}: expected a state dict of named tensors")
+    return {
+        name: (t.float() if t.is_floating_point() else t).detach().contiguous().numpy()
+        for name, t in state.items()
+    }
+
+
+class _Tensor(NamedTuple):
+    hf_name: str  # as in a transformers.BertForSequenceClassification state dict
+    path: tuple[str, ...]  # in our param tree
+    is_linear_weight: bool  # torch Linear [out, in] is a Flax kernel [in, out]
+    head: str | None  # "pooler"/"classifier": may be initialised fresh; None: required
+
+    @property
+    def canonical(self) -> str:
+        return self.hf_name.removeprefix("bert.")
+
+
+def _tensors(num_layers: int) -> list[_Tensor]:
+    """Every tensor of the model, in HF state-dict order."""
+    out: list[_Tensor] = []
+
+    def add(hf: str, path: tuple[str, ...], kind: str, head: str | None = None) -> None:
+        ours = {"linear": ("kernel", "bias"), "norm": ("scale", "bias")}[kind]
+        out.append(_Tensor(f"{hf}.weight", (*path, ours[0]), kind == "linear", head))
+        out.append(_Tensor(f"{hf}.bias", (*path, ours[1]), False, head))
+
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        path = ("bert", "embeddings", table, "embedding")
+        out.append(_Tensor(f"bert.embeddings.{table}.weight", path, False, None))
+    add("bert.embeddings.LayerNorm", ("bert", "embeddings", "LayerNorm"), "norm")
+    for i in range(num_layers):
+        hf, ours = f"bert.encoder.layer.{i}", ("bert", "encoder", f"layer_{i}")
+        for proj in ("query", "key", "value"):
+            add(f"{hf}.attention.self.{proj}", (*ours, "attention", "self", proj), "linear")
+        add(f"{hf}.attention.output.dense", (*ours, "attention", "output", "dense"), "linear")
+        add(f"{hf}.attention.output.LayerNorm", (*ours, "attention", "output", "LayerNorm"), "norm")
+        add(f"{hf}.intermediate.dense", (*ours, "intermediate", "dense"), "linear")
+        add(f"{hf}.output.dense", (*ours, "output", "dense"), "linear")
+        add(f"{hf}.output.LayerNorm", (*ours, "output", "LayerNorm"), "norm")
+    add("bert.pooler.dense", ("bert", "pooler", "dense"), "linear", head="pooler")
+    add("classifier", ("classifier",), "linear", head="classifier")
+    return out
+
+
+def _canonical(name: str) -> str:
+    """Strip the `bert.` prefix and rename legacy TF-era LayerNorm gamma/beta."""
+    name = name.removeprefix("bert.")
+    if "LayerNorm." in name:
+        for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+            if name.endswith(old):
+                name = name.removesuffix(old) + new
+    return name
+
+
+def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: jax.Array) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _fresh_heads(
+    state_dict: Mapping[str, np.ndarray],
+    by_name: Mapping[str, str],
+    config: BertConfig,
+    source: str,
+) -> dict[str, str]:
+    """Heads to initialise fresh, with the reason why."""
+    fresh = {}
+    for head in ("pooler", "classifier"):
+        weight, bias = (t for t in _tensors(0) if t.head == head)
+        present = [t.canonical for t in (weight, bias) if t.canonical in by_name]
+        if len(present) == 1:
+            raise InputError(f"{source}: has {by_name[present[0]]} but not the rest of the {head}")
+        if not present:
+            fresh[head] = f"the checkpoint has no {head}"
+        elif head == "classifier":
+            rows, wanted = np.shape(state_dict[by_name[weight.canonical]])[0], config.num_labels
+            if rows != wanted:
+                # A head trained for another label set is of no use; it is left in `unused`.
+                fresh[head] = f"the checkpoint's head has {rows} labels, the config {wanted}"
+    return fresh
+
+
+def params_from_state_dict(
+    state_dict: Mapping[str, np.ndarray], config: BertConfig, rng: jax.Array, *, source: str
+) -> tuple[dict[str, Any], LoadReport]:
+    """Map an HF BERT state dict onto our param tree (the inner dict of `init_params`).
+
+    `source` names the checkpoint in error messages and the report. `rng` seeds heads that are
+    initialised fresh.
+    """
+    by_name: dict[str, str] = {}  # canonical name -> name in the file
+    for original in state_dict:
+        canonical = _canonical(original)
+        if canonical in by_name:
+            raise InputError(
+                f"{source}: tensors {by_name[canonical]} and {original} are the same weight"
+            )
+        by_name[canonical] = original
+    for buffer in _BUFFERS:
+        by_name.pop(buffer, None)
+
+    specs = _tensors(config.num_hidden_layers)
+    missing = [t.hf_name for t in specs if t.head is None and t.canonical not in by_name]
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        shown = ", ".join(missing[:4]) + more
+        raise InputError(f"{source}: not a BERT checkpoint for this config, missing {shown}")
+    fresh = _fresh_heads(state_dict, by_name, config, source)
+
+    # The model defines the shapes; eval_shape traces init without computing anything.
+    shapes = jax.eval_shape(lambda key: init_params(config, key), rng)
+    keys = dict(zip(fresh, jax.random.split(rng, max(len(fresh), 1))))
+    params: dict[str, Any] = {}
+    loaded: list[str] = []
+    initialized: list[str] = []
+    for t in specs:
+        shape = _get(shapes, t.path).shape
+        if t.head in fresh:
+            init = hf_normal_init(config) if t.is_linear_weight else jax.nn.initializers.zeros
+            _set(params, t.path, init(keys[t.head], shape, jnp.float32))
+            initialized.append(t.hf_name)
+            continue
+        original = by_name.pop(t.canonical)
+        array = np.asarray(state_dict[original], dtype=np.float32)
+        hf_shape = shape[::-1] if t.is_linear_weight else shape
+        if array.shape != hf_shape:
+            raise InputError(
+                f"{source}: tensor {original} has shape {list(array.shape)}, "
+                f"the model config needs {list(hf_shape)}"
+            )
+        _set(params, t.path, jnp.asarray(array.T if t.is_linear_weight else array))
+        loaded.append(t.hf_name)
+
+    report = LoadReport(
+        source=source,
+        loaded=tuple(loaded),
+        unused=tuple(sorted(by_name.values())),
+        initialized=tuple(initialized),
+        notes=tuple(f"Fresh {head}: {why}." for head, why in fresh.items()),
+    )
+    return params, report
+
+
+def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Our params as a `transformers.BertForSequenceClassification` state dict.
+
+    Float32, C-contiguous numpy arrays under HF's names, ready for `safetensors.numpy.save_file`.
+    """
+    num_layers = sum(1 for key in params["bert"]["encoder"] if key.startswith("layer_"))
+    out = {}
+    for t in _tensors(num_layers):
+        array = np.asarray(_get(params, t.path), dtype=np.float32)
+        out[t.hf_name] = np.ascontiguousarray(array.T if t.is_linear_weight else array)
+    return out
+
+
+def load_pretrained(
+    model_dir: Path, config: BertConfig, rng: jax.Array
+) -> tuple[dict[str, Any], LoadReport]:
+    """Find, read and convert the weights in an HF model folder."""
+    model_dir = Path(model_dir)
+    path = find_weights_file(model_dir)
+    if path is None:
+        raise InputError(
+            f"{model_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME} found; to train from scratch "
+            "on purpose, set model.from_scratch=True"
+        )
+    return params_from_state_dict(read_state_dict(path), config, rng, source=str(path))

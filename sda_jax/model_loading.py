@@ -1,0 +1,54 @@
+"""Builds the run's model and its initial parameters from the model folder named in the config.
+
+A Hugging Face folder gives the architecture (config.json) and, unless the config explicitly asks
+for training from scratch, the weights; a folder without weights is an error, never a silent
+random initialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sda_jax import hf_checkpoint
+from sda_jax.errors import InputError
+from sda_jax.models import BertConfig, BertForSequenceClassification, init_params
+from sda_jax.settings import Settings
+
+
+def bert_config(settings: Settings, vocab_size: int) -> BertConfig:
+    """The architecture: the folder's config.json, the config's overrides, one head per label."""
+    config = BertConfig.from_json_file(
+        settings.model.dir / "config.json",
+        num_labels=len(settings.data.label_names),
+        **dict(settings.model.overrides),
+    )
+    if vocab_size > config.vocab_size:
+        raise InputError(
+            f"{settings.model.dir / 'vocab.txt'}: the vocabulary has {vocab_size} tokens but the "
+            f"embedding table in config.json has only {config.vocab_size}"
+        )
+    if settings.data.max_seq_len > config.max_position_embeddings:
+        raise InputError(
+            f"config key data.max_seq_len: {settings.data.max_seq_len} exceeds the model's "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
+    return config
+
+
+def load_model(
+    settings: Settings, vocab_size: int, rng: jax.Array, dtype: jnp.dtype
+) -> tuple[BertForSequenceClassification, dict[str, Any], str]:
+    """Returns (model, float32 params, a one-paragraph note of where the params came from)."""
+    config = bert_config(settings, vocab_size)
+    model = BertForSequenceClassification(config=config, dtype=dtype)
+    if settings.model.from_scratch:
+        note = (
+            f"Initialised a {config.num_hidden_layers}-layer, {config.hidden_size}-wide BERT from "
+            f"scratch (model.from_scratch=True); architecture from {settings.model.dir / 'config.json'}."
+        )
+        return model, init_params(config, rng), note
+    params, report = hf_checkpoint.load_pretrained(settings.model.dir, config, rng)
+    return model, params, report.summary()

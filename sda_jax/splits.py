@@ -1,0 +1,38 @@
+"""The task's train/dev/test splits, read, checked and encoded once before training starts.
+
+Everything here can fail on user input, so it runs before the workdir is created: a bad file
+stops the run with nothing written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import transformers
+
+from sda_jax import input_pipeline
+from sda_jax.input_pipeline import Encoded
+from sda_jax.settings import DataSettings
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Splits:
+    train: Encoded
+    dev: Encoded
+    test: Encoded
+    tokenizer: transformers.PreTrainedTokenizerFast
+
+
+def load_splits(data: DataSettings, model_dir: pathlib.Path) -> Splits:
+    """Reads the three files (dev needs labels, test does not) and tokenizes them."""
+    tokenizer = input_pipeline.load_tokenizer(model_dir)
+    keys = {"text_a_key": data.text_a_key, "text_b_key": data.text_b_key, "label_key": data.label_key, "id_key": data.id_key}
+
+    def read(path: pathlib.Path, require_labels: bool) -> Encoded:
+        examples = input_pipeline.read_clue_file(path, data.label_names, require_labels=require_labels, **keys)
+        return input_pipeline.encode(examples, tokenizer, data.max_seq_len)
+
+    return Splits(
+        train=read(data.train_file, True), dev=read(data.dev_file, True), test=read(data.test_file, False), tokenizer=tokenizer
+    )

@@ -1,0 +1,360 @@
+"""Training with self-distillation averaging: the train state, the jitted train step, the loop.
+
+    python -m sda_jax.train --config configs/afqmc_small.py --workdir runs/afqmc_small
+
+Data flow: input_pipeline (host bucketing) → parallel (sharded device batches) → `train_step`
+(one jitted, donated program per bucket length) → evaluate (dev metrics, best checkpoint) →
+prediction file. The state is a plain pytree; the teacher and the eval EMA are parameter pytrees
+that only ever receive EMA updates, never gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sda_jax import distill, evaluate, input_pipeline, mixed_precision, optim, parallel, splits
+from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
+from sda_jax.checkpoints import BestCheckpoint
+from sda_jax.errors import InputError
+from sda_jax.model_loading import load_model
+from sda_jax.settings import Settings
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: train steps taken, skipped fp16 overflow steps included
+    params: Params  # the student, the only parameters that receive gradients
+    opt_state: optax.OptState
+    slow_params: Params | None  # Lookahead's slow weights (None when Lookahead is off)
+    teacher_params: Params  # SDA teacher: EMA of the student with the (1+t)/(10+t) ramp
+    eval_ema_params: Params  # evaluation EMA: a copy of the student until its start step
+    loss_scale: mixed_precision.LossScale | None  # float16 only
+    skipped_steps: jax.Array  # int32: fp16 steps skipped for non-finite gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The train step's static hyper-parameters (hashable, so jit specialises on them)."""
+
+    kd_coeff: float
+    teacher_decay: float
+    eval_ema_decay: float
+    eval_ema_start_step: int
+    lookahead_k: int
+    lookahead_alpha: float
+    loss_scaling: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dtype: jnp.dtype) -> StepConfig:
+        return cls(
+            kd_coeff=settings.sda.kd_coeff,
+            teacher_decay=settings.sda.teacher_decay,
+            eval_ema_decay=settings.sda.eval_ema_decay,
+            eval_ema_start_step=settings.sda.eval_ema_start_step,
+            lookahead_k=settings.optim.lookahead_k,
+            lookahead_alpha=settings.optim.lookahead_alpha,
+            loss_scaling=jnp.dtype(dtype) == jnp.float16,
+        )
+
+
+def create_train_state(params: Params, tx: optax.GradientTransformation, config: StepConfig, settings: Settings):
+    """The state before step 1: teacher, eval EMA (and Lookahead's slow weights) equal the student."""
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        slow_params=copy(params) if config.lookahead_k else None,
+        teacher_params=copy(params),
+        eval_ema_params=copy(params),
+        loss_scale=(
+            mixed_precision.LossScale.create(settings.fp16.initial_loss_scale, settings.fp16.growth_interval)
+            if config.loss_scaling
+            else None
+        ),
+        skipped_steps=jnp.zeros([], jnp.int32),
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    config: StepConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SDA step: student update on CE + kd·MSE(teacher), then both EMAs. Pure; jitted once."""
+    inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    # The teacher runs like the reference's kd_model.eval(): no dropout, no gradient.
+    teacher_logits = model.apply({"params": state.teacher_params}, *inputs, deterministic=True)
+    dropout_rng = jax.random.fold_in(rng, state.step)
+    scale = state.loss_scale.scale if config.loss_scaling else 1.0
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, *inputs, deterministic=False, rngs={"dropout": dropout_rng})
+        loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], config.kd_coeff)
+        return loss * scale, (loss, ce, kd)
+
+    grads, (loss, ce, kd) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(jax.tree.map(lambda g: g / scale, grads), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    slow_params = state.slow_params
+    if config.lookahead_k:
+        applied_updates = state.step + 1 - state.skipped_steps
+        params, slow_params = optim.lookahead_sync(
+            params, slow_params, applied_updates, config.lookahead_k, config.lookahead_alpha
+        )
+
+    loss_scale, skipped_steps = state.loss_scale, state.skipped_steps
+    if config.loss_scaling:
+        # An overflowed fp16 step changes nothing but the scale, as torch's GradScaler.step does.
+        finite = mixed_precision.all_finite(grads)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state, slow_params = keep((params, opt_state, slow_params), (state.params, state.opt_state, state.slow_params))
+        loss_scale = loss_scale.adjust(finite)
+        skipped_steps = skipped_steps + (~finite).astype(jnp.int32)
+
+    step = state.step + 1
+    teacher = distill.ema_update(params, state.teacher_params, distill.teacher_decay(step, config.teacher_decay))
+    eval_ema = distill.ema_update(
+        params,
+        state.eval_ema_params,
+        distill.eval_ema_decay(step, config.eval_ema_decay, config.eval_ema_start_step),
+    )
+    new_state = state.replace(
+        step=step,
+        params=params,
+        opt_state=opt_state,
+        slow_params=slow_params,
+        teacher_params=teacher,
+        eval_ema_params=eval_ema,
+        loss_scale=loss_scale,
+        skipped_steps=skipped_steps,
+    )
+    metrics = {"loss": loss, "ce": ce, "kd": kd, "skipped_steps": skipped_steps}
+    if config.loss_scaling:
+        metrics["loss_scale"] = loss_scale.scale
+    return new_state, metrics
+
+
+def train_and_evaluate(settings: Settings, workdir: pathlib.Path) -> dict[str, Any]:
+    """Trains, evaluates on dev every `eval_every` steps, keeps the best, predicts the test set.
+
+    Every input is read and checked before the workdir is touched, so bad input leaves nothing.
+    Returns the run summary (also written to workdir/summary.json).
+    """
+    wall_start = time.perf_counter()
+    data = splits.load_splits(settings.data, settings.model.dir)
+    root_rng = jax.random.key(settings.seed)
+    init_rng, dropout_rng = jax.random.split(root_rng)
+    platform = jax.devices()[0].platform
+    dtype = mixed_precision.compute_dtype(settings.model.dtype, platform)
+    model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(settings.train.batch_size, mesh)
+    _make_workdir(workdir)
+    print(load_note)
+
+    batch_size = settings.train.batch_size
+    steps_per_epoch = input_pipeline.steps_per_epoch(len(data.train), batch_size)
+    total_steps = settings.train.num_epochs * steps_per_epoch
+    if settings.train.max_steps:
+        total_steps = min(total_steps, settings.train.max_steps)
+    tx = optim.make_optimizer(settings.optim, total_steps)
+    schedule = optim.learning_rate_schedule(settings.optim, total_steps)
+    step_config = StepConfig.from_settings(settings, dtype)
+
+    replicated = parallel.replicated(mesh)
+    create = functools.partial(create_train_state, tx=tx, config=step_config, settings=settings)
+    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params))
+    state = jax.jit(create, out_shardings=state_sharding)(params)
+    del params
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_fn = BucketedJit(
+        jax.jit(
+            functools.partial(train_step, model=model, tx=tx, config=step_config),
+            in_shardings=(state_sharding, batch_sharding, replicated),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=0,
+        ),
+        batch_shape_key,
+    )
+    eval_fn = BucketedJit(
+        jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=batch_sharding), batch_shape_key
+    )
+    bucket_args = {"batch_size": batch_size, "bucket_lengths": settings.data.bucket_lengths}
+
+    def run_dev(params) -> dict[str, float]:
+        batches = parallel.prefetch_to_mesh(input_pipeline.eval_batches(data.dev, **bucket_args), mesh)
+        logits, losses = evaluate.collect_logits(eval_fn, params, batches)
+        return evaluate.dev_metrics(logits, losses, data.dev.labels)
+
+    best = BestCheckpoint(workdir)
+    metrics_log = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
+    train_batches = input_pipeline.train_batches(
+        data.train, bucket_multiplier=settings.data.bucket_multiplier, seed=settings.seed, **bucket_args
+    )
+    progress = tqdm.tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+    pending: list[dict[str, jax.Array]] = []
+    examples_seen = 0
+    eval_seconds = 0.0
+    loop_start = time.perf_counter()
+    device_batches = parallel.prefetch_to_mesh(itertools.islice(train_batches, total_steps), mesh)
+    for step, (host_batch, batch) in enumerate(device_batches, start=1):
+        state, step_metrics = train_fn(state, batch, dropout_rng)
+        pending.append(step_metrics)
+        examples_seen += int(host_batch["weights"].sum())
+        if len(pending) == settings.train.log_every or step % settings.train.eval_every == 0 or step == total_steps:
+            _log_train(jax.device_get(pending), step, schedule, progress, metrics_log)
+            pending = []
+        if step % settings.train.eval_every == 0 or step == total_steps:
+            eval_start = time.perf_counter()
+            dev = run_dev(state.eval_ema_params)
+            params_name = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
+            improved = best.offer(
+                step,
+                {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params},
+                {**dev, "params": params_name},
+            )
+            _write_jsonl(metrics_log, {"step": step, "split": "dev", "params": params_name, **dev})
+            progress.write(
+                f"step {step}: dev loss {dev['loss']:.4f} accuracy {dev['accuracy']:.4f} f1 {dev['f1']:.4f}"
+                f" ({params_name}){' *best*' if improved else ''}"
+            )
+            eval_seconds += time.perf_counter() - eval_start
+    train_seconds = time.perf_counter() - loop_start - eval_seconds
+    progress.close()
+    metrics_log.close()
+
+    best_params, best_metrics = best.restore(
+        {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params}
+    )
+    best.close()
+    test_batches = parallel.prefetch_to_mesh(input_pipeline.eval_batches(data.test, **bucket_args), mesh)
+    test_logits, _ = evaluate.collect_logits(eval_fn, best_params["eval_ema"], test_batches)
+    predict_path = workdir / settings.train.predict_file
+    evaluate.write_predictions(
+        predict_path, data.test.ids, evaluate.argmax_labels(test_logits, settings.data.label_names)
+    )
+
+    summary = {
+        "best_dev_accuracy": best_metrics["accuracy"],
+        "best_dev_f1": best_metrics["f1"],
+        "best_step": best_metrics["step"],
+        "best_params": best_metrics["params"],
+        "steps": int(state.step),
+        "skipped_steps": int(state.skipped_steps),
+        "train_examples": examples_seen,
+        "train_seconds": train_seconds,
+        "train_samples_per_second": examples_seen / train_seconds,
+        "train_step_compilations": train_fn.num_compilations,
+        "train_step_compile_seconds": train_fn.compile_seconds,
+        "num_buckets": len(settings.data.bucket_lengths),
+        "wall_seconds": time.perf_counter() - wall_start,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "compute_dtype": jnp.dtype(dtype).name,
+        "predictions": str(predict_path),
+        "test_rows": len(data.test),
+    }
+    evaluate.write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(_format_summary(summary))
+    return summary
+
+
+def _make_workdir(workdir: pathlib.Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / ".write_test").touch()
+        (workdir / ".write_test").unlink()
+    except OSError as err:
+        raise InputError(f"{workdir}: cannot write to the workdir ({err.strerror})") from None
+
+
+def _write_jsonl(log, record: dict[str, Any]) -> None:
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+
+
+def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progress, log) -> None:
+    """Reports the mean losses of the steps since the last report; stops a diverged run."""
+    loss = float(np.mean([m["loss"] for m in window]))
+    if not np.isfinite(loss) and "loss_scale" not in window[-1]:
+        raise FloatingPointError(f"training diverged: the loss is {loss} at step {step}")
+    record = {
+        "step": step,
+        "split": "train",
+        "loss": loss,
+        "ce": float(np.mean([m["ce"] for m in window])),
+        "kd": float(np.mean([m["kd"] for m in window])),
+        "learning_rate": float(schedule(step - 1)),
+        "skipped_steps": int(window[-1]["skipped_steps"]),
+    }
+    if "loss_scale" in window[-1]:
+        record["loss_scale"] = float(window[-1]["loss_scale"])
+    _write_jsonl(log, record)
+    progress.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+    progress.update(len(window))
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    rows = [
+        ("best dev accuracy", f"{summary['best_dev_accuracy']:.4f} at step {summary['best_step']} ({summary['best_params']})"),
+        ("best dev F1", f"{summary['best_dev_f1']:.4f}"),
+        ("steps run", f"{summary['steps']} ({summary['skipped_steps']} skipped for fp16 overflow)"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s (train loop {summary['train_seconds']:.1f} s)"),
+        ("throughput", f"{summary['train_samples_per_second']:.1f} samples/s on {summary['devices']}, {summary['compute_dtype']}"),
+        (
+            "train step compilations",
+            f"{summary['train_step_compilations']} for {summary['num_buckets']} bucket lengths"
+            f" ({summary['train_step_compile_seconds']:.1f} s)",
+        ),
+        ("predictions", f"{summary['predictions']} ({summary['test_rows']} rows)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["", "=" * 72, *(f"{name:<{width}}  {value}" for name, value in rows), "=" * 72])
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/afqmc.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/afqmc.py")
+    workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(flags.FLAGS['config'].config_filename).stem}")
+    try:
+        train_and_evaluate(Settings.from_config(_CONFIG.value), workdir)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

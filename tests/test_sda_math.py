@@ -1,0 +1,117 @@
+"""The SDA formulas, optimizer pieces and loss scaling against values computed by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sda_jax import distill, mixed_precision, optim
+from sda_jax.settings import OptimSettings
+
+
+def test_teacher_decay_ramp_then_cap():
+    # (1 + t) / (10 + t): 2/11 at t=1, 11/20 at t=10; the cap 0.995 binds from t = 1790 on.
+    np.testing.assert_allclose(distill.teacher_decay(1, 0.995), 2 / 11, rtol=1e-6)
+    np.testing.assert_allclose(distill.teacher_decay(10, 0.995), 11 / 20, rtol=1e-6)
+    np.testing.assert_allclose(distill.teacher_decay(1789, 0.995), 1790 / 1799, rtol=1e-6)
+    np.testing.assert_allclose(distill.teacher_decay(5000, 0.995), 0.995, rtol=1e-6)
+
+
+def test_ema_update_matches_reference_formula():
+    teacher = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(3.0)}
+    student = {"w": jnp.array([0.0, 4.0]), "b": jnp.array(-1.0)}
+    decay = 2 / 11
+    out = distill.ema_update(student, teacher, decay)
+    # The reference: s_param.sub_((1 - decay) * (s_param - param)).
+    for name in teacher:
+        expected = np.asarray(teacher[name]) - (1 - decay) * (np.asarray(teacher[name]) - np.asarray(student[name]))
+        np.testing.assert_allclose(out[name], expected, rtol=1e-6)
+
+
+def test_eval_ema_copies_student_until_start_then_averages():
+    assert float(distill.eval_ema_decay(499, 0.999, 500)) == 0.0
+    assert float(distill.eval_ema_decay(500, 0.999, 500)) == 0.0
+    assert float(distill.eval_ema_decay(501, 0.999, 500)) == pytest.approx(0.999)
+    ema, student = jnp.array([5.0]), jnp.array([7.0])
+    assert float(distill.ema_update(student, ema, distill.eval_ema_decay(3, 0.999, 500))[0]) == 7.0
+
+
+def test_sda_loss_hand_computed_with_padding_row():
+    student = jnp.array([[2.0, 0.0], [0.0, 1.0], [9.0, -9.0]])
+    teacher = jnp.array([[1.0, 1.0], [0.0, 3.0], [0.0, 0.0]])
+    labels = jnp.array([0, 0, 1])
+    weights = jnp.array([1.0, 1.0, 0.0])  # the third row is batch padding
+    ce_rows = [np.log(1 + np.exp(-2.0)), np.log(1 + np.exp(1.0))]
+    ce = np.mean(ce_rows)
+    kd = ((2 - 1) ** 2 + (0 - 1) ** 2 + 0**2 + (1 - 3) ** 2) / 4
+    loss, (got_ce, got_kd) = distill.sda_loss(student, teacher, labels, weights, kd_coeff=0.5)
+    np.testing.assert_allclose(got_ce, ce, rtol=1e-6)
+    np.testing.assert_allclose(got_kd, kd, rtol=1e-6)
+    np.testing.assert_allclose(loss, ce + 0.5 * kd, rtol=1e-6)
+
+
+def test_kd_term_has_no_gradient_through_teacher():
+    labels, weights = jnp.array([1]), jnp.array([1.0])
+    grad = jax.grad(lambda t: distill.sda_loss(jnp.array([[0.3, 0.1]]), t, labels, weights, 1.0)[0])(
+        jnp.array([[1.0, 2.0]])
+    )
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def _settings(**overrides):
+    values = dict(
+        learning_rate=1e-3, warmup_ratio=0.1, weight_decay=0.01, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
+        adam_bias_correction=False, lookahead_k=0, lookahead_alpha=1.0, max_grad_norm=0.0,
+    )  # fmt: skip
+    values.update(overrides)
+    return OptimSettings(**values)
+
+
+def test_schedule_warmup_from_zero_then_linear_decay():
+    schedule = optim.learning_rate_schedule(_settings(), total_steps=100)  # warmup 10 steps
+    np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 55, 100)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_adamw_step_matches_hand_computation(bias_correction):
+    settings = _settings(adam_bias_correction=bias_correction, warmup_ratio=0.0)
+    tx = optim.make_optimizer(settings, total_steps=10)
+    params = {"dense": {"kernel": jnp.array([1.0, -1.0]), "bias": jnp.array([0.5])}, "LayerNorm": {"scale": jnp.array([2.0])}}
+    grads = {"dense": {"kernel": jnp.array([0.1, 0.2]), "bias": jnp.array([-0.3])}, "LayerNorm": {"scale": jnp.array([0.4])}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+
+    def expected(g, p, decays):
+        m, v = 0.1 * g, 0.001 * g * g
+        if bias_correction:
+            m, v = m / 0.1, v / 0.001
+        return -1e-3 * (m / (np.sqrt(v) + 1e-8) + (0.01 * p if decays else 0.0))
+
+    np.testing.assert_allclose(updates["dense"]["kernel"], expected(np.array([0.1, 0.2]), np.array([1.0, -1.0]), True), rtol=1e-5)
+    np.testing.assert_allclose(updates["dense"]["bias"], expected(np.array([-0.3]), np.array([0.5]), False), rtol=1e-5)
+    np.testing.assert_allclose(updates["LayerNorm"]["scale"], expected(np.array([0.4]), np.array([2.0]), False), rtol=1e-5)
+
+
+def test_lookahead_syncs_on_updates_1_then_every_k():
+    slow = {"w": jnp.array([0.0])}
+    fast = {"w": jnp.array([10.0])}
+    # Update 1: slow := fast, nothing moves.
+    p, s = optim.lookahead_sync(fast, slow, jnp.int32(1), 5, 0.5)
+    assert float(p["w"][0]) == 10.0 and float(s["w"][0]) == 10.0
+    # Update 2..5: no sync.
+    p, s = optim.lookahead_sync({"w": jnp.array([20.0])}, s, jnp.int32(4), 5, 0.5)
+    assert float(p["w"][0]) == 20.0 and float(s["w"][0]) == 10.0
+    # Update 6: slow += 0.5 (fast - slow), fast := slow.
+    p, s = optim.lookahead_sync({"w": jnp.array([20.0])}, s, jnp.int32(6), 5, 0.5)
+    assert float(p["w"][0]) == 15.0 and float(s["w"][0]) == 15.0
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_interval():
+    scale = mixed_precision.LossScale.create(1024.0, growth_interval=2)
+    scale = scale.adjust(jnp.array(False))
+    assert float(scale.scale) == 512.0 and int(scale.good_steps) == 0
+    scale = scale.adjust(jnp.array(True))
+    assert float(scale.scale) == 512.0 and int(scale.good_steps) == 1
+    scale = scale.adjust(jnp.array(True))
+    assert float(scale.scale) == 1024.0 and int(scale.good_steps) == 0
+    assert not bool(mixed_precision.all_finite({"a": jnp.array([1.0, jnp.inf])}))
+    assert bool(mixed_precision.all_finite({"a": jnp.array([1.0, 2.0])}))
