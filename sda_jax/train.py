@@ -33,6 +33,7 @@ from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
 from sda_jax.checkpoints import BestCheckpoint
 from sda_jax.errors import InputError
 from sda_jax.model_loading import load_model
+from sda_jax.run_record import write_run_record
 from sda_jax.settings import Settings
 
 Params = Any
@@ -60,7 +61,9 @@ class StepConfig:
     eval_ema_start_step: int
     lookahead_k: int
     lookahead_alpha: float
-    loss_scaling: bool
+    loss_scaling: bool  # float16 compute: dynamic loss scaling, overflow steps skipped
+    initial_loss_scale: float = 2.0**16
+    loss_scale_growth_interval: int = 2000
 
     @classmethod
     def from_settings(cls, settings: Settings, dtype: jnp.dtype) -> StepConfig:
@@ -72,10 +75,12 @@ class StepConfig:
             lookahead_k=settings.optim.lookahead_k,
             lookahead_alpha=settings.optim.lookahead_alpha,
             loss_scaling=jnp.dtype(dtype) == jnp.float16,
+            initial_loss_scale=settings.fp16.initial_loss_scale,
+            loss_scale_growth_interval=settings.fp16.growth_interval,
         )
 
 
-def create_train_state(params: Params, tx: optax.GradientTransformation, config: StepConfig, settings: Settings):
+def create_train_state(params: Params, tx: optax.GradientTransformation, config: StepConfig) -> TrainState:
     """The state before step 1: teacher, eval EMA (and Lookahead's slow weights) equal the student."""
     copy = functools.partial(jax.tree.map, jnp.copy)
     return TrainState(
@@ -86,7 +91,7 @@ def create_train_state(params: Params, tx: optax.GradientTransformation, config:
         teacher_params=copy(params),
         eval_ema_params=copy(params),
         loss_scale=(
-            mixed_precision.LossScale.create(settings.fp16.initial_loss_scale, settings.fp16.growth_interval)
+            mixed_precision.LossScale.create(config.initial_loss_scale, config.loss_scale_growth_interval)
             if config.loss_scaling
             else None
         ),
@@ -173,6 +178,7 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path) -> dict[str, A
     mesh = parallel.make_mesh()
     parallel.check_batch_size(settings.train.batch_size, mesh)
     _make_workdir(workdir)
+    write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
     print(load_note)
 
     batch_size = settings.train.batch_size
@@ -185,7 +191,7 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path) -> dict[str, A
     step_config = StepConfig.from_settings(settings, dtype)
 
     replicated = parallel.replicated(mesh)
-    create = functools.partial(create_train_state, tx=tx, config=step_config, settings=settings)
+    create = functools.partial(create_train_state, tx=tx, config=step_config)
     state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params))
     state = jax.jit(create, out_shardings=state_sharding)(params)
     del params
