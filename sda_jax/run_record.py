@@ -1,8 +1,11 @@
-"""What a workdir records about its run, so that export and prediction need nothing but the workdir.
+"""What a workdir records about its run, and the rules for reusing a workdir.
 
     workdir/settings.json     the run's settings, as read from the config
     workdir/model/            config.json of the architecture (HF format, with the label names)
                               and the tokenizer files, ready to sit beside exported weights
+
+Export and prediction need nothing but the workdir. A workdir that holds a run with other
+settings is never silently mixed with a new one: the run refuses unless told to overwrite.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 from typing import Any, Sequence
 
 import transformers
@@ -20,6 +24,60 @@ from sda_jax.models import BertConfig
 
 MODEL_DIR = "model"
 SETTINGS_FILE = "settings.json"
+METRICS_FILE = "metrics.jsonl"
+# Everything a run writes into its workdir; a fresh start removes these and nothing else.
+RUN_OUTPUTS = ("checkpoints", "tensorboard", MODEL_DIR, SETTINGS_FILE, METRICS_FILE, "summary.json", "training_curves.png")
+
+
+def settings_record(settings: Any) -> str:
+    return json.dumps(dataclasses.asdict(settings), indent=2, default=str) + "\n"
+
+
+def prepare_workdir(workdir: pathlib.Path, settings: Any, predict_file: str, *, fresh: bool) -> None:
+    """Creates the workdir, or checks that the run it holds is this one; `fresh` wipes the old run.
+
+    Raises InputError if the workdir is not writable, or holds a run with other settings and
+    `fresh` is not set.
+    """
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"{workdir}: cannot write to the workdir ({err.strerror})") from None
+    previous = workdir / SETTINGS_FILE
+    if previous.exists() and not fresh:
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        new = json.loads(settings_record(settings))
+        changed = sorted(_changed_keys(old, new))
+        if changed:
+            raise InputError(
+                f"{workdir}: holds a run with other settings ({', '.join(changed[:4])}"
+                f"{', ...' if len(changed) > 4 else ''}); pass --fresh (alias --overwrite) to replace it or use another --workdir"
+            )
+    if fresh:
+        for name in (*RUN_OUTPUTS, predict_file):
+            path = workdir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def truncate_metrics(workdir: pathlib.Path, step: int) -> None:
+    """Drops metrics logged after `step`: a resumed run logs those steps again."""
+    path = workdir / METRICS_FILE
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        write_text_atomically(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def write_run_record(
@@ -30,8 +88,7 @@ def write_run_record(
     tokenizer: transformers.PreTrainedTokenizerFast,
 ) -> None:
     """Writes settings.json and model/{config.json, tokenizer files}."""
-    record = json.dumps(dataclasses.asdict(settings), indent=2, default=str)
-    write_text_atomically(workdir / SETTINGS_FILE, record + "\n")
+    write_text_atomically(workdir / SETTINGS_FILE, settings_record(settings))
     model_dir = workdir / MODEL_DIR
     model_dir.mkdir(exist_ok=True)
     write_text_atomically(model_dir / "config.json", json.dumps(config.to_hf_dict(label_names), indent=2) + "\n")

@@ -48,6 +48,8 @@ class TrainSettings:
     max_steps: int
     eval_every: int
     log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
     predict_file: str
 
 
@@ -131,6 +133,8 @@ class Settings:
             max_steps=reader.integer("train.max_steps", minimum=0),
             eval_every=reader.integer("train.eval_every", minimum=1),
             log_every=reader.integer("train.log_every", minimum=1),
+            checkpoint_every=reader.integer("train.checkpoint_every", minimum=1),
+            keep_checkpoints=reader.integer("train.keep_checkpoints", minimum=1),
             predict_file=reader.string("train.predict_file"),
         )
         optim = OptimSettings(

@@ -10,11 +10,13 @@ that only ever receive EMA updates, never gradients.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import json
 import pathlib
+import signal
 import sys
 import time
 from typing import Any
@@ -26,14 +28,16 @@ import numpy as np
 import optax
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from sda_jax import distill, evaluate, input_pipeline, mixed_precision, optim, parallel, splits
+from sda_jax import distill, evaluate, input_pipeline, mixed_precision, optim, parallel, run_summary, splits
 from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
-from sda_jax.checkpoints import BestCheckpoint
+from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
 from sda_jax.errors import InputError
 from sda_jax.model_loading import load_model
-from sda_jax.run_record import write_run_record
+from sda_jax.preemption import Preempted, PreemptionGuard
+from sda_jax.run_record import METRICS_FILE, prepare_workdir, truncate_metrics, write_run_record
 from sda_jax.settings import Settings
 
 Params = Any
@@ -162,24 +166,27 @@ def train_step(
     return new_state, metrics
 
 
-def train_and_evaluate(settings: Settings, workdir: pathlib.Path) -> dict[str, Any]:
-    """Trains, evaluates on dev every `eval_every` steps, keeps the best, predicts the test set.
+def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool = False) -> dict[str, Any]:
+    """Trains (resuming from the workdir's latest checkpoint), evaluates, predicts the test set.
 
     Every input is read and checked before the workdir is touched, so bad input leaves nothing.
-    Returns the run summary (also written to workdir/summary.json).
+    Dev evaluation every `eval_every` steps keeps the best checkpoint; a full train checkpoint
+    every `checkpoint_every` steps, and on SIGTERM/SIGINT, makes a restart resume exactly.
+    Returns the run summary (also written to workdir/summary.json by process 0).
     """
     wall_start = time.perf_counter()
     data = splits.load_splits(settings.data, settings.model.dir)
-    root_rng = jax.random.key(settings.seed)
-    init_rng, dropout_rng = jax.random.split(root_rng)
-    platform = jax.devices()[0].platform
-    dtype = mixed_precision.compute_dtype(settings.model.dtype, platform)
+    init_rng, dropout_rng = jax.random.split(jax.random.key(settings.seed))
+    dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
     model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(settings.train.batch_size, mesh)
-    _make_workdir(workdir)
-    write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
-    print(load_note)
+    is_main = jax.process_index() == 0
+    if is_main:
+        prepare_workdir(workdir, settings, settings.train.predict_file, fresh=fresh)
+        write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
+        print(load_note)
+    multihost_utils.sync_global_devices("workdir ready")
 
     batch_size = settings.train.batch_size
     steps_per_epoch = input_pipeline.steps_per_epoch(len(data.train), batch_size)
@@ -208,6 +215,7 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path) -> dict[str, A
     eval_fn = BucketedJit(
         jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=batch_sharding), batch_shape_key
     )
+    state_is_finite = jax.jit(lambda s: mixed_precision.all_finite((s.params, s.teacher_params, s.eval_ema_params)))
     bucket_args = {"batch_size": batch_size, "bucket_lengths": settings.data.bucket_lengths}
 
     def run_dev(params) -> dict[str, float]:
@@ -215,85 +223,96 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path) -> dict[str, A
         logits, losses = evaluate.collect_logits(eval_fn, params, batches)
         return evaluate.dev_metrics(logits, losses, data.dev.labels)
 
-    best = BestCheckpoint(workdir)
-    metrics_log = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
-    train_batches = input_pipeline.train_batches(
-        data.train, bucket_multiplier=settings.data.bucket_multiplier, seed=settings.seed, **bucket_args
-    )
-    progress = tqdm.tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
-    pending: list[dict[str, jax.Array]] = []
-    examples_seen = 0
-    eval_seconds = 0.0
-    loop_start = time.perf_counter()
-    device_batches = parallel.prefetch_to_mesh(itertools.islice(train_batches, total_steps), mesh)
-    for step, (host_batch, batch) in enumerate(device_batches, start=1):
-        state, step_metrics = train_fn(state, batch, dropout_rng)
-        pending.append(step_metrics)
-        examples_seen += int(host_batch["weights"].sum())
-        if len(pending) == settings.train.log_every or step % settings.train.eval_every == 0 or step == total_steps:
+    with contextlib.ExitStack() as stack:
+        checkpoints = TrainCheckpoints(workdir, settings.train.keep_checkpoints)
+        stack.callback(checkpoints.close)  # lets a pending write finish, whatever ends the run
+        start_step = checkpoints.latest_step() or 0
+        if start_step:
+            state = checkpoints.restore(start_step, state)
+            if is_main:
+                truncate_metrics(workdir, start_step)
+                print(f"Resuming from the checkpoint of step {start_step}.")
+        best = BestCheckpoint(workdir)
+        stack.callback(best.close)
+        metrics_log = stack.enter_context((workdir / METRICS_FILE).open("a", encoding="utf-8")) if is_main else None
+        guard = stack.enter_context(PreemptionGuard())
+        progress = stack.enter_context(
+            tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
+        )
+        train_batches = input_pipeline.train_batches(
+            data.train, bucket_multiplier=settings.data.bucket_multiplier, seed=settings.seed,
+            start_step=start_step, **bucket_args,
+        )  # fmt: skip
+        device_batches = parallel.prefetch_to_mesh(itertools.islice(train_batches, total_steps - start_step), mesh)
+        pending: list[dict[str, jax.Array]] = []
+        examples_seen, eval_seconds, loop_start = 0, 0.0, time.perf_counter()
+        for step, (host_batch, batch) in enumerate(device_batches, start=start_step + 1):
+            state, step_metrics = train_fn(state, batch, dropout_rng)
+            pending.append(step_metrics)
+            examples_seen += int(host_batch["weights"].sum())
+            evaluate_now = step % settings.train.eval_every == 0 or step == total_steps
+            checkpoint_now = step % settings.train.checkpoint_every == 0 or step == total_steps
+            # Log boundaries depend on the step alone, so a resumed run logs the same windows.
+            if not (evaluate_now or checkpoint_now or step % settings.train.log_every == 0):
+                continue
             _log_train(jax.device_get(pending), step, schedule, progress, metrics_log)
             pending = []
-        if step % settings.train.eval_every == 0 or step == total_steps:
-            eval_start = time.perf_counter()
-            dev = run_dev(state.eval_ema_params)
-            params_name = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
-            improved = best.offer(
-                step,
-                {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params},
-                {**dev, "params": params_name},
-            )
-            _write_jsonl(metrics_log, {"step": step, "split": "dev", "params": params_name, **dev})
-            progress.write(
-                f"step {step}: dev loss {dev['loss']:.4f} accuracy {dev['accuracy']:.4f} f1 {dev['f1']:.4f}"
-                f" ({params_name}){' *best*' if improved else ''}"
-            )
-            eval_seconds += time.perf_counter() - eval_start
-    train_seconds = time.perf_counter() - loop_start - eval_seconds
-    progress.close()
-    metrics_log.close()
+            if evaluate_now:
+                eval_start = time.perf_counter()
+                dev = run_dev(state.eval_ema_params)
+                params_name = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
+                improved = best.offer(
+                    step,
+                    {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params},
+                    {**dev, "params": params_name},
+                )
+                if is_main:
+                    _write_jsonl(metrics_log, {"step": step, "split": "dev", "params": params_name, **dev})
+                    progress.write(run_summary.dev_line(step, dev, params_name, improved))
+                eval_seconds += time.perf_counter() - eval_start
+            stop = guard.should_stop(multi_process=jax.process_count() > 1)
+            if checkpoint_now or stop:
+                if not bool(state_is_finite(state)):
+                    raise FloatingPointError(f"non-finite parameters at step {step}; the checkpoint was not saved")
+                position = {"step": step, "seed": settings.seed, "epoch": step // steps_per_epoch,
+                            "batch_in_epoch": step % steps_per_epoch}  # fmt: skip
+                checkpoints.save(step, state, position)
+            if stop:
+                raise Preempted(guard.received or signal.SIGTERM, step)
+        train_seconds = time.perf_counter() - loop_start - eval_seconds
 
-    best_params, best_metrics = best.restore(
-        {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params}
-    )
-    best.close()
+        best_params, best_metrics = best.restore(
+            {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params}
+        )
     test_batches = parallel.prefetch_to_mesh(input_pipeline.eval_batches(data.test, **bucket_args), mesh)
     test_logits, _ = evaluate.collect_logits(eval_fn, best_params["eval_ema"], test_batches)
     predict_path = workdir / settings.train.predict_file
-    evaluate.write_predictions(
-        predict_path, data.test.ids, evaluate.argmax_labels(test_logits, settings.data.label_names)
-    )
-
     summary = {
         "best_dev_accuracy": best_metrics["accuracy"],
         "best_dev_f1": best_metrics["f1"],
         "best_step": best_metrics["step"],
         "best_params": best_metrics["params"],
         "steps": int(state.step),
+        "resumed_from_step": start_step,
         "skipped_steps": int(state.skipped_steps),
         "train_examples": examples_seen,
         "train_seconds": train_seconds,
-        "train_samples_per_second": examples_seen / train_seconds,
+        "train_samples_per_second": examples_seen / max(train_seconds, 1e-9),
         "train_step_compilations": train_fn.num_compilations,
         "train_step_compile_seconds": train_fn.compile_seconds,
         "num_buckets": len(settings.data.bucket_lengths),
         "wall_seconds": time.perf_counter() - wall_start,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} processes)",
         "compute_dtype": jnp.dtype(dtype).name,
         "predictions": str(predict_path),
         "test_rows": len(data.test),
     }
-    evaluate.write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(_format_summary(summary))
+    if is_main:
+        labels = evaluate.argmax_labels(test_logits, settings.data.label_names)
+        evaluate.write_predictions(predict_path, data.test.ids, labels)
+        evaluate.write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(run_summary.format_summary(summary))
     return summary
-
-
-def _make_workdir(workdir: pathlib.Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / ".write_test").touch()
-        (workdir / ".write_test").unlink()
-    except OSError as err:
-        raise InputError(f"{workdir}: cannot write to the workdir ({err.strerror})") from None
 
 
 def _write_jsonl(log, record: dict[str, Any]) -> None:
@@ -305,7 +324,10 @@ def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progres
     """Reports the mean losses of the steps since the last report; stops a diverged run."""
     loss = float(np.mean([m["loss"] for m in window]))
     if not np.isfinite(loss) and "loss_scale" not in window[-1]:
-        raise FloatingPointError(f"training diverged: the loss is {loss} at step {step}")
+        raise FloatingPointError(
+            f"training diverged: the loss is {loss} in the steps up to {step}; the last checkpoint "
+            "was saved before that and is what a restart resumes from"
+        )
     record = {
         "step": step,
         "split": "train",
@@ -317,50 +339,47 @@ def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progres
     }
     if "loss_scale" in window[-1]:
         record["loss_scale"] = float(window[-1]["loss_scale"])
-    _write_jsonl(log, record)
+    if log is not None:
+        _write_jsonl(log, record)
     progress.set_postfix_str(f"loss {loss:.4f}", refresh=False)
     progress.update(len(window))
 
 
-def _format_summary(summary: dict[str, Any]) -> str:
-    rows = [
-        ("best dev accuracy", f"{summary['best_dev_accuracy']:.4f} at step {summary['best_step']} ({summary['best_params']})"),
-        ("best dev F1", f"{summary['best_dev_f1']:.4f}"),
-        ("steps run", f"{summary['steps']} ({summary['skipped_steps']} skipped for fp16 overflow)"),
-        ("wall time", f"{summary['wall_seconds']:.1f} s (train loop {summary['train_seconds']:.1f} s)"),
-        ("throughput", f"{summary['train_samples_per_second']:.1f} samples/s on {summary['devices']}, {summary['compute_dtype']}"),
-        (
-            "train step compilations",
-            f"{summary['train_step_compilations']} for {summary['num_buckets']} bucket lengths"
-            f" ({summary['train_step_compile_seconds']:.1f} s)",
-        ),
-        ("predictions", f"{summary['predictions']} ({summary['test_rows']} rows)"),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(["", "=" * 72, *(f"{name:<{width}}  {value}" for name, value in rows), "=" * 72])
-
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/afqmc.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
+_FRESH = flags.DEFINE_bool("fresh", False, "Discard the run in --workdir and start from step 0.")
+flags.DEFINE_alias("overwrite", "fresh")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a bad flag or config override as a one-line error and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, OSError, KeyError, AttributeError, TypeError, ValueError) as err:
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/afqmc.py")
     workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(flags.FLAGS['config'].config_filename).stem}")
     try:
-        train_and_evaluate(Settings.from_config(_CONFIG.value), workdir)
+        train_and_evaluate(Settings.from_config(_CONFIG.value), workdir, fresh=_FRESH.value)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
+    except Preempted as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,54 @@
+"""SIGTERM/SIGINT become a request to stop at the next safe step, not a lost run.
+
+Schedulers send SIGTERM before they reclaim a machine; Ctrl-C sends SIGINT. While the guard is
+active, either signal only sets a flag: the train loop checkpoints at its next log boundary and
+exits cleanly. A second signal restores the default behaviour, so an impatient user can still
+kill the process outright.
+"""
+
+from __future__ import annotations
+
+import signal
+import types
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # the shell's 128 + signal number
+
+
+class PreemptionGuard:
+    """Context manager: `received` is the first signal caught while active, else None."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, _frame: types.FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # the next signal acts as usual
+
+    def __enter__(self) -> PreemptionGuard:
+        for sig in EXIT_CODES:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, multi_process: bool) -> bool:
+        """Whether any process was signalled; every process must call this at the same steps."""
+        stop = self.received is not None
+        if multi_process:
+            stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+        return stop
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving a checkpoint; restarting resumes it."""
+
+    def __init__(self, sig: signal.Signals, step: int):
+        super().__init__(f"stopped by {sig.name} at step {step}; checkpoint saved, rerun the same command to resume")
+        self.exit_code = EXIT_CODES[sig]

@@ -1,0 +1,175 @@
+"""Resume after a crash or preemption ends bit-identical to an uninterrupted run; numerics guards.
+
+Each run is a real `python -m sda_jax.train` process on a 1-layer BERT with a single bucket
+length (one compilation), killed with SIGKILL or SIGTERM at a random step and started again.
+"""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+TINY = [
+    "--config.model.num_hidden_layers=1",
+    "--config.model.hidden_size=32",
+    "--config.model.num_attention_heads=2",
+    "--config.model.intermediate_size=64",
+    "--config.data.bucket_lengths=(64,)",
+    "--config.train.batch_size=16",
+    "--config.train.max_steps=40",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=20",
+    "--config.train.checkpoint_every=10",
+    "--config.sda.eval_ema_start_step=15",
+    "--config.optim.learning_rate=0.001",
+]
+ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+def command(workdir, *extra):
+    return [sys.executable, "-m", "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", *TINY, *extra]
+
+
+def run(workdir, *extra):
+    return subprocess.run(command(workdir, *extra), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def train_steps(workdir: pathlib.Path) -> list[int]:
+    folder = workdir / "checkpoints" / "train"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def start_and_signal(workdir, sig, after_checkpoint_steps=10):
+    """Starts a run and sends `sig` at a random moment after its first checkpoint exists."""
+    process = subprocess.Popen(command(workdir), cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not train_steps(workdir) or train_steps(workdir)[-1] < after_checkpoint_steps:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+
+def load_state(workdir, step):
+    return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / "train" / str(step) / "state").resolve())
+
+
+def assert_same_run(a: pathlib.Path, b: pathlib.Path):
+    state_a, state_b = load_state(a, 40), load_state(b, 40)
+    flat_a, flat_b = _flatten(state_a), _flatten(state_b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    assert (a / "afqmc_predict.json").read_text() == (b / "afqmc_predict.json").read_text()
+
+
+def _flatten(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_checkpoint_holds_everything(uninterrupted):
+    state = load_state(uninterrupted, 40)
+    assert {"step", "params", "opt_state", "slow_params", "teacher_params", "eval_ema_params", "skipped_steps"} <= set(state)
+    assert int(state["step"]) == 40
+    position = json.loads((uninterrupted / "checkpoints/train/40/position/metadata").read_text())
+    assert position["step"] == 40 and position["seed"] == 2021
+    assert train_steps(uninterrupted) == [30, 40]  # keep_checkpoints=2
+
+
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    code, _ = start_and_signal(workdir, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    resumed = run(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from the checkpoint of step" in resumed.stdout
+    assert_same_run(uninterrupted, workdir)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    code, stderr = start_and_signal(workdir, signal.SIGTERM)
+    if code == 0:  # the run finished before the signal landed: nothing to resume
+        pytest.fail("the run ended before SIGTERM; make the run longer")
+    assert code == 143, stderr[-2000:]
+    assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr
+    stopped_at = int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert stopped_at in train_steps(workdir) and stopped_at % 5 == 0  # a log boundary
+    resumed = run(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, workdir)
+
+
+def test_soak_many_kills_end_identical(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    cycles = int(os.environ.get("SDA_SOAK_CYCLES", "2"))
+    for _ in range(cycles):
+        steps = train_steps(workdir)
+        if steps and steps[-1] >= 30:
+            break
+        start_and_signal(workdir, signal.SIGKILL, after_checkpoint_steps=(steps[-1] if steps else 0) + 10)
+    result = run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(uninterrupted, workdir)
+
+
+def test_workdir_with_other_settings_refuses_then_fresh_replaces(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir).mkdir()
+    (workdir / "settings.json").write_text((uninterrupted / "settings.json").read_text())
+    refused = run(workdir, "--config.optim.learning_rate=0.002")
+    assert refused.returncode == 2
+    assert "optim.learning_rate" in refused.stderr.strip().splitlines()[-1]
+    assert "--fresh" in refused.stderr.strip().splitlines()[-1]
+    replaced = run(workdir, "--config.optim.learning_rate=0.002", "--config.train.max_steps=5", "--fresh")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert json.loads((workdir / "settings.json").read_text())["optim"]["learning_rate"] == 0.002
+
+
+def test_diverged_run_stops_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    result = run(workdir, "--config.optim.learning_rate=1e30", "--config.optim.warmup_ratio=0.0")
+    assert result.returncode == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and ("diverged" in last or "non-finite" in last)
+    for step in train_steps(workdir):
+        for key, value in _flatten(load_state(workdir, step)).items():
+            assert np.all(np.isfinite(value)), (step, key)
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
+    workdir = tmp_path / "run"
+    result = run(workdir, "--config.model.dtype=float16", "--config.fp16.initial_loss_scale=1e30", "--config.train.max_steps=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    assert train[-1]["skipped_steps"] >= 1
+    assert train[-1]["loss_scale"] < 1e30
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["skipped_steps"] == train[-1]["skipped_steps"]
+    for key, value in _flatten(load_state(workdir, 10)).items():
+        assert np.all(np.isfinite(value)), key
