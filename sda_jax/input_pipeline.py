@@ -38,6 +38,7 @@ class Examples:
     labels: np.ndarray | None  # int32 class indices; None when the file has no labels
     ids: list  # the file's id field, else the 0-based example index
     path: str
+    empty_text_lines: tuple[int, ...] = ()  # lines with an empty sentence: kept, but worth a note
 
     def __len__(self) -> int:
         return len(self.text_a)
@@ -152,12 +153,14 @@ def read_clue_file(
         rows = zip(text_a, text_b, strict=True) if has_b else zip(text_a)
         bad = next(i for i, texts in enumerate(rows) if not _encodable("".join(texts)))
         raise InputError(f"{path}:{linenos[bad]}: text contains a lone UTF-16 surrogate (invalid Unicode)") from None
+    empty = [lineno for lineno, a, b in zip(linenos, text_a, text_b or itertools.repeat("x")) if not a or not b]
     return Examples(
         text_a=text_a,
         text_b=text_b if has_b else None,
         labels=np.asarray(labels, dtype=np.int32) if has_label else None,
         ids=ids,
         path=str(path),
+        empty_text_lines=tuple(empty),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 
 import transformers
 
@@ -31,6 +32,12 @@ def load_splits(data: DataSettings, model_dir: pathlib.Path) -> Splits:
 
     def read(path: pathlib.Path, require_labels: bool) -> Encoded:
         examples = input_pipeline.read_clue_file(path, data.label_names, require_labels=require_labels, **keys)
+        if examples.empty_text_lines:
+            lines = examples.empty_text_lines
+            print(
+                f"note: {path}: {len(lines)} rows have an empty sentence (first on line {lines[0]}); they are kept",
+                file=sys.stderr,
+            )
         return input_pipeline.encode(examples, tokenizer, data.max_seq_len)
 
     return Splits(

@@ -365,10 +365,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
+    config_file = flags.FLAGS["config"].config_filename
+    if not config_file:
         raise app.UsageError("--config is required, e.g. --config configs/afqmc.py")
-    workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(flags.FLAGS['config'].config_filename).stem}")
+    workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(config_file).stem}")
     try:
+        if not pathlib.Path(config_file.split(":")[0]).is_file():  # "file.py:arg" passes arg to get_config
+            raise InputError(f"{config_file}: no such config file")
         train_and_evaluate(Settings.from_config(_CONFIG.value), workdir, fresh=_FRESH.value)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -111,3 +111,48 @@ def test_unwritable_workdir(tmp_path, files):
     result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 2
     assert str(blocker / "sub") in result.stderr.strip().splitlines()[-1]
+
+
+def test_gbk_file(tmp_path, files):
+    files["train"].write_bytes('{"sentence1": "花呗", "sentence2": "借呗", "label": "0"}\n'.encode("gbk"))
+    result, workdir = _run(tmp_path, files)
+    _assert_one_line_error(result, workdir, f"{files['train']}:1", "UTF-8")
+
+
+def _model_dir_with(tmp_path, bert_base_chinese_dir, **config_changes):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(bert_base_chinese_dir / "vocab.txt", model_dir)
+    config = json.loads((bert_base_chinese_dir / "config.json").read_text())
+    config.update(config_changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def test_vocabulary_larger_than_embedding_table(tmp_path, files, bert_base_chinese_dir):
+    model_dir = _model_dir_with(tmp_path, bert_base_chinese_dir, vocab_size=1000)
+    result, workdir = _run(tmp_path, files, f"--config.model.dir={model_dir}")
+    _assert_one_line_error(result, workdir, "vocab.txt", "21128", "1000")
+
+
+def test_bucket_above_max_position_embeddings(tmp_path, files, bert_base_chinese_dir):
+    model_dir = _model_dir_with(tmp_path, bert_base_chinese_dir, max_position_embeddings=48)
+    result, workdir = _run(tmp_path, files, f"--config.model.dir={model_dir}")
+    _assert_one_line_error(result, workdir, "data.max_seq_len", "max_position_embeddings=48")
+
+
+def test_bom_empty_sentence_and_overlong_pair_are_accepted(tmp_path, files):
+    rows = [{"sentence1": "花呗" * 80, "sentence2": "借呗" * 80, "label": "1"}, {"sentence1": "", "sentence2": "借呗", "label": "0"}]
+    rows += [{"sentence1": "", "sentence2": "", "label": "1"}] + [{"sentence1": f"花呗{i}", "sentence2": "借", "label": "0"} for i in range(6)]
+    path = _write_lines(tmp_path / "train_bom.json", rows)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    files["train"] = path
+    result, workdir = _run(
+        tmp_path, files, "--config.train.max_steps=2", "--config.train.batch_size=4", "--config.data.bucket_lengths=(64,)",
+        "--config.model.num_hidden_layers=1", "--config.model.hidden_size=32", "--config.model.num_attention_heads=2",
+        "--config.model.intermediate_size=64",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {path}: 2 rows have an empty sentence (first on line 2); they are kept"]
+    assert (workdir / "afqmc_predict.json").exists()

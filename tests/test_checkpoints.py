@@ -1,0 +1,40 @@
+"""Checkpoint files: a write cut short is never picked up; the best checkpoint survives restarts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sda_jax.checkpoints import TRAIN_DIR, BestCheckpoint, TrainCheckpoints
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    state = {"w": jnp.arange(4.0), "step": jnp.int32(10)}
+    checkpoints = TrainCheckpoints(tmp_path, keep=2)
+    checkpoints.save(10, state, {"step": 10})
+    checkpoints.close()
+    # What a kill during the write of step 20 leaves: orbax's temporary folder, never renamed.
+    partial = tmp_path / TRAIN_DIR / "20.orbax-checkpoint-tmp-1795570090123456"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+    reopened = TrainCheckpoints(tmp_path, keep=2)
+    assert reopened.latest_step() == 10
+    restored = reopened.restore(10, jax.tree.map(jnp.zeros_like, state))
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    reopened.close()
+
+
+def test_best_checkpoint_only_improves_and_survives_reopen(tmp_path):
+    params = {"student": {"w": jnp.ones(2)}, "teacher": {"w": jnp.ones(2)}, "eval_ema": {"w": jnp.ones(2)}}
+    best = BestCheckpoint(tmp_path)
+    assert best.offer(5, params, {"accuracy": 0.7, "f1": 0.1, "loss": 0.6, "params": "student"})
+    assert not best.offer(10, params, {"accuracy": 0.7, "f1": 0.5, "loss": 0.5, "params": "student"})
+    doubled = jax.tree.map(lambda x: 2 * x, params)
+    assert best.offer(15, doubled, {"accuracy": 0.75, "f1": 0.2, "loss": 0.5, "params": "eval_ema"})
+    best.close()
+    reopened = BestCheckpoint(tmp_path)
+    assert reopened.best_metrics["step"] == 15 and reopened.best_metrics["accuracy"] == 0.75
+    assert not reopened.offer(20, params, {"accuracy": 0.74, "f1": 0.2, "loss": 0.5, "params": "eval_ema"})
+    restored, metrics = reopened.restore(params)
+    np.testing.assert_array_equal(restored["eval_ema"]["w"], [2.0, 2.0])
+    assert metrics["step"] == 15
+    reopened.close()
