@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
 from typing import Any, Iterator
 
 import jax
@@ -19,6 +20,27 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from sda_jax.errors import InputError
 
 DATA_AXIS = "data"
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run when launch.sh or SLURM describes one; a no-op otherwise.
+
+    launch.sh exports SDA_COORDINATOR_ADDRESS, SDA_NUM_PROCESSES and SDA_PROCESS_ID; under SLURM
+    with more than one task, JAX reads the SLURM_* variables itself. Must run before any other
+    JAX call.
+    """
+    if os.environ.get("SDA_COORDINATOR_ADDRESS"):
+        try:
+            num_processes, process_id = int(os.environ["SDA_NUM_PROCESSES"]), int(os.environ["SDA_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise InputError(
+                "SDA_COORDINATOR_ADDRESS is set: SDA_NUM_PROCESSES and SDA_PROCESS_ID must be integers too"
+            ) from None
+        jax.distributed.initialize(
+            coordinator_address=os.environ["SDA_COORDINATOR_ADDRESS"], num_processes=num_processes, process_id=process_id
+        )
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        jax.distributed.initialize()
 
 
 def make_mesh() -> Mesh:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -363,6 +364,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # Resumed and repeated runs load their compiled train steps instead of compiling again.
+        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "sda_jax" / "xla"))
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config_file = flags.FLAGS["config"].config_filename
@@ -372,6 +376,7 @@ def main(argv: list[str]) -> None:
     try:
         if not pathlib.Path(config_file.split(":")[0]).is_file():  # "file.py:arg" passes arg to get_config
             raise InputError(f"{config_file}: no such config file")
+        parallel.initialize_distributed()
         train_and_evaluate(Settings.from_config(_CONFIG.value), workdir, fresh=_FRESH.value)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

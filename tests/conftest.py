@@ -1,11 +1,17 @@
-"""Shared pytest fixtures: where the project's `../shared` data lives."""
+"""Shared pytest fixtures: where the project's `../shared` data lives, and a compilation cache."""
 
+import os
 import pathlib
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+
+# The suite starts many short training processes with identical programs: a persistent XLA cache
+# (inherited by every subprocess) turns their 10-20 s compilations into cache reads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +24,17 @@ def afqmc_dir() -> pathlib.Path:
 def bert_base_chinese_dir() -> pathlib.Path:
     """bert-base-chinese config.json, vocab.txt and tokenizer_config.json (no weights)."""
     return SHARED_DIR / "data" / "bert-base-chinese"
+
+
+def load_train_state(workdir: pathlib.Path, step: int) -> dict:
+    """A run's train checkpoint as {path: numpy array}, whatever process/device count saved it."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    path = (workdir / "checkpoints" / "train" / str(step) / "state").resolve()
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = checkpointer.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree))
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}

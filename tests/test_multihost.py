@@ -1,0 +1,69 @@
+"""Two local CPU processes through launch.sh train the same model as one process on the same batches."""
+
+import os
+import socket
+import subprocess
+
+import numpy as np
+
+from tests.conftest import REPO_ROOT, load_train_state
+
+FLAGS = [
+    "--config.model.num_hidden_layers=1",
+    "--config.model.hidden_size=32",
+    "--config.model.num_attention_heads=2",
+    "--config.model.intermediate_size=64",
+    "--config.data.bucket_lengths=(64,)",
+    "--config.train.batch_size=16",
+    "--config.train.max_steps=12",
+    "--config.train.log_every=4",
+    "--config.train.eval_every=12",
+    "--config.train.checkpoint_every=12",
+    "--config.optim.learning_rate=0.001",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(workdir, *launch_args, env_extra=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        ["bash", "launch.sh", *launch_args, "configs/afqmc_small.py", f"--workdir={workdir}", *FLAGS],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_two_processes_match_one(tmp_path):
+    single = _launch(tmp_path / "one")
+    out, err = single.communicate(timeout=600)
+    assert single.returncode == 0, err[-3000:]
+
+    port = _free_port()
+    workdir = tmp_path / "two"
+    procs = [
+        _launch(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i))
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, results):
+        assert proc.returncode == 0, err[-3000:]
+    assert "2 processes" in results[0][0]  # process 0 prints the summary
+    assert "best dev accuracy" not in results[1][0]  # process 1 writes and prints nothing of its own
+
+    one, two = load_train_state(tmp_path / "one", 12), load_train_state(workdir, 12)
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=2e-5, atol=2e-6, err_msg=key)
+    assert (workdir / "afqmc_predict.json").read_text().count("\n") == 3861
+    assert (workdir / "afqmc_predict.json").read_text() == (tmp_path / "one" / "afqmc_predict.json").read_text()
+
+
+def test_launch_needs_all_three_values(tmp_path):
+    proc = _launch(tmp_path / "w", "--coordinator", "127.0.0.1:1")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--num-processes" in err
