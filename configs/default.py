@@ -69,6 +69,14 @@ def get_config() -> ml_collections.ConfigDict:
     sda.kd_coeff = 1.0  # loss = CE + kd_coeff * MSE(student logits, teacher logits)
     sda.eval_ema_decay = 0.999  # decay of the separate EMA used for dev evaluation and export
     sda.eval_ema_start_step = 500  # the eval EMA copies the student until this step, averages after
+    sda.teacher = "ema"  # ema (reference), window (mean params of last K students: SDA), vote (mean logits: SDV)
+    sda.teacher_window = 5  # K, the number of student snapshots of the window/vote teachers
+
+    config.adversarial = adversarial = ml_collections.ConfigDict()
+    adversarial.method = "none"  # none, fgm or pgd: perturb the word embeddings along the loss gradient
+    adversarial.epsilon = 1.0  # norm of the FGM perturbation; radius of the PGD ball
+    adversarial.alpha = 0.3  # norm of each PGD step
+    adversarial.steps = 3  # PGD attack steps (each one more forward and backward pass)
 
     config.fp16 = fp16 = ml_collections.ConfigDict()
     fp16.initial_loss_scale = 2.0**16  # dynamic loss scale start (torch GradScaler default)

@@ -57,3 +57,22 @@ def sda_loss(
     ce = weighted_cross_entropy(student_logits, labels, weights)
     kd = weighted_logit_mse(student_logits, jax.lax.stop_gradient(teacher_logits), weights)
     return ce + kd_coeff * kd, (ce, kd)
+
+
+# The SDA paper's teachers built from the last K student snapshots (Xu et al., 2020): `window`
+# averages their parameters (SDA), `vote` averages their logits (SDV). The snapshots live in one
+# stacked pytree (leading axis K) used as a ring buffer: slot t mod K holds the student after
+# step t; before K steps exist the initial parameters fill the remaining slots.
+
+
+def init_snapshots(params: Any, k: int) -> Any:
+    return jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
+
+
+def push_snapshot(snapshots: Any, params: Any, step: jax.Array) -> Any:
+    """Stores the student after `step` over the oldest snapshot."""
+    return jax.tree.map(lambda s, p: s.at[step % s.shape[0]].set(p), snapshots, params)
+
+
+def snapshot_average(snapshots: Any) -> Any:
+    return jax.tree.map(lambda s: jnp.mean(s, axis=0), snapshots)

@@ -73,6 +73,16 @@ class SdaSettings:
     kd_coeff: float
     eval_ema_decay: float
     eval_ema_start_step: int
+    teacher: str
+    teacher_window: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AdversarialSettings:
+    method: str
+    epsilon: float
+    alpha: float
+    steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +99,7 @@ class Settings:
     train: TrainSettings
     optim: OptimSettings
     sda: SdaSettings
+    adversarial: AdversarialSettings
     fp16: Fp16Settings
 
     @classmethod
@@ -154,6 +165,14 @@ class Settings:
             kd_coeff=reader.number("sda.kd_coeff", minimum=0.0),
             eval_ema_decay=reader.number("sda.eval_ema_decay", minimum=0.0, maximum=1.0),
             eval_ema_start_step=reader.integer("sda.eval_ema_start_step", minimum=0),
+            teacher=reader.choice("sda.teacher", ("ema", "window", "vote")),
+            teacher_window=reader.integer("sda.teacher_window", minimum=1),
+        )
+        adversarial = AdversarialSettings(
+            method=reader.choice("adversarial.method", ("none", "fgm", "pgd")),
+            epsilon=reader.number("adversarial.epsilon", minimum=0.0),
+            alpha=reader.number("adversarial.alpha", minimum=0.0),
+            steps=reader.integer("adversarial.steps", minimum=1),
         )
         fp16 = Fp16Settings(
             initial_loss_scale=reader.number("fp16.initial_loss_scale", minimum=1.0),
@@ -166,6 +185,7 @@ class Settings:
             train=train,
             optim=optim,
             sda=sda,
+            adversarial=adversarial,
             fp16=fp16,
         )
 

@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from sda_jax import distill, evaluate, input_pipeline, mixed_precision, optim, parallel, run_summary, splits
+from sda_jax import adversarial, distill, evaluate, input_pipeline, mixed_precision, optim, parallel, run_summary, splits
 from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
 from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
 from sda_jax.errors import InputError
@@ -50,7 +50,8 @@ class TrainState:
     params: Params  # the student, the only parameters that receive gradients
     opt_state: optax.OptState
     slow_params: Params | None  # Lookahead's slow weights (None when Lookahead is off)
-    teacher_params: Params  # SDA teacher: EMA of the student with the (1+t)/(10+t) ramp
+    teacher_params: Params  # SDA teacher: EMA of the student, or the mean of its snapshots
+    teacher_snapshots: Params | None  # window/vote teachers: the last K students, stacked
     eval_ema_params: Params  # evaluation EMA: a copy of the student until its start step
     loss_scale: mixed_precision.LossScale | None  # float16 only
     skipped_steps: jax.Array  # int32: fp16 steps skipped for non-finite gradients
@@ -69,6 +70,12 @@ class StepConfig:
     loss_scaling: bool  # float16 compute: dynamic loss scaling, overflow steps skipped
     initial_loss_scale: float = 2.0**16
     loss_scale_growth_interval: int = 2000
+    teacher: str = "ema"  # ema | window | vote
+    teacher_window: int = 5
+    adversarial_method: str = "none"  # none | fgm | pgd
+    adversarial_epsilon: float = 1.0
+    adversarial_alpha: float = 0.3
+    adversarial_steps: int = 3
 
     @classmethod
     def from_settings(cls, settings: Settings, dtype: jnp.dtype) -> StepConfig:
@@ -82,6 +89,12 @@ class StepConfig:
             loss_scaling=jnp.dtype(dtype) == jnp.float16,
             initial_loss_scale=settings.fp16.initial_loss_scale,
             loss_scale_growth_interval=settings.fp16.growth_interval,
+            teacher=settings.sda.teacher,
+            teacher_window=settings.sda.teacher_window,
+            adversarial_method=settings.adversarial.method,
+            adversarial_epsilon=settings.adversarial.epsilon,
+            adversarial_alpha=settings.adversarial.alpha,
+            adversarial_steps=settings.adversarial.steps,
         )
 
 
@@ -94,6 +107,7 @@ def create_train_state(params: Params, tx: optax.GradientTransformation, config:
         opt_state=tx.init(params),
         slow_params=copy(params) if config.lookahead_k else None,
         teacher_params=copy(params),
+        teacher_snapshots=distill.init_snapshots(params, config.teacher_window) if config.teacher != "ema" else None,
         eval_ema_params=copy(params),
         loss_scale=(
             mixed_precision.LossScale.create(config.initial_loss_scale, config.loss_scale_growth_interval)
@@ -113,19 +127,35 @@ def train_step(
     tx: optax.GradientTransformation,
     config: StepConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SDA step: student update on CE + kd·MSE(teacher), then both EMAs. Pure; jitted once."""
+    """One SDA step: student update on CE + kd·MSE(teacher), then the teacher and eval EMA. Pure."""
     inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     # The teacher runs like the reference's kd_model.eval(): no dropout, no gradient.
-    teacher_logits = model.apply({"params": state.teacher_params}, *inputs, deterministic=True)
+    if config.teacher == "vote":
+        teacher_logits = jax.vmap(lambda p: model.apply({"params": p}, *inputs, deterministic=True))(
+            state.teacher_snapshots
+        ).mean(axis=0)
+    else:
+        teacher_logits = model.apply({"params": state.teacher_params}, *inputs, deterministic=True)
     dropout_rng = jax.random.fold_in(rng, state.step)
     scale = state.loss_scale.scale if config.loss_scaling else 1.0
 
-    def loss_fn(params):
-        logits = model.apply({"params": params}, *inputs, deterministic=False, rngs={"dropout": dropout_rng})
-        loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], config.kd_coeff)
-        return loss * scale, (loss, ce, kd)
+    def grad_fn(params, attack: int = 0):
+        """Gradients of the scaled loss; attack > 0 marks an adversarial pass (own dropout)."""
 
-    grads, (loss, ce, kd) = jax.grad(loss_fn, has_aux=True)(state.params)
+        def loss_fn(params):
+            rngs = {"dropout": jax.random.fold_in(dropout_rng, attack) if attack else dropout_rng}
+            logits = model.apply({"params": params}, *inputs, deterministic=False, rngs=rngs)
+            loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], config.kd_coeff)
+            return loss * scale, (loss, ce, kd)
+
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    grads, (loss, ce, kd) = grad_fn(state.params)
+    if config.adversarial_method != "none":
+        grads = adversarial.adversarial_gradients(
+            grad_fn, state.params, grads, method=config.adversarial_method, epsilon=config.adversarial_epsilon,
+            alpha=config.adversarial_alpha, steps=config.adversarial_steps,
+        )  # fmt: skip
     updates, opt_state = tx.update(jax.tree.map(lambda g: g / scale, grads), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     slow_params = state.slow_params
@@ -145,7 +175,12 @@ def train_step(
         skipped_steps = skipped_steps + (~finite).astype(jnp.int32)
 
     step = state.step + 1
-    teacher = distill.ema_update(params, state.teacher_params, distill.teacher_decay(step, config.teacher_decay))
+    snapshots = state.teacher_snapshots
+    if config.teacher == "ema":
+        teacher = distill.ema_update(params, state.teacher_params, distill.teacher_decay(step, config.teacher_decay))
+    else:
+        snapshots = distill.push_snapshot(snapshots, params, step)
+        teacher = distill.snapshot_average(snapshots)
     eval_ema = distill.ema_update(
         params,
         state.eval_ema_params,
@@ -157,6 +192,7 @@ def train_step(
         opt_state=opt_state,
         slow_params=slow_params,
         teacher_params=teacher,
+        teacher_snapshots=snapshots,
         eval_ema_params=eval_ema,
         loss_scale=loss_scale,
         skipped_steps=skipped_steps,
