@@ -37,7 +37,6 @@ import math
 import pathlib
 import time
 from collections import defaultdict
-from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ class AdamW(torch.optim.Optimizer):
     """`transformers.AdamW` of transformers 4.0.1 (removed from later releases), verbatim maths."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -89,9 +88,14 @@ class AdamW(torch.optim.Optimizer):
 
 
 class Lookahead(torch.optim.Optimizer):
-    """The lonePatient Lookahead wrapper the notebook imports (`extra_optim.Lookahead`)."""
+    """The lonePatient Lookahead wrapper the notebook imports (`extra_optim.Lookahead`).
 
-    def __init__(self, optimizer, k=5, alpha=0.5):  # noqa: D107 -- no super().__init__, as the original
+    Like the original it skips `Optimizer.__init__` (a subclass only for isinstance checks, e.g.
+    LambdaLR's); `defaults` and `zero_grad` delegate to the wrapped optimizer so that torch 2.x's
+    GradScaler and schedulers work with it.
+    """
+
+    def __init__(self, optimizer, k=5, alpha=0.5):
         self.optimizer = optimizer
         self.k = k
         self.alpha = alpha
@@ -272,8 +276,10 @@ def _cli() -> None:
     parser.add_argument("--train-file", default=defaults.data.train_file)
     parser.add_argument("--override", action="append", default=[], metavar="KEY=INT", help="HF config field")
     parser.add_argument("--batch-size", type=int, default=defaults.train.batch_size)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps, after --warmup-steps")
-    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps (compilation, allocator)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=5, help="untimed steps before (at least one per bucket length)"
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--ema-impl", choices=EMA_IMPLS, default="loop")
     parser.add_argument("--compile", action="store_true")
@@ -295,34 +301,36 @@ def _cli() -> None:
     tokenizer = input_pipeline.load_tokenizer(model_dir)
     examples = input_pipeline.read_clue_file(args.train_file, defaults.data.label_names, require_labels=True)
     encoded = input_pipeline.encode(examples, tokenizer, defaults.data.max_seq_len)
-    total = args.warmup_steps + args.steps
-    batches = list(
+    timed = list(
         itertools.islice(
             input_pipeline.train_batches(
                 encoded, batch_size=args.batch_size, bucket_multiplier=defaults.data.bucket_multiplier,
                 bucket_lengths=defaults.data.bucket_lengths, seed=args.seed,
             ),
-            total,
+            args.steps,
         )
     )  # fmt: skip
+    # Untimed: one step per bucket length the timed steps use (torch.compile specialises on it), then more.
+    first_of_each_length = list({b["input_ids"].shape[1]: b for b in reversed(timed)}.values())
+    warmup = first_of_each_length + timed[: max(0, args.warmup_steps - len(first_of_each_length))]
     optim, sda = defaults.optim, defaults.sda
     config = RecipeConfig(
         learning_rate=optim.learning_rate, warmup_ratio=optim.warmup_ratio, weight_decay=optim.weight_decay,
         adam_eps=optim.adam_eps, lookahead_k=optim.lookahead_k, lookahead_alpha=optim.lookahead_alpha,
         teacher_decay=sda.teacher_decay, kd_coeff=sda.kd_coeff, eval_ema_decay=sda.eval_ema_decay,
-        eval_ema_start_step=args.warmup_steps,  # timed steps run in the steady state: both EMAs on
+        eval_ema_start_step=len(warmup),  # timed steps run in the steady state: both EMAs on
         precision=args.precision, ema_impl=args.ema_impl, compile=args.compile,
     )  # fmt: skip
-    trainer = SdaTrainer(model, total, config)
+    trainer = SdaTrainer(model, len(warmup) + len(timed), config)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for batch in batches[: args.warmup_steps]:
+    for batch in warmup:
         trainer.step(batch)
     sync()
     start = time.perf_counter()
-    losses = [trainer.step(batch)["loss"] for batch in batches[args.warmup_steps :]]
+    losses = [trainer.step(batch)["loss"] for batch in timed]
     sync()
     seconds = time.perf_counter() - start
-    samples = sum(int(b["weights"].sum()) for b in batches[args.warmup_steps :])
+    samples = sum(int(b["weights"].sum()) for b in timed)
     report = {
         "device": args.device, "precision": args.precision, "ema_impl": args.ema_impl, "compile": args.compile,
         "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds, "samples_per_second": samples / seconds,

@@ -100,14 +100,16 @@ def restore_best(workdir: pathlib.Path, params_name: str = "eval_ema") -> tuple[
             )
     except (ValueError, KeyError, FileNotFoundError) as err:  # e.g. another architecture than model/config.json
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{best / str(step)}: cannot restore the {params_name} params of {MODEL_DIR}/config.json: {first}") from None
+        raise InputError(
+            f"{best / str(step)}: cannot restore the {params_name} params of {MODEL_DIR}/config.json: {first}"
+        ) from None
     params = restored[params_name]
-    arrays = jax.tree.leaves(params)
     # A key missing on disk stays a ShapeDtypeStruct under partial_restore.
-    if not all(isinstance(x, np.ndarray) for x in arrays) or jax.tree.map(np.shape, params) != jax.tree.map(
-        np.shape, shapes
-    ):
-        raise InputError(f"{best / str(step)}: the {params_name} params do not fit the architecture in {MODEL_DIR}/config.json")
+    restored_all = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    if not restored_all or jax.tree.map(np.shape, params) != jax.tree.map(np.shape, shapes):
+        raise InputError(
+            f"{best / str(step)}: the {params_name} params do not fit the architecture in {MODEL_DIR}/config.json"
+        )
     return params, {"step": step, **dict(metrics)}
 
 
@@ -129,8 +131,11 @@ def export(workdir: pathlib.Path, out: pathlib.Path, params_name: str = "eval_em
     params, metrics = restore_best(workdir, params_name)
     info = {"workdir": str(workdir.resolve()), "params": params_name, "checkpoint": metrics}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        raise InputError(f"{out}: cannot create the export folder ({err.strerror or err})") from None
     try:
         for source in sorted((workdir / MODEL_DIR).iterdir()):  # the tokenizer files
             if source.is_file() and source.name != "config.json":
@@ -159,20 +164,27 @@ def _umask() -> int:
     return mask
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run folder (the --workdir of sda_jax.train).")
-_OUT = flags.DEFINE_string("out", None, "The folder to write (must not exist, or be empty).")
-_PARAMS = flags.DEFINE_enum(
-    "params", "eval_ema", PARAM_SETS, "Which parameters of the best checkpoint: eval_ema (what dev scored), teacher, student."
-)
+def define_flags() -> None:
+    """The CLI's flags; defined only when run as a program, so that importing this module beside
+    sda_jax.train (which defines --workdir too) cannot clash."""
+    flags.DEFINE_string("workdir", None, "The run folder (the --workdir of sda_jax.train).")
+    flags.DEFINE_string("out", None, "The folder to write (must not exist, or be empty).")
+    flags.DEFINE_enum(
+        "params",
+        "eval_ema",
+        PARAM_SETS,
+        "Which parameters of the best checkpoint: eval_ema (what dev scored), teacher, student.",
+    )
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every operation at INFO
-    out = pathlib.Path(_OUT.value)
+    out = pathlib.Path(flags.FLAGS.out)
     try:
-        info = export(pathlib.Path(_WORKDIR.value), out, _PARAMS.value)
+        info = export(pathlib.Path(flags.FLAGS.workdir), out, flags.FLAGS.params)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -182,5 +194,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "out"])
+    define_flags()
     app.run(main)
