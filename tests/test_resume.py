@@ -50,7 +50,7 @@ def train_steps(workdir: pathlib.Path) -> list[int]:
 
 def start_and_signal(workdir, sig, after_checkpoint_steps=10):
     """Starts a run and sends `sig` at a random moment after its first checkpoint exists."""
-    process = subprocess.Popen(command(workdir), cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command(workdir), cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: E501
     deadline = time.time() + 300
     while not train_steps(workdir) or train_steps(workdir)[-1] < after_checkpoint_steps:
         assert process.poll() is None, process.communicate()[1][-2000:]
@@ -113,7 +113,9 @@ def test_sigterm_checkpoints_and_exits_cleanly(uninterrupted, tmp_path):
     assert_same_run(uninterrupted, workdir)
 
 
+@pytest.mark.soak
 def test_soak_many_kills_end_identical(uninterrupted, tmp_path):
+    """Kill cycles, each after one more checkpoint (at most 3 fit in the 40-step run): SDA_SOAK_CYCLES, CI 2."""
     workdir = tmp_path / "run"
     cycles = int(os.environ.get("SDA_SOAK_CYCLES", "2"))
     for _ in range(cycles):
@@ -162,3 +164,15 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
     assert summary["skipped_steps"] == train[-1]["skipped_steps"]
     for key, value in load_train_state(workdir, 10).items():
         assert np.all(np.isfinite(value)), key
+
+
+def test_resume_on_another_device_count(uninterrupted, tmp_path):
+    workdir = tmp_path / "run"
+    start_and_signal(workdir, signal.SIGKILL)
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    resumed = subprocess.run(command(workdir), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "4 x cpu" in json.loads((workdir / "summary.json").read_text())["devices"]
+    final, reference = load_train_state(workdir, 40), load_train_state(uninterrupted, 40)
+    for key in reference:  # the same run up to the order of the gradient sums
+        np.testing.assert_allclose(final[key], reference[key], rtol=1e-4, atol=1e-5, err_msg=key)

@@ -1,0 +1,302 @@
+"""Speed of sda-jax's train step against the PyTorch seed recipe, on the same device and batches.
+
+    python -m benchmarks.bench                      # CPU: 4 layers / hidden 256, batch 64, 20 steps
+    python -m benchmarks.bench --model base         # GPU: BERT-base, bf16
+    python -m benchmarks.bench --quick              # CI-sized: a few steps of a tiny model
+
+Forms, all on the same AFQMC batches (the host bucket sampler, seed 2021):
+
+* `sda-jax`: our jitted, donated train step (bf16 on GPU, fp32 on CPU), one program per bucket;
+* `torch seed`: the notebook as written: fp16 autocast + GradScaler (on CUDA; the notebook's CUDA
+  autocast does nothing on CPU, so fp32 there), teacher/eval EMA as Python loops over parameters,
+  batches padded to their own longest row (the notebook's Collator);
+* `torch eager`: the best eager form: bf16 autocast (fp32 on CPU), `torch._foreach_*` EMAs;
+* `torch compile`: the eager form under `torch.compile`, fed the bucket shapes so it compiles once
+  per bucket.
+
+Each prints samples/s, non-padding tokens/s, ms/step, the ratio to the seed form, peak device
+memory, compilations and compile time, and model FLOPs utilisation (real tokens only, so padding
+counts as waste; needs the device's peak, known for H100/H200/A100 or given by --peak-tflops). The
+table is appended to benchmarks/RESULTS.md with the device and date. Also measured: read +
+tokenize + bucket of the AFQMC train set on one core, and how long the train loop waits for the
+host per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from configs import default as default_config
+from sda_jax import input_pipeline, mixed_precision, optim, parallel
+from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
+from sda_jax.models import BertConfig, BertForSequenceClassification, flops_per_token, init_params
+from sda_jax.settings import Settings
+from sda_jax.train import StepConfig, create_train_state, train_step
+
+RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+MODELS = {
+    "quick": dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128),
+    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "base": {},
+}
+
+
+def pipeline_seconds(settings: Settings) -> dict[str, float]:
+    """Read + tokenize + bucket one epoch of the train set (run pinned to one core by the caller)."""
+    tokenizer = input_pipeline.load_tokenizer(settings.model.dir)
+    start = time.perf_counter()
+    examples = input_pipeline.read_clue_file(settings.data.train_file, settings.data.label_names, require_labels=True)
+    encoded = input_pipeline.encode(examples, tokenizer, settings.data.max_seq_len)
+    batches = list(
+        itertools.islice(
+            input_pipeline.train_batches(
+                encoded, batch_size=64, bucket_multiplier=settings.data.bucket_multiplier,
+                bucket_lengths=settings.data.bucket_lengths, seed=settings.seed,
+            ),
+            input_pipeline.steps_per_epoch(len(encoded), 64),
+        )
+    )  # fmt: skip
+    return {"seconds": time.perf_counter() - start, "examples": len(encoded), "batches": len(batches)}
+
+
+def make_batches(settings: Settings, batch_size: int, count: int) -> list[dict[str, np.ndarray]]:
+    tokenizer = input_pipeline.load_tokenizer(settings.model.dir)
+    examples = input_pipeline.read_clue_file(settings.data.train_file, settings.data.label_names, require_labels=True)
+    encoded = input_pipeline.encode(examples, tokenizer, settings.data.max_seq_len)
+    stream = input_pipeline.train_batches(
+        encoded, batch_size=batch_size, bucket_multiplier=settings.data.bucket_multiplier,
+        bucket_lengths=settings.data.bucket_lengths, seed=settings.seed,
+    )  # fmt: skip
+    return list(itertools.islice(stream, count))
+
+
+def warmup_batches(pool, timed) -> list[dict[str, np.ndarray]]:
+    """One batch of each padded length the timed batches use, so every form compiles beforehand."""
+    needed = {b["input_ids"].shape[1] for b in timed}
+    by_length = {}
+    for batch in pool:
+        by_length.setdefault(batch["input_ids"].shape[1], batch)
+    return [by_length[length] for length in sorted(needed)]
+
+
+def real_tokens(batches) -> int:
+    return int(sum(b["attention_mask"].sum() for b in batches))
+
+
+def model_flops(config: BertConfig, batches) -> float:
+    """Model FLOPs of the SDA step on the real tokens: student forward+backward and teacher forward."""
+    total = 0.0
+    for batch in batches:
+        lengths = batch["attention_mask"].sum(1)
+        for length in lengths[lengths > 0]:
+            total += int(length) * flops_per_token(config, int(length)) * 4 / 3
+    return total
+
+
+def run_jax(settings: Settings, config: BertConfig, batches, warmup) -> dict:
+    dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
+    model = BertForSequenceClassification(config=config, dtype=dtype)
+    mesh = parallel.make_mesh()
+    tx = optim.make_optimizer(settings.optim, total_steps=10_000)
+    step_config = dataclasses.replace(StepConfig.from_settings(settings, dtype), eval_ema_start_step=1)
+    replicated = parallel.replicated(mesh)
+    create = functools.partial(create_train_state, tx=tx, config=step_config)
+    params = init_params(config, jax.random.key(0))
+    sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params))
+    state = jax.jit(create, out_shardings=sharding)(params)
+    step = BucketedJit(
+        jax.jit(
+            functools.partial(train_step, model=model, tx=tx, config=step_config),
+            in_shardings=(sharding, parallel.batch_sharding(mesh), replicated),
+            out_shardings=(sharding, replicated),
+            donate_argnums=0,
+        ),
+        batch_shape_key,
+    )
+    rng = jax.random.key(1)
+    start = time.perf_counter()
+    for _, batch in parallel.prefetch_to_mesh(iter(warmup), mesh):
+        state, metrics = step(state, batch, rng)
+    jax.block_until_ready(state)
+    warmup_seconds = time.perf_counter() - start
+    host_wait = 0.0
+    device_batches = parallel.prefetch_to_mesh(iter(batches), mesh)
+    start = time.perf_counter()
+    while True:
+        waited = time.perf_counter()
+        item = next(device_batches, None)
+        host_wait += time.perf_counter() - waited
+        if item is None:
+            break
+        state, metrics = step(state, item[1], rng)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - start
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "seconds": seconds,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+        "compilations": step.num_compilations,
+        "compile_seconds": step.compile_seconds,
+        "warmup_seconds": warmup_seconds,
+        "host_wait_ms_per_step": 1e3 * host_wait / len(batches),
+        "dtype": np.dtype(dtype).name,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def run_torch(settings: Settings, config: BertConfig, batches, warmup, form: str) -> dict:
+    import torch
+    import transformers
+
+    from benchmarks.torch_reference import RecipeConfig, SdaTrainer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = device == "cuda"
+    precision = {"seed": "fp16" if on_gpu else "fp32", "eager": "bf16" if on_gpu else "fp32"}.get(form, "bf16" if on_gpu else "fp32")
+    recipe = RecipeConfig(
+        learning_rate=settings.optim.learning_rate, warmup_ratio=settings.optim.warmup_ratio,
+        weight_decay=settings.optim.weight_decay, adam_eps=settings.optim.adam_eps,
+        lookahead_k=settings.optim.lookahead_k, lookahead_alpha=settings.optim.lookahead_alpha,
+        teacher_decay=settings.sda.teacher_decay, kd_coeff=settings.sda.kd_coeff,
+        eval_ema_decay=settings.sda.eval_ema_decay, eval_ema_start_step=1, precision=precision,
+        ema_impl="loop" if form == "seed" else "foreach", compile=form == "compile",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf_config = transformers.BertConfig(**config.to_hf_dict(settings.data.label_names), attn_implementation="sdpa")
+    model = transformers.BertForSequenceClassification(hf_config).to(device)
+    trainer = SdaTrainer(model, total_steps=10_000, config=recipe)
+    if form == "seed":  # the notebook's Collator pads each batch to its own longest row
+        trim = lambda b: {k: (v[:, : int(b["attention_mask"].sum(1).max())] if v.ndim == 2 else v) for k, v in b.items()}  # noqa: E731
+        batches, warmup = [trim(b) for b in batches], [trim(b) for b in warmup]
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    compiled_before = _dynamo_graphs()
+    start = time.perf_counter()
+    for batch in warmup:
+        trainer.step(batch)
+    sync()
+    warmup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in batches:
+        metrics = trainer.step(batch)
+    sync()
+    seconds = time.perf_counter() - start
+    graphs = _dynamo_graphs() - compiled_before
+    return {
+        "seconds": seconds,
+        "peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+        "compilations": graphs if form == "compile" else 0,
+        # torch.compile compiles inside the first calls: their time beyond a steady step.
+        "compile_seconds": max(0.0, warmup_seconds - len(warmup) * seconds / len(batches)) if form == "compile" else 0.0,
+        "warmup_seconds": warmup_seconds,
+        "host_wait_ms_per_step": None,
+        "dtype": precision,
+        "final_loss": metrics["loss"],
+    }
+
+
+def _dynamo_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return device.device_kind if device.platform != "cpu" else f"cpu ({os.cpu_count()} cores)"
+
+
+def format_table(rows: list[dict], peak_tflops: float | None) -> str:
+    seed = next((r for r in rows if r["form"] == "torch seed"), None)
+    lines = [
+        "| form | dtype | samples/s | non-pad tokens/s | ms/step | × seed | peak mem | compilations (s) | MFU | host wait ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{seed['seconds'] / r['seconds']:.2f}" if seed else "-"
+        memory = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "-"
+        mfu = f"{100 * r['flops'] / r['seconds'] / (peak_tflops * 1e12):.1f}%" if peak_tflops else "-"
+        wait = f"{r['host_wait_ms_per_step']:.2f}" if r["host_wait_ms_per_step"] is not None else "-"
+        lines.append(
+            f"| {r['form']} | {r['dtype']} | {r['samples'] / r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} | "
+            f"{1e3 * r['seconds'] / r['steps']:.1f} | {ratio} | {memory} | {r['compilations']} ({r['compile_seconds']:.1f}) | "
+            f"{mfu} | {wait} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: base on GPU, small on CPU")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per form")
+    parser.add_argument("--forms", default="jax,seed,eager,compile", help="comma list of jax, seed, eager, compile")
+    parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 4 steps, no append by default")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
+    parser.add_argument("--no-append", action="store_true", help="print the table only")
+    parser.add_argument("--pipeline-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    settings = Settings.from_config(default_config.get_config())
+    if args.pipeline_only:
+        print(json.dumps(pipeline_seconds(settings)))
+        return
+    # One core for the host pipeline, as the target says: a child pinned to CPU 0, started before
+    # this process starts JAX's threads.
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.bench", "--pipeline-only"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    pipeline = json.loads(pinned.stdout.strip().splitlines()[-1])
+    on_gpu = jax.devices()[0].platform == "gpu"
+    model_name = "quick" if args.quick else args.model or ("base" if on_gpu else "small")
+    steps = 4 if args.quick else args.steps
+    bert = BertConfig.from_json_file(settings.model.dir / "config.json", **MODELS[model_name])
+
+    batches = make_batches(settings, args.batch_size, 64 + steps)
+    timed = batches[64 : 64 + steps]
+    warmup = warmup_batches(batches[:64], timed)
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    names = {"jax": "sda-jax", "seed": "torch seed", "eager": "torch eager", "compile": "torch compile"}
+    rows = []
+    for form in forms:
+        result = run_jax(settings, bert, timed, warmup) if form == "jax" else run_torch(settings, bert, timed, warmup, form)
+        result.update(form=names[form], steps=len(timed), samples=int(sum(b["weights"].sum() for b in timed)),
+                      tokens=real_tokens(timed), flops=model_flops(bert, timed))  # fmt: skip
+        rows.append(result)
+        print(f"{names[form]}: {1e3 * result['seconds'] / len(timed):.1f} ms/step, final loss {result['final_loss']:.4f}", flush=True)
+    kind = jax.devices()[0].device_kind
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    header = (
+        f"## {datetime.date.today().isoformat()}: {device_name()}, model {model_name} "
+        f"({bert.num_hidden_layers} layers, hidden {bert.hidden_size}), batch {args.batch_size}, {len(timed)} timed steps\n\n"
+        f"Command: `python -m benchmarks.bench {' '.join(sys.argv[1:])}`. Input pipeline (read + tokenize + bucket "
+        f"{pipeline['examples']} train examples into {pipeline['batches']} batches, one core): "
+        f"{pipeline['seconds']:.2f} s.\n"
+    )
+    table = format_table(rows, peak)
+    print("\n" + header + "\n" + table)
+    if not (args.no_append or args.quick):
+        with RESULTS.open("a", encoding="utf-8") as results:
+            results.write("\n" + header + "\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
