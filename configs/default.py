@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.num_epochs = 1  # passes over the training set
     train.max_steps = 0  # >0 stops after this many steps (short runs, tests)
     train.eval_every = 400  # dev evaluation every this many steps, and always at the end
+    train.eval_all_params = True  # also score the student and the teacher on dev (logged, not for "best")
     train.log_every = 20  # steps between host reads of the running loss (each read syncs)
     train.checkpoint_every = 200  # full train-state checkpoint for resume every this many steps
     train.keep_checkpoints = 2  # train checkpoints kept (the best-by-dev one is kept apart)

@@ -20,13 +20,13 @@ import transformers
 
 from sda_jax.errors import InputError
 from sda_jax.evaluate import write_text_atomically
+from sda_jax.metrics_writer import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 from sda_jax.models import BertConfig
 
 MODEL_DIR = "model"
 SETTINGS_FILE = "settings.json"
-METRICS_FILE = "metrics.jsonl"
 # Everything a run writes into its workdir; a fresh start removes these and nothing else.
-RUN_OUTPUTS = ("checkpoints", "tensorboard", MODEL_DIR, SETTINGS_FILE, METRICS_FILE, "summary.json", "training_curves.png")
+RUN_OUTPUTS = ("checkpoints", TENSORBOARD_DIR, MODEL_DIR, SETTINGS_FILE, METRICS_FILE, "summary.json", CURVES_FILE)
 
 
 def settings_record(settings: Any) -> str:

@@ -47,6 +47,7 @@ class TrainSettings:
     num_epochs: int
     max_steps: int
     eval_every: int
+    eval_all_params: bool
     log_every: int
     checkpoint_every: int
     keep_checkpoints: int
@@ -143,6 +144,7 @@ class Settings:
             num_epochs=reader.integer("train.num_epochs", minimum=1),
             max_steps=reader.integer("train.max_steps", minimum=0),
             eval_every=reader.integer("train.eval_every", minimum=1),
+            eval_all_params=reader.boolean("train.eval_all_params"),
             log_every=reader.integer("train.log_every", minimum=1),
             checkpoint_every=reader.integer("train.checkpoint_every", minimum=1),
             keep_checkpoints=reader.integer("train.keep_checkpoints", minimum=1),

@@ -38,7 +38,8 @@ from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
 from sda_jax.errors import InputError
 from sda_jax.model_loading import load_model
 from sda_jax.preemption import Preempted, PreemptionGuard
-from sda_jax.run_record import METRICS_FILE, prepare_workdir, truncate_metrics, write_run_record
+from sda_jax.metrics_writer import MetricsWriter, plot_training_curves
+from sda_jax.run_record import prepare_workdir, truncate_metrics, write_run_record
 from sda_jax.settings import Settings
 
 Params = Any
@@ -271,7 +272,7 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
                 print(f"Resuming from the checkpoint of step {start_step}.")
         best = BestCheckpoint(workdir)
         stack.callback(best.close)
-        metrics_log = stack.enter_context((workdir / METRICS_FILE).open("a", encoding="utf-8")) if is_main else None
+        writer = stack.enter_context(MetricsWriter(workdir, enabled=is_main, resume_step=start_step))
         guard = stack.enter_context(PreemptionGuard())
         progress = stack.enter_context(
             tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
@@ -292,20 +293,20 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
             # Log boundaries depend on the step alone, so a resumed run logs the same windows.
             if not (evaluate_now or checkpoint_now or step % settings.train.log_every == 0):
                 continue
-            _log_train(jax.device_get(pending), step, schedule, progress, metrics_log)
+            _log_train(jax.device_get(pending), step, schedule, progress, writer)
             pending = []
             if evaluate_now:
                 eval_start = time.perf_counter()
-                dev = run_dev(state.eval_ema_params)
-                params_name = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
-                improved = best.offer(
-                    step,
-                    {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params},
-                    {**dev, "params": params_name},
-                )
-                if is_main:
-                    _write_jsonl(metrics_log, {"step": step, "split": "dev", "params": params_name, **dev})
-                    progress.write(run_summary.dev_line(step, dev, params_name, improved))
+                param_sets = {"eval_ema": state.eval_ema_params, "student": state.params, "teacher": state.teacher_params}
+                # As the reference: the eval EMA once started, else the student, is what counts.
+                scored = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
+                dev = run_dev(param_sets[scored])
+                writer.write_dev(step, scored, dev)
+                if settings.train.eval_all_params:
+                    for name in sorted(set(param_sets) - {scored}):
+                        writer.write_dev(step, name, run_dev(param_sets[name]))
+                improved = best.offer(step, param_sets, {**dev, "params": scored})
+                progress.write(run_summary.dev_line(step, dev, scored, improved))
                 eval_seconds += time.perf_counter() - eval_start
             stop = guard.should_stop(multi_process=jax.process_count() > 1)
             if checkpoint_now or stop:
@@ -348,16 +349,12 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
         labels = evaluate.argmax_labels(test_logits, settings.data.label_names)
         evaluate.write_predictions(predict_path, data.test.ids, labels)
         evaluate.write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_training_curves(workdir)
         print(run_summary.format_summary(summary))
     return summary
 
 
-def _write_jsonl(log, record: dict[str, Any]) -> None:
-    log.write(json.dumps(record) + "\n")
-    log.flush()
-
-
-def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progress, log) -> None:
+def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progress, writer: MetricsWriter) -> None:
     """Reports the mean losses of the steps since the last report; stops a diverged run."""
     loss = float(np.mean([m["loss"] for m in window]))
     if not np.isfinite(loss) and "loss_scale" not in window[-1]:
@@ -366,8 +363,6 @@ def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progres
             "was saved before that and is what a restart resumes from"
         )
     record = {
-        "step": step,
-        "split": "train",
         "loss": loss,
         "ce": float(np.mean([m["ce"] for m in window])),
         "kd": float(np.mean([m["kd"] for m in window])),
@@ -376,8 +371,7 @@ def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progres
     }
     if "loss_scale" in window[-1]:
         record["loss_scale"] = float(window[-1]["loss_scale"])
-    if log is not None:
-        _write_jsonl(log, record)
+    writer.write_train(step, record)
     progress.set_postfix_str(f"loss {loss:.4f}", refresh=False)
     progress.update(len(window))
 

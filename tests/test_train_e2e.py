@@ -67,8 +67,11 @@ def test_compiles_at_most_once_per_bucket(trained):
 
 def test_dev_metrics_and_best_checkpoint(trained):
     workdir, _ = trained
-    dev = read_metrics(workdir, "dev")
-    assert [r["step"] for r in dev] == [150, 300]
+    records = read_metrics(workdir, "dev")
+    assert [(r["step"], r["params"]) for r in records] == [
+        (step, name) for step in (150, 300) for name in ("student", "eval_ema", "teacher")
+    ]
+    dev = [r for r in records if r["params"] == "student"]  # the eval EMA starts at step 500
     for record in dev:
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["f1"] <= 1.0 and record["loss"] > 0
     summary = json.loads((workdir / "summary.json").read_text())
@@ -107,3 +110,11 @@ def test_batch_size_not_divisible_by_devices(tmp_path):
     assert result.returncode == 2
     assert "train.batch_size" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "w").exists()
+
+
+def test_tensorboard_events_and_curves_png(trained):
+    workdir, _ = trained
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    png = (workdir / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
