@@ -29,11 +29,11 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from sda_jax.checkpoints import BEST_DIR
 from sda_jax.errors import InputError
+from sda_jax.run_record import MODEL_DIR
 
 PARAM_SETS = ("eval_ema", "teacher", "student")
-BEST_DIR = "checkpoints/best"  # as sda_jax.checkpoints.BEST_DIR; repeated to keep the CLI's error path light
-MODEL_DIR = "model"  # as sda_jax.run_record.MODEL_DIR
 WEIGHTS_FILE = "model.safetensors"
 EXPORT_INFO_FILE = "sda_jax_export.json"  # provenance: run, step, parameter set, dev metrics
 
