@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 2021  # the one seed: init, dropout, data order and fresh heads all derive from it
 
     config.data = data = ml_collections.ConfigDict()
+    data.source = "files"  # files (the three below) or tfds:NAME, e.g. tfds:clue_afqmc, tfds:glue/mrpc
+    data.tfds_splits = ("train", "validation", "test")  # TFDS split names read as train, dev, test
+    data.tfds_data_dir = ""  # TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
+    data.tfds_manual_dir = ""  # folder with the raw files, for building a TFDS set offline
     data.train_file = str(_SHARED / "data/afqmc/train.json")  # CLUE JSON lines with labels
     data.dev_file = str(_SHARED / "data/afqmc/dev.json")  # CLUE JSON lines with labels, for eval
     data.test_file = str(_SHARED / "data/afqmc/test.json")  # CLUE JSON lines with `id`, no labels

@@ -20,6 +20,10 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
+    source: str  # "files" or "tfds:NAME"
+    tfds_splits: tuple[str, ...]
+    tfds_data_dir: pathlib.Path | None
+    tfds_manual_dir: pathlib.Path | None
     train_file: pathlib.Path
     dev_file: pathlib.Path
     test_file: pathlib.Path
@@ -108,6 +112,10 @@ class Settings:
         """Checks every key of `config` and returns the frozen settings; InputError names the key."""
         reader = _Reader(config)
         data = DataSettings(
+            source=reader.string("data.source"),
+            tfds_splits=reader.strings("data.tfds_splits"),
+            tfds_data_dir=reader.optional_path("data.tfds_data_dir"),
+            tfds_manual_dir=reader.optional_path("data.tfds_manual_dir"),
             train_file=reader.path("data.train_file"),
             dev_file=reader.path("data.dev_file"),
             test_file=reader.path("data.test_file"),
@@ -121,6 +129,10 @@ class Settings:
             bucket_multiplier=reader.integer("data.bucket_multiplier", minimum=1),
         )
         _check_buckets(data.bucket_lengths, data.max_seq_len)
+        if data.source != "files" and not (data.source.startswith("tfds:") and len(data.source) > 5):
+            raise InputError(f"config key data.source: expected 'files' or 'tfds:NAME', got {data.source!r}")
+        if len(data.tfds_splits) != 3:
+            raise InputError("config key data.tfds_splits: expected three split names (train, dev, test)")
         if len(data.label_names) < 2 or len(set(data.label_names)) != len(data.label_names):
             raise InputError("config key data.label_names: needs at least two distinct labels")
         overrides = tuple(
@@ -259,3 +271,9 @@ class _Reader:
 
     def path(self, key: str) -> pathlib.Path:
         return pathlib.Path(self.string(key)).expanduser()
+
+    def optional_path(self, key: str) -> pathlib.Path | None:
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise self._fail(key, "a path or an empty string", value)
+        return pathlib.Path(value).expanduser() if value else None

@@ -30,16 +30,28 @@ def load_splits(data: DataSettings, model_dir: pathlib.Path) -> Splits:
     tokenizer = input_pipeline.load_tokenizer(model_dir)
     keys = {"text_a_key": data.text_a_key, "text_b_key": data.text_b_key, "label_key": data.label_key, "id_key": data.id_key}
 
-    def read(path: pathlib.Path, require_labels: bool) -> Encoded:
-        examples = input_pipeline.read_clue_file(path, data.label_names, require_labels=require_labels, **keys)
+    def read(path: pathlib.Path, split: str, require_labels: bool) -> Encoded:
+        if data.source == "files":
+            examples = input_pipeline.read_clue_file(path, data.label_names, require_labels=require_labels, **keys)
+        else:  # TensorFlow is imported only here, when a tfds: source asks for it
+            from sda_jax import tfds_source
+
+            examples = tfds_source.read_tfds_split(
+                data.source, split, data.label_names, require_labels=require_labels,
+                data_dir=data.tfds_data_dir, manual_dir=data.tfds_manual_dir, **keys,
+            )  # fmt: skip
         if examples.empty_text_lines:
             lines = examples.empty_text_lines
             print(
-                f"note: {path}: {len(lines)} rows have an empty sentence (first on line {lines[0]}); they are kept",
+                f"note: {examples.path}: {len(lines)} rows have an empty sentence (first on line {lines[0]}); they are kept",
                 file=sys.stderr,
             )
         return input_pipeline.encode(examples, tokenizer, data.max_seq_len)
 
+    train_split, dev_split, test_split = data.tfds_splits
     return Splits(
-        train=read(data.train_file, True), dev=read(data.dev_file, True), test=read(data.test_file, False), tokenizer=tokenizer
+        train=read(data.train_file, train_split, True),
+        dev=read(data.dev_file, dev_split, True),
+        test=read(data.test_file, test_split, False),
+        tokenizer=tokenizer,
     )

@@ -13,9 +13,11 @@ is imported only here, only when a `tfds:` source is read: the core never import
 its first op TF is told to see no GPU, so it cannot take accelerator memory from JAX.
 
 Network: a dataset already prepared in `data_dir` is read without any network access.
-`clue_afqmc` builds from `manual_dir` without network, else probes the download host with a
-10 s timeout before downloading. Other datasets download under a socket timeout of
-`download_timeout` seconds per operation. Every failure becomes a one-line `InputError`.
+`clue_afqmc` builds from `manual_dir` without network. Otherwise a download host is probed
+first (a TCP connect with a 10 s limit: clue_afqmc's own host, for other datasets
+storage.googleapis.com as a sign of life), so an offline machine fails in seconds rather than
+after TFDS's ten retries with back-off (~3.5 minutes); downloads then run with a socket timeout
+of `download_timeout` seconds per operation. Every failure becomes a one-line `InputError`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import logging
 import os
 import re
 import socket
+import sys
+import threading
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -39,12 +44,20 @@ TFDS_PREFIX = "tfds:"
 DOWNLOAD_TIMEOUT_S = 60.0
 # Rows per batch when reading a split out of TFDS.
 _READ_BATCH = 8192
+# Seconds allowed to resolve a download host and connect to it before calling the machine offline.
+PROBE_TIMEOUT_S = 10.0
+# Probed before preparing a dataset of unknown origin: where TFDS itself keeps its data.
+GENERIC_PROBE_URL = "https://storage.googleapis.com"
 # The config keys that name the TFDS folders (in messages).
 DATA_DIR_KEY = "data.tfds_data_dir"
 MANUAL_DIR_KEY = "data.tfds_manual_dir"
 
 _logger = logging.getLogger(__name__)
 _tfds_module: ModuleType | None = None
+
+
+class OfflineError(ConnectionError):
+    """A download host cannot be reached (no network, or none within the probe timeout)."""
 
 
 def is_tfds_spec(source: object) -> bool:
@@ -111,7 +124,8 @@ def read_tfds_split(
     """One split of a TFDS dataset as `Examples`, preparing the dataset in `data_dir` first if needed.
 
     Feature keys: `text_a_key` must exist; without `text_b_key` the data is single-sentence,
-    without `label_key` unlabeled, without `id_key` the ids are 0-based positions. When the ids
+    without `label_key` unlabeled. Without `id_key` TFDS's usual `idx` feature is used (so the
+    JSON-file default `id` works), and without that the ids are 0-based positions. When the ids
     are integers (TFDS's `idx`: the row's position in the source file) the rows are put in id
     order, which undoes the shuffling TFDS applies when it writes most datasets; `clue_afqmc`
     is written unshuffled, in file order.
@@ -129,12 +143,18 @@ def read_tfds_split(
     features = info.features
     if text_a_key not in features:
         raise InputError(f"data.text_a_key: {spec} has no feature {text_a_key!r} (features: {', '.join(features)})")
+    if id_key not in features and "idx" in features:
+        id_key = "idx"
     keys = [key for key in (text_a_key, text_b_key, label_key, id_key) if key in features]
     columns = _read_columns(builder, split, list(dict.fromkeys(keys)))
 
     text_a = _decode(columns[text_a_key], where, text_a_key)
     text_b = _decode(columns[text_b_key], where, text_b_key) if text_b_key in columns else None
-    labels = _labels(tfds, features[label_key], columns[label_key], label_names, spec, where) if label_key in columns else None
+    labels = (
+        _labels(tfds, features[label_key], columns[label_key], label_names, spec, where)
+        if label_key in columns
+        else None
+    )
     if labels is None and require_labels:
         raise InputError(f"{where}: no labels (feature {label_key!r} is missing or -1), but this split needs them")
     if id_key in columns:
@@ -156,6 +176,28 @@ def read_tfds_split(
     return Examples(text_a=text_a, text_b=text_b, labels=labels, ids=ids, path=f"{spec}[{split}]")
 
 
+def prepare_dataset(
+    spec: str,
+    *,
+    data_dir: str | Path | None = None,
+    manual_dir: str | Path | None = None,
+    download_timeout: float = DOWNLOAD_TIMEOUT_S,
+) -> Path:
+    """Prepares a TFDS dataset in `data_dir` (nothing to do if it is there) and returns its folder.
+
+    For multi-process runs, prepare once before starting (every process would otherwise build
+    into the same folder), e.g. on a machine with internet:
+    `python -m sda_jax.tfds_source tfds:clue_afqmc --data_dir DIR`.
+    """
+    name = dataset_name(spec)
+    tfds = import_tfds()
+    import sda_jax.tfds_afqmc  # noqa: F401  (registers clue_afqmc)
+
+    builder = _builder(tfds, spec, name, data_dir)
+    _prepare(tfds, builder, spec, manual_dir, download_timeout)
+    return Path(builder.data_dir)
+
+
 def _builder(tfds: ModuleType, spec: str, name: str, data_dir: str | Path | None) -> Any:
     try:
         return tfds.builder(name, data_dir=None if data_dir is None else str(data_dir))
@@ -173,24 +215,56 @@ def _prepare(tfds: ModuleType, builder: Any, spec: str, manual_dir: str | Path |
         raise InputError(f"{manual_dir}: no such folder ({MANUAL_DIR_KEY} for {spec})")
     import tensorflow as tf
 
-    from sda_jax.tfds_afqmc import OfflineError
+    from sda_jax.tfds_afqmc import ClueAfqmc
 
     config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
     previous_timeout = socket.getdefaulttimeout()
     # urllib3 (under TFDS's `requests` downloads) falls back to this for connect and read waits.
     socket.setdefaulttimeout(timeout)
     try:
+        if manual_dir is None and not isinstance(builder, ClueAfqmc):
+            # TFDS retries a failed download ten times with exponential back-off (~3.5 min when a
+            # name does not resolve); fail at once when the machine is plainly offline. ClueAfqmc
+            # probes its own download host.
+            probe_host(GENERIC_PROBE_URL)
         builder.download_and_prepare(download_config=config)
     except OfflineError as err:
+        files = "train.json, dev.json and test.json" if isinstance(builder, ClueAfqmc) else "the files it downloads"
         raise InputError(
-            f"{spec}: {err}; without internet, set {MANUAL_DIR_KEY} to a folder with the data "
-            f"files, or {DATA_DIR_KEY} to where the dataset is already prepared"
+            f"{spec}: not prepared in {builder.data_dir} and {err}; without internet, set {MANUAL_DIR_KEY} "
+            f"to a folder with {files}, or {DATA_DIR_KEY} to a folder where the dataset was prepared"
         ) from None
     except (OSError, AssertionError, ValueError, tf.errors.OpError) as err:
         # requests' ConnectionError/Timeout are OSErrors; AssertionError is TFDS's "manual_dir needed".
         raise InputError(f"{spec}: cannot prepare the dataset in {builder.data_dir}: {_one_line(err)}") from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
+
+
+def probe_host(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raises OfflineError unless a TCP connection to the URL's host opens within `timeout` s.
+
+    Name resolution has no timeout of its own (the system resolver may retry for 20 s or more),
+    so the attempt runs on a daemon thread that is abandoned when the time is up.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    outcome: list[OSError | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=connect, name=f"probe-{host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise OfflineError(f"cannot reach {host}:{port} (no answer within {timeout:g} s)")
+    if outcome[0] is not None:
+        raise OfflineError(f"cannot reach {host}:{port} ({outcome[0].strerror or outcome[0]})")
 
 
 def _read_columns(builder: Any, split: str, keys: list[str]) -> dict[str, np.ndarray]:
@@ -253,3 +327,29 @@ def _labels(
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m sda_jax.tfds_source tfds:NAME [--data_dir DIR] [--manual_dir DIR]`: prepare a dataset."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sda_jax.tfds_source", description=prepare_dataset.__doc__)
+    parser.add_argument("spec", help="tfds:NAME, e.g. tfds:clue_afqmc or tfds:glue/mrpc")
+    parser.add_argument("--data_dir", default=None, help="TFDS data folder (default: TFDS's, ~/tensorflow_datasets)")
+    parser.add_argument("--manual_dir", default=None, help="folder with the source files, for offline builds")
+    args = parser.parse_args(argv)
+    try:
+        folder = prepare_dataset(args.spec, data_dir=args.data_dir, manual_dir=args.manual_dir)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this __main__ copy: the builder raises the imported
+    # module's OfflineError.
+    from sda_jax.tfds_source import main as _main
+
+    sys.exit(_main())

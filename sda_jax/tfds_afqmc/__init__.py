@@ -2,16 +2,18 @@
 
 Importing this package imports TensorFlow (CPU only: GPUs are hidden from it first, see
 `sda_jax.tfds_source.import_tfds`) and registers the builder, so that `tfds.builder("clue_afqmc")`
-and `tfds build clue_afqmc --imports sda_jax.tfds_afqmc --manual_dir DIR` find it.
+finds it. To prepare it: `python -m sda_jax.tfds_source tfds:clue_afqmc --data_dir DIR
+[--manual_dir FOLDER_WITH_THE_JSON_FILES]` (the `tfds build` CLI also works with
+`--imports sda_jax.tfds_afqmc`, where apache_beam is installed).
 """
 
 from sda_jax import tfds_source
 
-tfds_source.import_tfds()
+tfds_source.import_tfds()  # before anything imports TensorFlow
 
-from sda_jax.tfds_afqmc.clue_afqmc_dataset_builder import (  # noqa: E402  (TF must be set up first)
+from sda_jax.tfds_afqmc.clue_afqmc_dataset_builder import (
     DOWNLOAD_URL,
     ClueAfqmc,
 )
 
-__all__ = ["ClueAfqmc", "DOWNLOAD_URL"]
+__all__ = ["DOWNLOAD_URL", "ClueAfqmc"]

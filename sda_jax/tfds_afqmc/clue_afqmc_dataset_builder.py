@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sda_jax.tfds_source import OfflineError, probe_host
+from sda_jax.tfds_source import probe_host
 
 DOWNLOAD_URL = "https://storage.googleapis.com/cluebenchmark/tasks/afqmc_public.zip"
 ARCHIVE_NAME = "afqmc_public.zip"
@@ -58,7 +59,7 @@ class ClueAfqmc(tfds.core.GeneratorBasedBuilder):
 
     name = "clue_afqmc"
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: CLUE afqmc_public.zip, rows in file order."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release: CLUE afqmc_public.zip, rows in file order."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -116,9 +117,7 @@ def _manual_folder(dl_manager: tfds.download.DownloadManager) -> Path | None:
         return None
     if all((folder / name).is_file() for name in SPLIT_FILES.values()) or (folder / ARCHIVE_NAME).is_file():
         return folder
-    raise FileNotFoundError(
-        f"{folder}: manual_dir holds neither {', '.join(SPLIT_FILES.values())} nor {ARCHIVE_NAME}"
-    )
+    raise FileNotFoundError(f"{folder}: manual_dir holds neither {', '.join(SPLIT_FILES.values())} nor {ARCHIVE_NAME}")
 
 
 def _find(folder: Path, name: str) -> Path:
