@@ -251,10 +251,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 4 steps, no append by default")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
     parser.add_argument("--no-append", action="store_true", help="print the table only")
+    parser.add_argument("--bucket-lengths", default=None, help="e.g. 16,24,32,40,48,56,64 (default: the config's)")
     parser.add_argument("--pipeline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    settings = Settings.from_config(default_config.get_config())
+    config = default_config.get_config()
+    if args.bucket_lengths:
+        config.data.bucket_lengths = tuple(int(n) for n in args.bucket_lengths.split(","))
+    settings = Settings.from_config(config)
     if args.pipeline_only:
         print(json.dumps(pipeline_seconds(settings)))
         return
@@ -286,7 +290,8 @@ def main() -> None:
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     header = (
         f"## {datetime.date.today().isoformat()}: {device_name()}, model {model_name} "
-        f"({bert.num_hidden_layers} layers, hidden {bert.hidden_size}), batch {args.batch_size}, {len(timed)} timed steps\n\n"
+        f"({bert.num_hidden_layers} layers, hidden {bert.hidden_size}), batch {args.batch_size}, {len(timed)} timed steps, "
+        f"buckets {','.join(map(str, settings.data.bucket_lengths))}\n\n"
         f"Command: `python -m benchmarks.bench {' '.join(sys.argv[1:])}`. Input pipeline (read + tokenize + bucket "
         f"{pipeline['examples']} train examples into {pipeline['batches']} batches, one core): "
         f"{pipeline['seconds']:.2f} s.\n"

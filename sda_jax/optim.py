@@ -34,8 +34,12 @@ def scale_by_adam(b1: float, b2: float, eps: float, *, bias_correction: bool) ->
     """
 
     def init(params: Params) -> ScaleByAdamState:
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=zeros)
+        # Two trees, not one shared twice: a donated state must not hold the same buffer twice.
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(jnp.zeros_like, params),
+            nu=jax.tree.map(jnp.zeros_like, params),
+        )
 
     def update(grads: optax.Updates, state: ScaleByAdamState, params: Params | None = None):
         del params
