@@ -20,6 +20,7 @@ FLAGS = [
     "--config.train.eval_every=12",
     "--config.train.checkpoint_every=12",
     "--config.optim.learning_rate=0.001",
+    "--config.train.eval_all_params=False",  # one dev pass per evaluation is enough here
 ]
 
 
