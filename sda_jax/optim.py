@@ -83,8 +83,10 @@ def learning_rate_schedule(settings: OptimSettings, total_steps: int) -> optax.S
     )
 
 
-def make_optimizer(settings: OptimSettings, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(settings: OptimSettings, total_steps: int) -> optax.GradientTransformationExtraArgs:
     """AdamW of the reference (decoupled decay, groups by name) with optional gradient clipping.
+
+    Its `update` takes the train step as a keyword: `tx.update(grads, state, params, step=step)`.
 
     Weight decay uses the parameter before the update (optax) where the reference decays the
     already-updated one: the two differ by lr²·wd·update, about 1e-14 relative here.
@@ -97,9 +99,28 @@ def make_optimizer(settings: OptimSettings, total_steps: int) -> optax.GradientT
             settings.adam_b1, settings.adam_b2, settings.adam_eps, bias_correction=settings.adam_bias_correction
         ),
         optax.add_decayed_weights(settings.weight_decay, mask=decay_mask),
-        optax.scale_by_learning_rate(learning_rate_schedule(settings, total_steps)),
+        scale_by_step_schedule(learning_rate_schedule(settings, total_steps)),
     ]
     return optax.chain(*chain)
+
+
+def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiplies updates by −schedule(step), `step` being the train step given to `tx.update`.
+
+    optax's own schedules count the optimizer's updates; the reference's scheduler counts train
+    steps, fp16 steps skipped for overflow included, so the train step passes its step count.
+    """
+
+    def init(params: Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(updates: optax.Updates, state: optax.EmptyState, params: Params | None = None, *, step, **extra):
+        del params, extra
+        learning_rate = schedule(step)
+        return jax.tree.map(lambda u: -learning_rate * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def lookahead_sync(params: Params, slow_params: Params, num_updates: jax.Array, k: int, alpha: float):

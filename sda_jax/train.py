@@ -157,7 +157,8 @@ def train_step(
             grad_fn, state.params, grads, method=config.adversarial_method, epsilon=config.adversarial_epsilon,
             alpha=config.adversarial_alpha, steps=config.adversarial_steps,
         )  # fmt: skip
-    updates, opt_state = tx.update(jax.tree.map(lambda g: g / scale, grads), state.opt_state, state.params)
+    grads = jax.tree.map(lambda g: g / scale, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
     params = optax.apply_updates(state.params, updates)
     slow_params = state.slow_params
     if config.lookahead_k:
@@ -168,7 +169,8 @@ def train_step(
 
     loss_scale, skipped_steps = state.loss_scale, state.skipped_steps
     if config.loss_scaling:
-        # An overflowed fp16 step changes nothing but the scale, as torch's GradScaler.step does.
+        # An overflowed fp16 step changes nothing but the scale, as torch's GradScaler.step does;
+        # the learning-rate schedule still moves on, since it follows the train step.
         finite = mixed_precision.all_finite(grads)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state, slow_params = keep((params, opt_state, slow_params), (state.params, state.opt_state, state.slow_params))

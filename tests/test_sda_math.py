@@ -78,7 +78,7 @@ def test_adamw_step_matches_hand_computation(bias_correction):
     tx = optim.make_optimizer(settings, total_steps=10)
     params = {"dense": {"kernel": jnp.array([1.0, -1.0]), "bias": jnp.array([0.5])}, "LayerNorm": {"scale": jnp.array([2.0])}}
     grads = {"dense": {"kernel": jnp.array([0.1, 0.2]), "bias": jnp.array([-0.3])}, "LayerNorm": {"scale": jnp.array([0.4])}}
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = tx.update(grads, tx.init(params), params, step=0)  # no warmup: the full lr = 1e-3 at once
 
     def expected(g, p, decays):
         m, v = 0.1 * g, 0.001 * g * g
@@ -115,3 +115,15 @@ def test_loss_scale_halves_on_overflow_and_doubles_after_interval():
     assert float(scale.scale) == 1024.0 and int(scale.good_steps) == 0
     assert not bool(mixed_precision.all_finite({"a": jnp.array([1.0, jnp.inf])}))
     assert bool(mixed_precision.all_finite({"a": jnp.array([1.0, 2.0])}))
+
+
+def test_learning_rate_follows_the_train_step_not_the_update_count():
+    # After skipped fp16 steps the optimizer has made fewer updates than there were train steps;
+    # the reference's scheduler stepped anyway, so the rate must come from the train step.
+    schedule = optim.learning_rate_schedule(_settings(), total_steps=100)
+    tx = optim.scale_by_step_schedule(schedule)
+    updates = {"w": jnp.array([2.0])}
+    state = tx.init(updates)
+    for step in (0, 3, 40):
+        scaled, state = tx.update(updates, state, step=jnp.int32(step))
+        np.testing.assert_allclose(scaled["w"], -2.0 * schedule(step), rtol=1e-6)
