@@ -14,6 +14,20 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cach
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+# A 1-layer, 32-wide BERT on one bucket length (one compilation): for tests of the run's
+# machinery (resume, processes), where the model's quality does not matter.
+TINY_RUN_FLAGS = [
+    "--config.model.num_hidden_layers=1",
+    "--config.model.hidden_size=32",
+    "--config.model.num_attention_heads=2",
+    "--config.model.intermediate_size=64",
+    "--config.data.bucket_lengths=(64,)",
+    "--config.train.batch_size=16",
+    "--config.optim.learning_rate=0.001",
+    "--config.train.eval_all_params=False",  # one dev pass per evaluation is enough there
+]
+
+
 @pytest.fixture(scope="session")
 def afqmc_dir() -> pathlib.Path:
     """The real CLUE AFQMC split: train.json, dev.json, test.json (JSON lines)."""

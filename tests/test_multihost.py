@@ -6,21 +6,14 @@ import subprocess
 
 import numpy as np
 
-from tests.conftest import REPO_ROOT, load_train_state
+from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS, load_train_state
 
 FLAGS = [
-    "--config.model.num_hidden_layers=1",
-    "--config.model.hidden_size=32",
-    "--config.model.num_attention_heads=2",
-    "--config.model.intermediate_size=64",
-    "--config.data.bucket_lengths=(64,)",
-    "--config.train.batch_size=16",
+    *TINY_RUN_FLAGS,
     "--config.train.max_steps=12",
     "--config.train.log_every=4",
     "--config.train.eval_every=12",
     "--config.train.checkpoint_every=12",
-    "--config.optim.learning_rate=0.001",
-    "--config.train.eval_all_params=False",  # one dev pass per evaluation is enough here
 ]
 
 

@@ -16,22 +16,15 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, load_train_state
+from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS, load_train_state
 
 TINY = [
-    "--config.model.num_hidden_layers=1",
-    "--config.model.hidden_size=32",
-    "--config.model.num_attention_heads=2",
-    "--config.model.intermediate_size=64",
-    "--config.data.bucket_lengths=(64,)",
-    "--config.train.batch_size=16",
+    *TINY_RUN_FLAGS,
     "--config.train.max_steps=40",
     "--config.train.log_every=5",
     "--config.train.eval_every=20",
     "--config.train.checkpoint_every=10",
     "--config.sda.eval_ema_start_step=15",
-    "--config.optim.learning_rate=0.001",
-    "--config.train.eval_all_params=False",  # one dev pass per evaluation is enough here
 ]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
