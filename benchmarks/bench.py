@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import itertools
 import json
 import os
@@ -41,10 +40,9 @@ import numpy as np
 
 from configs import default as default_config
 from sda_jax import input_pipeline, mixed_precision, optim, parallel
-from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
 from sda_jax.models import BertConfig, BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
-from sda_jax.train import StepConfig, create_train_state, train_step
+from sda_jax.train import StepConfig, place_state_and_step
 
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -113,20 +111,7 @@ def run_jax(settings: Settings, config: BertConfig, batches, warmup) -> dict:
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(settings.optim, total_steps=10_000)
     step_config = dataclasses.replace(StepConfig.from_settings(settings, dtype), eval_ema_start_step=1)
-    replicated = parallel.replicated(mesh)
-    create = functools.partial(create_train_state, tx=tx, config=step_config)
-    params = init_params(config, jax.random.key(0))
-    sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params))
-    state = jax.jit(create, out_shardings=sharding)(params)
-    step = BucketedJit(
-        jax.jit(
-            functools.partial(train_step, model=model, tx=tx, config=step_config),
-            in_shardings=(sharding, parallel.batch_sharding(mesh), replicated),
-            out_shardings=(sharding, replicated),
-            donate_argnums=0,
-        ),
-        batch_shape_key,
-    )
+    state, step = place_state_and_step(init_params(config, jax.random.key(0)), model, tx, step_config, mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     for _, batch in parallel.prefetch_to_mesh(iter(warmup), mesh):

@@ -206,6 +206,29 @@ def train_step(
     return new_state, metrics
 
 
+def place_state_and_step(
+    params: Params, model: Any, tx: optax.GradientTransformation, config: StepConfig, mesh: jax.sharding.Mesh
+) -> tuple[TrainState, BucketedJit]:
+    """The initial state, replicated on the mesh, and the train step compiled once per batch shape.
+
+    Shardings come from `jax.eval_shape` of the state, so nothing is allocated to derive them.
+    """
+    replicated = parallel.replicated(mesh)
+    create = functools.partial(create_train_state, tx=tx, config=config)
+    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params))
+    state = jax.jit(create, out_shardings=state_sharding)(params)
+    train_fn = BucketedJit(
+        jax.jit(
+            functools.partial(train_step, model=model, tx=tx, config=config),
+            in_shardings=(state_sharding, parallel.batch_sharding(mesh), replicated),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=0,
+        ),
+        batch_shape_key,
+    )
+    return state, train_fn
+
+
 def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool = False) -> dict[str, Any]:
     """Trains (resuming from the workdir's latest checkpoint), evaluates, predicts the test set.
 
@@ -237,21 +260,9 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
     schedule = optim.learning_rate_schedule(settings.optim, total_steps)
     step_config = StepConfig.from_settings(settings, dtype)
 
-    replicated = parallel.replicated(mesh)
-    create = functools.partial(create_train_state, tx=tx, config=step_config)
-    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params))
-    state = jax.jit(create, out_shardings=state_sharding)(params)
+    state, train_fn = place_state_and_step(params, model, tx, step_config, mesh)
     del params
     batch_sharding = parallel.batch_sharding(mesh)
-    train_fn = BucketedJit(
-        jax.jit(
-            functools.partial(train_step, model=model, tx=tx, config=step_config),
-            in_shardings=(state_sharding, batch_sharding, replicated),
-            out_shardings=(state_sharding, replicated),
-            donate_argnums=0,
-        ),
-        batch_shape_key,
-    )
     eval_fn = BucketedJit(
         jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=batch_sharding), batch_shape_key
     )
