@@ -128,6 +128,20 @@ def test_logits_match_transformers(classifier_dir: Path, classifier) -> None:
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
+def test_last_layer_runs_on_the_cls_row_alone(classifier) -> None:
+    """The logits test above proves the shortcut exact; this proves it is taken."""
+    _, config, params = classifier
+    model = BertForSequenceClassification(config)
+    _, captured = model.apply(
+        {"params": params}, *batch(), capture_intermediates=lambda mdl, _: mdl.name == "intermediate"
+    )
+    encoder = captured["intermediates"]["bert"]["encoder"]
+    shape = lambda i: encoder[f"layer_{i}"]["intermediate"]["__call__"][0].shape  # noqa: E731
+    last = config.num_hidden_layers - 1
+    assert [shape(i) for i in range(last)] == [(BATCH, LENGTH, config.intermediate_size)] * last
+    assert shape(last) == (BATCH, 1, config.intermediate_size)
+
+
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
 def test_other_activations_match(tmp_path: Path, act: str) -> None:
     model = hf_model(hidden_act=act)
@@ -407,15 +421,25 @@ def test_to_hf_dict_round_trips(tmp_path: Path) -> None:
 def test_flops_per_token_counts_matmul_params() -> None:
     config = BertConfig(**TINY)
     params = jax.eval_shape(lambda key: init_params(config, key), KEY)
-    matmul = sum(
-        x.size
+    kernels = {
+        "/".join(str(k.key) for k in path): x.size
         for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if path[-1].key == "kernel" and path[1].key != "pooler" and path[0].key != "classifier"
-    )
-    head = params["bert"]["pooler"]["dense"]["kernel"].size + params["classifier"]["kernel"].size
+        if path[-1].key == "kernel"
+    }
+    last = f"bert/encoder/layer_{config.num_hidden_layers - 1}/"
+    # Every token meets all encoder kernels but those of the last layer, where it only meets the
+    # key and value projections; the [CLS] row alone meets the rest, the pooler and the classifier.
+    def per_token(name: str) -> bool:
+        if not name.startswith("bert/encoder/"):
+            return False
+        return not name.startswith(last) or name.endswith(("self/key/kernel", "self/value/kernel"))
+
+    token_params = sum(n for name, n in kernels.items() if per_token(name))
+    sequence_params = sum(n for name, n in kernels.items() if not per_token(name))
+    assert token_params and sequence_params
     seq = 16
-    layers_term = 12 * config.num_hidden_layers * config.hidden_size * seq
-    assert flops_per_token(config, seq) == pytest.approx(6 * (matmul + head / seq) + layers_term)
-    # bert-base: about 6 * 85M matmul params + attention
+    attention = 12 * config.hidden_size * ((config.num_hidden_layers - 1) * seq + 1)
+    assert flops_per_token(config, seq) == pytest.approx(6 * (token_params + sequence_params / seq) + attention)
+    # bert-base: about 6 * 78M matmul params + attention
     big = BertConfig(30522, 768, 12, 12, 3072, 512, 2)
-    assert 5.0e8 < flops_per_token(big, 128) < 5.5e8
+    assert 4.5e8 < flops_per_token(big, 128) < 5.0e8
