@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.label_key = "label"  # JSON field of the label string
     data.id_key = "id"  # JSON field of the test-row id written to the prediction file
     data.max_seq_len = 64  # tokens per pair after longest-first truncation, [CLS]/[SEP] included
-    data.bucket_lengths = (16, 32, 48, 64)  # padded lengths a batch may have: one compile each
+    data.bucket_lengths = ()  # padded lengths a batch may have, one compile each; () = fit to train set
+    data.num_buckets = 8  # with bucket_lengths=(): this many lengths, chosen to pad the train set least
     data.bucket_multiplier = 200  # bucket sampler chunk = batch_size * this, sorted by length
 
     config.model = model = ml_collections.ConfigDict()

@@ -367,6 +367,43 @@ def epoch_order(
     return batches
 
 
+def fit_bucket_lengths(lengths: np.ndarray, num_buckets: int, max_len: int) -> tuple[int, ...]:
+    """The at most `num_buckets` padded lengths, the largest `max_len`, that pad `lengths` least.
+
+    Each batch of the bucket sampler comes from a length-sorted chunk, so its rows are nearly of
+    one length, and padding every example to its bucket stands in well for padding every batch.
+    Exact dynamic programme over the lengths 0..max_len: O(num_buckets * max_len^2), ~1 ms at 512.
+    """
+    counts = np.bincount(np.minimum(np.asarray(lengths, dtype=np.int64), max_len), minlength=max_len + 1)
+    at_most = np.cumsum(counts)  # at_most[n]: examples of at most n tokens
+    n = np.arange(max_len + 1)
+    # cost[n]: padded tokens of all examples of <= n tokens, with buckets whose largest is n.
+    cost = n * at_most
+    # bucket_cost[m, n]: padded tokens of the examples in (m, n] padded to n.
+    bucket_cost = n[None, :] * (at_most[None, :] - at_most[:, None])
+    unreachable = np.iinfo(np.int64).max
+    previous_bucket = []  # per added bucket: for each n, the bucket below n (-1: no gain from one more)
+    for _ in range(num_buckets - 1):
+        total = np.where(n[:, None] < n[None, :], cost[:, None] + bucket_cost, unreachable)
+        below = np.argmin(total, axis=0)
+        with_one_more = total[below, n]
+        better = with_one_more < cost
+        previous_bucket.append(np.where(better, below, -1))
+        cost = np.where(better, with_one_more, cost)
+    buckets = [max_len]
+    for below in reversed(previous_bucket):
+        if below[buckets[-1]] > 0:
+            buckets.append(int(below[buckets[-1]]))
+    return tuple(sorted(buckets))
+
+
+def padded_fraction(lengths: np.ndarray, bucket_lengths: Sequence[int]) -> float:
+    """Padding tokens over real tokens when every example is padded to its bucket."""
+    lengths = np.asarray(lengths)
+    padded = np.asarray(bucket_lengths)[np.searchsorted(bucket_lengths, lengths)]
+    return float(padded.sum() / lengths.sum() - 1.0)
+
+
 def make_batch(
     encoded: Encoded, indices: np.ndarray, *, batch_size: int, bucket_lengths: Sequence[int]
 ) -> dict[str, np.ndarray]:

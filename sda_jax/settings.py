@@ -33,7 +33,8 @@ class DataSettings:
     label_key: str
     id_key: str
     max_seq_len: int
-    bucket_lengths: tuple[int, ...]
+    bucket_lengths: tuple[int, ...]  # () = fitted to the train set (input_pipeline.fit_bucket_lengths)
+    num_buckets: int  # how many lengths to fit when bucket_lengths is ()
     bucket_multiplier: int
 
 
@@ -126,6 +127,7 @@ class Settings:
             id_key=reader.string("data.id_key"),
             max_seq_len=reader.integer("data.max_seq_len", minimum=3),
             bucket_lengths=tuple(reader.get("data.bucket_lengths")),
+            num_buckets=reader.integer("data.num_buckets", minimum=1),
             bucket_multiplier=reader.integer("data.bucket_multiplier", minimum=1),
         )
         _check_buckets(data.bucket_lengths, data.max_seq_len)
@@ -206,7 +208,9 @@ class Settings:
 
 def _check_buckets(bucket_lengths: tuple[Any, ...], max_seq_len: int) -> None:
     key = "config key data.bucket_lengths"
-    if not bucket_lengths or not all(type(n) is int and n > 0 for n in bucket_lengths):
+    if not bucket_lengths:
+        return  # fitted to the train set once it is read
+    if not all(type(n) is int and n > 0 for n in bucket_lengths):
         raise InputError(f"{key}: must be positive integers, got {bucket_lengths!r}")
     if list(bucket_lengths) != sorted(set(bucket_lengths)):
         raise InputError(f"{key}: must be strictly increasing, got {bucket_lengths!r}")

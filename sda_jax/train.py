@@ -242,6 +242,10 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
     init_rng, dropout_rng = jax.random.split(jax.random.key(settings.seed))
     dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
     model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
+    # Every process reads the whole train set, so all of them fit the same lengths.
+    bucket_lengths = settings.data.bucket_lengths or input_pipeline.fit_bucket_lengths(
+        data.train.lengths, settings.data.num_buckets, settings.data.max_seq_len
+    )
     mesh = parallel.make_mesh()
     parallel.check_batch_size(settings.train.batch_size, mesh)
     is_main = jax.process_index() == 0
@@ -249,6 +253,9 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
         prepare_workdir(workdir, settings, settings.train.predict_file, fresh=fresh)
         write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
         print(load_note)
+        if not settings.data.bucket_lengths:
+            padding = input_pipeline.padded_fraction(data.train.lengths, bucket_lengths)
+            print(f"Bucket lengths fitted to the train set: {list(bucket_lengths)} ({padding:.1%} padding tokens).")
     multihost_utils.sync_global_devices("workdir ready")
 
     batch_size = settings.train.batch_size
@@ -267,7 +274,7 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
         jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=batch_sharding), batch_shape_key
     )
     state_is_finite = jax.jit(lambda s: mixed_precision.all_finite((s.params, s.teacher_params, s.eval_ema_params)))
-    bucket_args = {"batch_size": batch_size, "bucket_lengths": settings.data.bucket_lengths}
+    bucket_args = {"batch_size": batch_size, "bucket_lengths": bucket_lengths}
 
     def run_dev(params) -> dict[str, float]:
         batches = parallel.prefetch_to_mesh(input_pipeline.eval_batches(data.dev, **bucket_args), mesh)
@@ -351,7 +358,8 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
         "train_samples_per_second": examples_seen / max(train_seconds, 1e-9),
         "train_step_compilations": train_fn.num_compilations,
         "train_step_compile_seconds": train_fn.compile_seconds,
-        "num_buckets": len(settings.data.bucket_lengths),
+        "num_buckets": len(bucket_lengths),
+        "bucket_lengths": list(bucket_lengths),
         "wall_seconds": time.perf_counter() - wall_start,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} processes)",
         "compute_dtype": jnp.dtype(dtype).name,

@@ -119,6 +119,37 @@ def tokens(tokenizer, encoded: Encoded, row: int) -> list[str]:
 # ----------------------------------------------------------------------------- bucketing
 
 
+def _padded_tokens(lengths, buckets) -> int:
+    return int(np.asarray(buckets)[np.searchsorted(buckets, lengths)].sum())
+
+
+@pytest.mark.parametrize("num_buckets", [1, 2, 3, 4])
+def test_fitted_bucket_lengths_pad_least(num_buckets):
+    rng = np.random.default_rng(num_buckets)
+    lengths = np.concatenate([rng.integers(3, 12, 300), rng.integers(20, 24, 100), rng.integers(2, 30, 50)])
+    fitted = input_pipeline.fit_bucket_lengths(lengths, num_buckets, max_len=30)
+    assert fitted[-1] == 30 and len(fitted) <= num_buckets and list(fitted) == sorted(set(fitted))
+    # Brute force over every set of num_buckets - 1 lengths below 30.
+    best = min(
+        _padded_tokens(lengths, (*below, 30)) for below in itertools.combinations(range(2, 30), num_buckets - 1)
+    )
+    assert _padded_tokens(lengths, fitted) == best
+
+
+def test_fitted_bucket_lengths_on_afqmc(afqmc_lengths):
+    lengths = np.minimum(afqmc_lengths, 64)
+    fitted = input_pipeline.fit_bucket_lengths(lengths, 8, max_len=64)
+    assert len(fitted) == 8 and fitted[-1] == 64
+    # Fewer padding tokens than evenly spaced buckets with the same compile count, and more buckets
+    # never pad more.
+    assert _padded_tokens(lengths, fitted) < _padded_tokens(lengths, (8, 16, 24, 32, 40, 48, 56, 64))
+    assert input_pipeline.padded_fraction(lengths, fitted) <= input_pipeline.padded_fraction(
+        lengths, input_pipeline.fit_bucket_lengths(lengths, 4, max_len=64)
+    )
+    few = input_pipeline.fit_bucket_lengths(np.array([5, 5, 9]), 8, max_len=64)
+    assert few == (5, 9, 64)  # no more lengths than help
+
+
 def test_steps_per_epoch(afqmc_train):
     assert len(afqmc_train) == 34_334
     assert steps_per_epoch(len(afqmc_train), 64) == 537

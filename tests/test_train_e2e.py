@@ -61,7 +61,10 @@ def test_compiles_at_most_once_per_bucket(trained):
     workdir, result = trained
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 300
-    assert 1 <= summary["train_step_compilations"] <= summary["num_buckets"] == 4
+    # The shipped configs fit 8 bucket lengths to the train set; each compiles at most once.
+    assert 1 <= summary["train_step_compilations"] <= summary["num_buckets"] == 8
+    assert summary["bucket_lengths"][-1] == 64 and summary["bucket_lengths"] == sorted(set(summary["bucket_lengths"]))
+    assert f"Bucket lengths fitted to the train set: {summary['bucket_lengths']}" in result.stdout
     assert "train step compilations" in result.stdout
 
 
@@ -91,7 +94,8 @@ def test_prediction_file_covers_test_set_in_order(trained, afqmc_dir):
 
 
 def test_four_devices_agree_with_one(tmp_path):
-    overrides = ["--config.train.max_steps=30", "--config.train.log_every=1", "--config.train.eval_every=30"]
+    overrides = ["--config.train.max_steps=30", "--config.train.log_every=1", "--config.train.eval_every=30",
+                 "--config.data.bucket_lengths=(32,64)"]  # fmt: skip
     one = run_train(tmp_path / "one", *overrides, devices=1)
     four = run_train(tmp_path / "four", *overrides, devices=4)
     assert one.returncode == 0, one.stderr[-3000:]
