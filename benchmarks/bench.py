@@ -14,7 +14,9 @@ Forms, all on the same AFQMC batches (the host bucket sampler, seed 2021):
 * `torch compile`: the eager form under `torch.compile`, fed the bucket shapes so it compiles once
   per bucket.
 
-Each prints samples/s, non-padding tokens/s, ms/step, the ratio to the seed form, peak device
+Every form is built and compiled (warmed up on each bucket shape) first; then the forms take turns
+over `--rounds` slices of the timed batches, so that drift in the machine's speed falls on all of
+them alike. Each prints samples/s, non-padding tokens/s, ms/step, the ratio to the seed form, peak device
 memory, compilations and compile time, and model FLOPs utilisation (real tokens only, so padding
 counts as waste; needs the device's peak, known for H100/H200/A100 or given by --peak-tflops). The
 table is appended to benchmarks/RESULTS.md with the device and date. Also measured: read +
@@ -63,7 +65,7 @@ def pipeline_seconds(settings: Settings) -> dict[str, float]:
         itertools.islice(
             input_pipeline.train_batches(
                 encoded, batch_size=64, bucket_multiplier=settings.data.bucket_multiplier,
-                bucket_lengths=settings.data.bucket_lengths, seed=settings.seed,
+                bucket_lengths=bucket_lengths(settings, encoded), seed=settings.seed,
             ),
             input_pipeline.steps_per_epoch(len(encoded), 64),
         )
@@ -71,15 +73,24 @@ def pipeline_seconds(settings: Settings) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "examples": len(encoded), "batches": len(batches)}
 
 
-def make_batches(settings: Settings, batch_size: int, count: int) -> list[dict[str, np.ndarray]]:
+def make_batches(settings: Settings, batch_size: int, count: int) -> tuple[list[dict[str, np.ndarray]], tuple[int, ...]]:
+    """The first `count` train batches of the config's bucket sampler, and its bucket lengths."""
     tokenizer = input_pipeline.load_tokenizer(settings.model.dir)
     examples = input_pipeline.read_clue_file(settings.data.train_file, settings.data.label_names, require_labels=True)
     encoded = input_pipeline.encode(examples, tokenizer, settings.data.max_seq_len)
+    lengths = bucket_lengths(settings, encoded)
     stream = input_pipeline.train_batches(
         encoded, batch_size=batch_size, bucket_multiplier=settings.data.bucket_multiplier,
-        bucket_lengths=settings.data.bucket_lengths, seed=settings.seed,
+        bucket_lengths=lengths, seed=settings.seed,
     )  # fmt: skip
-    return list(itertools.islice(stream, count))
+    return list(itertools.islice(stream, count)), lengths
+
+
+def bucket_lengths(settings: Settings, encoded: input_pipeline.Encoded) -> tuple[int, ...]:
+    """The config's bucket lengths, or those fitted to the train set, as sda_jax.train picks them."""
+    return settings.data.bucket_lengths or input_pipeline.fit_bucket_lengths(
+        encoded.lengths, settings.data.num_buckets, settings.data.max_seq_len
+    )
 
 
 def warmup_batches(pool, timed) -> list[dict[str, np.ndarray]]:
@@ -105,94 +116,116 @@ def model_flops(config: BertConfig, batches) -> float:
     return total
 
 
-def run_jax(settings: Settings, config: BertConfig, batches, warmup) -> dict:
-    dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
-    model = BertForSequenceClassification(config=config, dtype=dtype)
-    mesh = parallel.make_mesh()
-    tx = optim.make_optimizer(settings.optim, total_steps=10_000)
-    step_config = dataclasses.replace(StepConfig.from_settings(settings, dtype), eval_ema_start_step=1)
-    state, step = place_state_and_step(init_params(config, jax.random.key(0)), model, tx, step_config, mesh)
-    rng = jax.random.key(1)
-    start = time.perf_counter()
-    for _, batch in parallel.prefetch_to_mesh(iter(warmup), mesh):
-        state, metrics = step(state, batch, rng)
-    jax.block_until_ready(state)
-    warmup_seconds = time.perf_counter() - start
-    host_wait = 0.0
-    device_batches = parallel.prefetch_to_mesh(iter(batches), mesh)
-    start = time.perf_counter()
-    while True:
-        waited = time.perf_counter()
-        item = next(device_batches, None)
-        host_wait += time.perf_counter() - waited
-        if item is None:
-            break
-        state, metrics = step(state, item[1], rng)
-    jax.block_until_ready(state)
-    seconds = time.perf_counter() - start
-    stats = jax.devices()[0].memory_stats() or {}
-    return {
-        "seconds": seconds,
-        "peak_bytes": stats.get("peak_bytes_in_use"),
-        "compilations": step.num_compilations,
-        "compile_seconds": step.compile_seconds,
-        "warmup_seconds": warmup_seconds,
-        "host_wait_ms_per_step": 1e3 * host_wait / len(batches),
-        "dtype": np.dtype(dtype).name,
-        "final_loss": float(metrics["loss"]),
-    }
+class JaxForm:
+    """sda-jax's train step: compiled for every bucket shape up front, then timed on demand."""
+
+    def __init__(self, settings: Settings, config: BertConfig, warmup) -> None:
+        dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
+        model = BertForSequenceClassification(config=config, dtype=dtype)
+        self.mesh = parallel.make_mesh()
+        tx = optim.make_optimizer(settings.optim, total_steps=10_000)
+        step_config = dataclasses.replace(StepConfig.from_settings(settings, dtype), eval_ema_start_step=1)
+        self.state, self.step = place_state_and_step(init_params(config, jax.random.key(0)), model, tx, step_config, self.mesh)
+        self.rng = jax.random.key(1)
+        self.dtype, self.host_wait, self.steps = np.dtype(dtype).name, 0.0, 0
+        start = time.perf_counter()
+        for _, batch in parallel.prefetch_to_mesh(iter(warmup), self.mesh):
+            self.state, self.metrics = self.step(self.state, batch, self.rng)
+        jax.block_until_ready(self.state)
+        self.warmup_seconds = time.perf_counter() - start
+
+    def time(self, batches) -> float:
+        device_batches = parallel.prefetch_to_mesh(iter(batches), self.mesh)
+        start = time.perf_counter()
+        while True:
+            waited = time.perf_counter()
+            item = next(device_batches, None)
+            self.host_wait += time.perf_counter() - waited
+            if item is None:
+                break
+            self.state, self.metrics = self.step(self.state, item[1], self.rng)
+        jax.block_until_ready(self.state)
+        self.steps += len(batches)
+        return time.perf_counter() - start
+
+    def result(self) -> dict:
+        stats = jax.devices()[0].memory_stats() or {}
+        return {
+            "peak_bytes": stats.get("peak_bytes_in_use"),
+            "compilations": self.step.num_compilations,
+            "compile_seconds": self.step.compile_seconds,
+            "host_wait_ms_per_step": 1e3 * self.host_wait / self.steps,
+            "dtype": self.dtype,
+            "final_loss": float(self.metrics["loss"]),
+        }
 
 
-def run_torch(settings: Settings, config: BertConfig, batches, warmup, form: str) -> dict:
-    import torch
-    import transformers
+class TorchForm:
+    """The PyTorch recipe in one of its forms (seed, eager, compile), warmed up on every bucket shape."""
 
-    from benchmarks.torch_reference import RecipeConfig, SdaTrainer
+    def __init__(self, settings: Settings, config: BertConfig, warmup, form: str) -> None:
+        import torch
+        import transformers
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_gpu = device == "cuda"
-    precision = {"seed": "fp16" if on_gpu else "fp32", "eager": "bf16" if on_gpu else "fp32"}.get(form, "bf16" if on_gpu else "fp32")
-    recipe = RecipeConfig(
-        learning_rate=settings.optim.learning_rate, warmup_ratio=settings.optim.warmup_ratio,
-        weight_decay=settings.optim.weight_decay, adam_eps=settings.optim.adam_eps,
-        lookahead_k=settings.optim.lookahead_k, lookahead_alpha=settings.optim.lookahead_alpha,
-        teacher_decay=settings.sda.teacher_decay, kd_coeff=settings.sda.kd_coeff,
-        eval_ema_decay=settings.sda.eval_ema_decay, eval_ema_start_step=1, precision=precision,
-        ema_impl="loop" if form == "seed" else "foreach", compile=form == "compile",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf_config = transformers.BertConfig(**config.to_hf_dict(settings.data.label_names), attn_implementation="sdpa")
-    model = transformers.BertForSequenceClassification(hf_config).to(device)
-    trainer = SdaTrainer(model, total_steps=10_000, config=recipe)
-    if form == "seed":  # the notebook's Collator pads each batch to its own longest row
+        from benchmarks.torch_reference import RecipeConfig, SdaTrainer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.on_gpu, self.form = device == "cuda", form
+        self.precision = {"seed": "fp16", "eager": "bf16", "compile": "bf16"}[form] if self.on_gpu else "fp32"
+        recipe = RecipeConfig(
+            learning_rate=settings.optim.learning_rate, warmup_ratio=settings.optim.warmup_ratio,
+            weight_decay=settings.optim.weight_decay, adam_eps=settings.optim.adam_eps,
+            lookahead_k=settings.optim.lookahead_k, lookahead_alpha=settings.optim.lookahead_alpha,
+            teacher_decay=settings.sda.teacher_decay, kd_coeff=settings.sda.kd_coeff,
+            eval_ema_decay=settings.sda.eval_ema_decay, eval_ema_start_step=1, precision=self.precision,
+            ema_impl="loop" if form == "seed" else "foreach", compile=form == "compile",
+        )  # fmt: skip
+        torch.manual_seed(0)
+        hf_config = transformers.BertConfig(**config.to_hf_dict(settings.data.label_names), attn_implementation="sdpa")
+        model = transformers.BertForSequenceClassification(hf_config).to(device)
+        self.trainer = SdaTrainer(model, total_steps=10_000, config=recipe)
+        self.sync = torch.cuda.synchronize if self.on_gpu else (lambda: None)
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        self.graphs_before = _dynamo_graphs()
+        self.seconds, self.steps = 0.0, 0
+        start = time.perf_counter()
+        for batch in self._inputs(warmup):
+            self.trainer.step(batch)
+        self.sync()
+        self.warmup_seconds, self.warmup_steps = time.perf_counter() - start, len(warmup)
+
+    def _inputs(self, batches):
+        if self.form != "seed":
+            return batches
+        # The notebook's Collator pads each batch to its own longest row.
         trim = lambda b: {k: (v[:, : int(b["attention_mask"].sum(1).max())] if v.ndim == 2 else v) for k, v in b.items()}  # noqa: E731
-        batches, warmup = [trim(b) for b in batches], [trim(b) for b in warmup]
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    compiled_before = _dynamo_graphs()
-    start = time.perf_counter()
-    for batch in warmup:
-        trainer.step(batch)
-    sync()
-    warmup_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    for batch in batches:
-        metrics = trainer.step(batch)
-    sync()
-    seconds = time.perf_counter() - start
-    graphs = _dynamo_graphs() - compiled_before
-    return {
-        "seconds": seconds,
-        "peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-        "compilations": graphs if form == "compile" else 0,
-        # torch.compile compiles inside the first calls: their time beyond a steady step.
-        "compile_seconds": max(0.0, warmup_seconds - len(warmup) * seconds / len(batches)) if form == "compile" else 0.0,
-        "warmup_seconds": warmup_seconds,
-        "host_wait_ms_per_step": None,
-        "dtype": precision,
-        "final_loss": metrics["loss"],
-    }
+        return [trim(b) for b in batches]
+
+    def time(self, batches) -> float:
+        batches = self._inputs(batches)
+        start = time.perf_counter()
+        for batch in batches:
+            self.metrics = self.trainer.step(batch)
+        self.sync()
+        seconds = time.perf_counter() - start
+        self.seconds, self.steps = self.seconds + seconds, self.steps + len(batches)
+        return seconds
+
+    def result(self) -> dict:
+        import torch
+
+        compiled = self.form == "compile"
+        steady = self.seconds / self.steps
+        return {
+            "peak_bytes": torch.cuda.max_memory_allocated() if self.on_gpu else None,
+            "compilations": _dynamo_graphs() - self.graphs_before if compiled else 0,
+            # torch.compile compiles inside the first calls: their time beyond a steady step.
+            "compile_seconds": max(0.0, self.warmup_seconds - self.warmup_steps * steady) if compiled else 0.0,
+            "host_wait_ms_per_step": None,
+            "dtype": self.precision,
+            "final_loss": self.metrics["loss"],
+        }
 
 
 def _dynamo_graphs() -> int:
@@ -233,24 +266,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per form")
     parser.add_argument("--forms", default="jax,seed,eager,compile", help="comma list of jax, seed, eager, compile")
+    parser.add_argument("--rounds", type=int, default=5, help="forms take turns over this many slices of the steps")
     parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 4 steps, no append by default")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
     parser.add_argument("--no-append", action="store_true", help="print the table only")
-    parser.add_argument("--bucket-lengths", default=None, help="e.g. 16,24,32,40,48,56,64 (default: the config's)")
+    parser.add_argument("--bucket-lengths", default=None, help="e.g. 16,32,48,64 (default: the config's, fitted to the train set)")
+    parser.add_argument("--num-buckets", type=int, default=None, help="lengths to fit when --bucket-lengths is not given")
     parser.add_argument("--pipeline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # Read when JAX creates its GPU client (below, not at import): by default it would take 75% of
+    # the GPU's memory up front and leave the PyTorch forms too little.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     config = default_config.get_config()
     if args.bucket_lengths:
         config.data.bucket_lengths = tuple(int(n) for n in args.bucket_lengths.split(","))
+    if args.num_buckets:
+        config.data.num_buckets = args.num_buckets
     settings = Settings.from_config(config)
     if args.pipeline_only:
         print(json.dumps(pipeline_seconds(settings)))
         return
+    bucket_flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("bucket_lengths", "num_buckets") and v]
     # One core for the host pipeline, as the target says: a child pinned to CPU 0, started before
     # this process starts JAX's threads.
     pinned = subprocess.run(
-        ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.bench", "--pipeline-only"],
+        ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.bench", "--pipeline-only", *bucket_flags],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     pipeline = json.loads(pinned.stdout.strip().splitlines()[-1])
@@ -259,15 +300,25 @@ def main() -> None:
     steps = 4 if args.quick else args.steps
     bert = BertConfig.from_json_file(settings.model.dir / "config.json", **MODELS[model_name])
 
-    batches = make_batches(settings, args.batch_size, 64 + steps)
+    batches, buckets = make_batches(settings, args.batch_size, 64 + steps)
     timed = batches[64 : 64 + steps]
     warmup = warmup_batches(batches[:64], timed)
-    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     names = {"jax": "sda-jax", "seed": "torch seed", "eager": "torch eager", "compile": "torch compile"}
+    forms = {}
+    for form in (f.strip() for f in args.forms.split(",") if f.strip()):
+        forms[form] = JaxForm(settings, bert, warmup) if form == "jax" else TorchForm(settings, bert, warmup, form)
+        print(f"{names[form]}: ready ({forms[form].warmup_seconds:.1f} s of warm-up)", flush=True)
+    # Forms take turns, a slice of the timed batches each, so that drift in the machine's speed
+    # (±20% over minutes on shared CPUs) falls on every form alike.
+    rounds = max(1, min(args.rounds, len(timed)))
+    seconds = dict.fromkeys(forms, 0.0)
+    for r in range(rounds):
+        for form, runner in forms.items():
+            seconds[form] += runner.time(timed[r::rounds])
     rows = []
-    for form in forms:
-        result = run_jax(settings, bert, timed, warmup) if form == "jax" else run_torch(settings, bert, timed, warmup, form)
-        result.update(form=names[form], steps=len(timed), samples=int(sum(b["weights"].sum() for b in timed)),
+    for form, runner in forms.items():
+        result = runner.result()
+        result.update(form=names[form], seconds=seconds[form], steps=len(timed), samples=int(sum(b["weights"].sum() for b in timed)),
                       tokens=real_tokens(timed), flops=model_flops(bert, timed))  # fmt: skip
         rows.append(result)
         print(f"{names[form]}: {1e3 * result['seconds'] / len(timed):.1f} ms/step, final loss {result['final_loss']:.4f}", flush=True)
@@ -276,10 +327,10 @@ def main() -> None:
     header = (
         f"## {datetime.date.today().isoformat()}: {device_name()}, model {model_name} "
         f"({bert.num_hidden_layers} layers, hidden {bert.hidden_size}), batch {args.batch_size}, {len(timed)} timed steps, "
-        f"buckets {','.join(map(str, settings.data.bucket_lengths))}\n\n"
+        f"buckets {','.join(map(str, buckets))}\n\n"
         f"Command: `python -m benchmarks.bench {' '.join(sys.argv[1:])}`. Input pipeline (read + tokenize + bucket "
         f"{pipeline['examples']} train examples into {pipeline['batches']} batches, one core): "
-        f"{pipeline['seconds']:.2f} s.\n"
+        f"{pipeline['seconds']:.2f} s. Forms timed in {rounds} interleaved rounds.\n"
     )
     table = format_table(rows, peak)
     print("\n" + header + "\n" + table)
