@@ -1,6 +1,7 @@
 """Convert Hugging Face PyTorch BERT checkpoints to and from our Flax param tree.
 
-Reads `model.safetensors` (no torch needed) or `pytorch_model.bin` (needs torch), from a
+Reads `model.safetensors` (no torch needed) or `pytorch_model.bin` (needs torch), whole or
+sharded (`*.index.json` naming the shard of every tensor, as `save_pretrained` writes them), from a
 BertModel, BertForMaskedLM, BertForPreTraining or BertForSequenceClassification checkpoint, with or
 without the `bert.` prefix and with legacy `LayerNorm.gamma/beta` names. Every tensor in the file
 is either loaded or reported unused; heads the file lacks or that do not fit the config (pooler,
@@ -32,6 +33,7 @@ from sda_jax.models import BertConfig, hf_normal_init, init_params
 
 SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
+INDEX_SUFFIX = ".index.json"  # sharded checkpoints: model.safetensors.index.json, pytorch_model.bin.index.json
 
 # Non-trainable buffers some HF versions serialise; they carry no weights.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -69,20 +71,44 @@ class LoadReport:
 
 
 def find_weights_file(model_dir: Path) -> Path | None:
-    """`model.safetensors` if present, else `pytorch_model.bin`, else None."""
-    for name in (SAFETENSORS_NAME, PYTORCH_NAME):
+    """`model.safetensors` (or its sharded index) if present, else `pytorch_model.bin` (or its
+    index), else None."""
+    for name in (SAFETENSORS_NAME, SAFETENSORS_NAME + INDEX_SUFFIX, PYTORCH_NAME, PYTORCH_NAME + INDEX_SUFFIX):
         if (model_dir / name).is_file():
             return model_dir / name
     return None
 
 
 def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """Tensors of a `.safetensors` or torch `.bin` file as numpy; fp16/bf16 become float32."""
+    """Tensors of a `.safetensors` or torch `.bin` file, or of the shards an `.index.json` names,
+    as numpy; fp16/bf16 become float32."""
+    if path.name.endswith(INDEX_SUFFIX):
+        return _read_sharded(path)
     if path.suffix == ".safetensors":
         tensors = _read_safetensors(path)
     else:
         tensors = _read_torch(path)
     return {name: _to_float32(array) for name, array in tensors.items()}
+
+
+def _read_sharded(index_path: Path) -> dict[str, np.ndarray]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to shard file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"{index_path}: not a readable checkpoint index: {_first_line(err)}") from None
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if Path(shard).name != shard or not shard_path.is_file():
+            raise InputError(f"{index_path}: shard {shard!r} is missing from {index_path.parent}")
+        tensors.update(read_state_dict(shard_path))
+    # A shard that lacks a tensor its index promises is a broken download, not a smaller model.
+    lacking = sorted(name for name in weight_map if name not in tensors)
+    if lacking:
+        raise InputError(f"{index_path}: {weight_map[lacking[0]]} lacks {len(lacking)} tensor(s) the index names, e.g. {lacking[0]}")
+    return tensors
 
 
 def _to_float32(array: np.ndarray) -> np.ndarray:
@@ -315,7 +341,7 @@ def load_pretrained(
     path = find_weights_file(model_dir)
     if path is None:
         raise InputError(
-            f"{model_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME} found; to train from scratch "
+            f"{model_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME} (whole or sharded) found; to train from scratch "
             "on purpose, set model.from_scratch=True"
         )
     return params_from_state_dict(read_state_dict(path), config, rng, source=str(path))

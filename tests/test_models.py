@@ -173,6 +173,42 @@ def test_safetensors_preferred_over_bin(tmp_path: Path) -> None:
     assert find_weights_file(tmp_path) == tmp_path / "model.safetensors"
 
 
+@pytest.mark.parametrize("shard_format", ["safetensors", "bin"])
+def test_sharded_checkpoint_loads(tmp_path: Path, classifier, shard_format: str) -> None:
+    model, config, params = classifier
+    if shard_format == "safetensors":
+        model.save_pretrained(tmp_path, max_shard_size="20KB")
+        index = tmp_path / "model.safetensors.index.json"
+    else:  # transformers v5 writes safetensors only: shard a state dict the old way by hand
+        state, weight_map = model.state_dict(), {}
+        names = list(state)
+        for i in range(0, len(names), 10):
+            shard = f"pytorch_model-{i // 10 + 1:05d}.bin"
+            torch.save({n: state[n] for n in names[i : i + 10]}, tmp_path / shard)
+            weight_map.update(dict.fromkeys(names[i : i + 10], shard))
+        index = tmp_path / "pytorch_model.bin.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert len(shards) > 1 and find_weights_file(tmp_path) == index
+    loaded, report = load_pretrained(tmp_path, config, KEY)
+    assert report.initialized == () and report.unused == () and report.source == str(index)
+    inputs = batch()
+    np.testing.assert_array_equal(our_logits(loaded, config, inputs), our_logits(params, config, inputs))
+
+    first = sorted(shards)[0]
+    promised = json.loads(index.read_text())
+    promised["weight_map"]["bert.pooler.extra.weight"] = first
+    index.write_text(json.dumps(promised))
+    with pytest.raises(InputError, match="lacks 1 tensor.*bert.pooler.extra.weight"):
+        load_pretrained(tmp_path, config, KEY)
+    (tmp_path / first).unlink()
+    with pytest.raises(InputError, match=f"shard '{first}' is missing"):
+        load_pretrained(tmp_path, config, KEY)
+    index.write_text("{not json")
+    with pytest.raises(InputError, match="not a readable checkpoint index"):
+        load_pretrained(tmp_path, config, KEY)
+
+
 def test_legacy_gamma_beta_names(tmp_path: Path, classifier) -> None:
     model, config, params = classifier
     renames = (("LayerNorm.weight", "LayerNorm.gamma"), ("LayerNorm.bias", "LayerNorm.beta"))
