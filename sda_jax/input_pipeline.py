@@ -372,7 +372,7 @@ def fit_bucket_lengths(lengths: np.ndarray, num_buckets: int, max_len: int) -> t
 
     Each batch of the bucket sampler comes from a length-sorted chunk, so its rows are nearly of
     one length, and padding every example to its bucket stands in well for padding every batch.
-    Exact dynamic programme over the lengths 0..max_len: O(num_buckets * max_len^2), ~1 ms at 512.
+    Exact dynamic programme over the lengths 0..max_len: O(num_buckets * max_len^2), ~15 ms at 512.
     """
     counts = np.bincount(np.minimum(np.asarray(lengths, dtype=np.int64), max_len), minlength=max_len + 1)
     at_most = np.cumsum(counts)  # at_most[n]: examples of at most n tokens
