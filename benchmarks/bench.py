@@ -49,8 +49,8 @@ from sda_jax.train import StepConfig, place_state_and_step
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 MODELS = {
-    "quick": dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128),
-    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "quick": {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 2, "intermediate_size": 128},
+    "small": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024},
     "base": {},
 }
 
@@ -199,7 +199,7 @@ class TorchForm:
         if self.form != "seed":
             return batches
         # The notebook's Collator pads each batch to its own longest row.
-        trim = lambda b: {k: (v[:, : int(b["attention_mask"].sum(1).max())] if v.ndim == 2 else v) for k, v in b.items()}  # noqa: E731
+        trim = lambda b: {k: (v[:, : int(b["attention_mask"].sum(1).max())] if v.ndim == 2 else v) for k, v in b.items()}
         return [trim(b) for b in batches]
 
     def time(self, batches) -> float:

@@ -11,7 +11,8 @@ point, and those gradients are added to the clean ones before the optimizer upda
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -8,8 +8,8 @@ how long compiling took, and never lets a stray shape recompile silently.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 
 class BucketedJit:

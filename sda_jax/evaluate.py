@@ -10,7 +10,8 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -113,7 +113,7 @@ class MetricsWriter:
             self._events.close()
             self._events = None
 
-    def __enter__(self) -> MetricsWriter:
+    def __enter__(self) -> MetricsWriter:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -76,7 +76,7 @@ class BertConfig:
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004 (see above)
             if value < (0 if name == "pad_token_id" else 1):
                 raise ValueError(f"{name} must be positive, got {value}")
         for name in (*_FLOAT_FIELDS, "classifier_dropout"):
@@ -84,8 +84,8 @@ class BertConfig:
             if value is None and name == "classifier_dropout":
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if name.endswith("dropout") or name.endswith("_prob"):
+                raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004 (see above)
+            if name.endswith(("dropout", "_prob")):
                 if not 0.0 <= value < 1.0:
                     raise ValueError(f"{name} must be in [0, 1), got {value}")
             elif value <= 0:

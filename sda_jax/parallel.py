@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np

@@ -29,7 +29,7 @@ class PreemptionGuard:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)  # the next signal acts as usual
 
-    def __enter__(self) -> PreemptionGuard:
+    def __enter__(self) -> PreemptionGuard:  # noqa: PYI034 (typing.Self needs Python 3.11)
         for sig in EXIT_CODES:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

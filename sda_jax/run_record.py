@@ -14,7 +14,8 @@ import dataclasses
 import json
 import pathlib
 import shutil
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import transformers
 

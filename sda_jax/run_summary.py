@@ -25,8 +25,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         ),
         (
             "train step compilations",
-            f"{summary['train_step_compilations']} for {summary['num_buckets']} bucket lengths"
-            f" ({summary['train_step_compile_seconds']:.1f} s)",
+            (
+                f"{summary['train_step_compilations']} for {summary['num_buckets']} bucket lengths"
+                f" ({summary['train_step_compile_seconds']:.1f} s)"
+            ),
         ),
         ("predictions", f"{summary['predictions']} ({summary['test_rows']} rows)"),
     ]

@@ -32,13 +32,23 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from sda_jax import adversarial, distill, evaluate, input_pipeline, mixed_precision, optim, parallel, run_summary, splits
+from sda_jax import (
+    adversarial,
+    distill,
+    evaluate,
+    input_pipeline,
+    mixed_precision,
+    optim,
+    parallel,
+    run_summary,
+    splits,
+)
 from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
 from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
 from sda_jax.errors import InputError
+from sda_jax.metrics_writer import MetricsWriter, plot_training_curves
 from sda_jax.model_loading import load_model
 from sda_jax.preemption import Preempted, PreemptionGuard
-from sda_jax.metrics_writer import MetricsWriter, plot_training_curves
 from sda_jax.run_record import prepare_workdir, truncate_metrics, write_run_record
 from sda_jax.settings import Settings
 
@@ -172,7 +182,7 @@ def train_step(
         # An overflowed fp16 step changes nothing but the scale, as torch's GradScaler.step does;
         # the learning-rate schedule still moves on, since it follows the train step.
         finite = mixed_precision.all_finite(grads)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state, slow_params = keep((params, opt_state, slow_params), (state.params, state.opt_state, state.slow_params))
         loss_scale = loss_scale.adjust(finite)
         skipped_steps = skipped_steps + (~finite).astype(jnp.int32)

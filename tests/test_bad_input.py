@@ -32,7 +32,7 @@ def _run(tmp_path, files, *extra):
         f"--config.data.train_file={files['train']}", f"--config.data.dev_file={files['dev']}",
         f"--config.data.test_file={files['test']}", *extra,
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, check=False, text=True, timeout=180)
     return result, workdir
 
 
@@ -108,7 +108,7 @@ def test_unwritable_workdir(tmp_path, files):
         f"--config.data.train_file={files['train']}", f"--config.data.dev_file={files['dev']}",
         f"--config.data.test_file={files['test']}",
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, check=False, text=True, timeout=180)
     assert result.returncode == 2
     assert str(blocker / "sub") in result.stderr.strip().splitlines()[-1]
 

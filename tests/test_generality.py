@@ -39,7 +39,7 @@ def test_single_sentence_three_class_set_trains_and_predicts(tmp_path):
         "--config.model.num_hidden_layers=1", "--config.model.hidden_size=32", "--config.model.num_attention_heads=2",
         "--config.model.intermediate_size=64",
     ]  # fmt: skip
-    result = subprocess.run(args, cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(args, cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, check=False, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = [json.loads(line) for line in (workdir / "sentiment_predict.json").read_text(encoding="utf-8").splitlines()]
     assert [p["id"] for p in predictions] == [f"t{i}" for i in range(25)]

@@ -310,7 +310,7 @@ AWKWARD_TEXTS = [
     "[SEP]里面[UNK]",
     "tab\there\r\nnewline",
     "控制\x07字符\x00",
-    "全角＋＝～￣，。！",  # noqa: RUF001 (full-width punctuation on purpose)
+    "全角＋＝～￣，。！",
     "\u3000全角空格",
     "龘𠀀𪚥",
     "ABC大写abc",

@@ -38,14 +38,14 @@ from sda_jax.models import (
     init_params,
 )
 
-TINY = dict(
-    vocab_size=100,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=40,
-)
+TINY = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "max_position_embeddings": 40,
+}
 BATCH, LENGTH = 6, 16
 KEY = jax.random.key(0)
 
@@ -136,7 +136,7 @@ def test_last_layer_runs_on_the_cls_row_alone(classifier) -> None:
         {"params": params}, *batch(), capture_intermediates=lambda mdl, _: mdl.name == "intermediate"
     )
     encoder = captured["intermediates"]["bert"]["encoder"]
-    shape = lambda i: encoder[f"layer_{i}"]["intermediate"]["__call__"][0].shape  # noqa: E731
+    shape = lambda i: encoder[f"layer_{i}"]["intermediate"]["__call__"][0].shape
     last = config.num_hidden_layers - 1
     assert [shape(i) for i in range(last)] == [(BATCH, LENGTH, config.intermediate_size)] * last
     assert shape(last) == (BATCH, 1, config.intermediate_size)
@@ -195,7 +195,7 @@ def test_sharded_checkpoint_loads(tmp_path: Path, classifier, shard_format: str)
     inputs = batch()
     np.testing.assert_array_equal(our_logits(loaded, config, inputs), our_logits(params, config, inputs))
 
-    first = sorted(shards)[0]
+    first = min(shards)
     promised = json.loads(index.read_text())
     promised["weight_map"]["bert.pooler.extra.weight"] = first
     index.write_text(json.dumps(promised))

@@ -34,7 +34,7 @@ def _launch(workdir, *launch_args, env_extra=None):
 
 def test_two_processes_match_one(tmp_path):
     single = _launch(tmp_path / "one")
-    out, err = single.communicate(timeout=600)
+    _out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err[-3000:]
 
     port = _free_port()

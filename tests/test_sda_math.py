@@ -23,8 +23,8 @@ def test_ema_update_matches_reference_formula():
     decay = 2 / 11
     out = distill.ema_update(student, teacher, decay)
     # The reference: s_param.sub_((1 - decay) * (s_param - param)).
-    for name in teacher:
-        expected = np.asarray(teacher[name]) - (1 - decay) * (np.asarray(teacher[name]) - np.asarray(student[name]))
+    for name, s_param in teacher.items():
+        expected = np.asarray(s_param) - (1 - decay) * (np.asarray(s_param) - np.asarray(student[name]))
         np.testing.assert_allclose(out[name], expected, rtol=1e-6)
 
 
@@ -59,10 +59,10 @@ def test_kd_term_has_no_gradient_through_teacher():
 
 
 def _settings(**overrides):
-    values = dict(
-        learning_rate=1e-3, warmup_ratio=0.1, weight_decay=0.01, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-        adam_bias_correction=False, lookahead_k=0, lookahead_alpha=1.0, max_grad_norm=0.0,
-    )  # fmt: skip
+    values = {
+        "learning_rate": 1e-3, "warmup_ratio": 0.1, "weight_decay": 0.01, "adam_b1": 0.9, "adam_b2": 0.999, "adam_eps": 1e-8,
+        "adam_bias_correction": False, "lookahead_k": 0, "lookahead_alpha": 1.0, "max_grad_norm": 0.0,
+    }  # fmt: skip
     values.update(overrides)
     return OptimSettings(**values)
 

@@ -27,7 +27,7 @@ def run_train(workdir, *overrides, devices=1):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     return subprocess.run(
         [sys.executable, "-m", "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", *TINY, *overrides],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO_ROOT, env=env, capture_output=True, check=False, text=True, timeout=900,
     )  # fmt: skip
 
 
