@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from configs import default as default_config
-from sda_jax import input_pipeline, mixed_precision, optim, parallel
+from sda_jax import input_pipeline, mixed_precision, optim, parallel, splits
 from sda_jax.models import BertConfig, BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
 from sda_jax.train import StepConfig, place_state_and_step
@@ -65,7 +65,7 @@ def pipeline_seconds(settings: Settings) -> dict[str, float]:
         itertools.islice(
             input_pipeline.train_batches(
                 encoded, batch_size=64, bucket_multiplier=settings.data.bucket_multiplier,
-                bucket_lengths=bucket_lengths(settings, encoded), seed=settings.seed,
+                bucket_lengths=splits.bucket_lengths(settings.data, encoded), seed=settings.seed,
             ),
             input_pipeline.steps_per_epoch(len(encoded), 64),
         )
@@ -78,19 +78,12 @@ def make_batches(settings: Settings, batch_size: int, count: int) -> tuple[list[
     tokenizer = input_pipeline.load_tokenizer(settings.model.dir)
     examples = input_pipeline.read_clue_file(settings.data.train_file, settings.data.label_names, require_labels=True)
     encoded = input_pipeline.encode(examples, tokenizer, settings.data.max_seq_len)
-    lengths = bucket_lengths(settings, encoded)
+    lengths = splits.bucket_lengths(settings.data, encoded)
     stream = input_pipeline.train_batches(
         encoded, batch_size=batch_size, bucket_multiplier=settings.data.bucket_multiplier,
         bucket_lengths=lengths, seed=settings.seed,
     )  # fmt: skip
     return list(itertools.islice(stream, count)), lengths
-
-
-def bucket_lengths(settings: Settings, encoded: input_pipeline.Encoded) -> tuple[int, ...]:
-    """The config's bucket lengths, or those fitted to the train set, as sda_jax.train picks them."""
-    return settings.data.bucket_lengths or input_pipeline.fit_bucket_lengths(
-        encoded.lengths, settings.data.num_buckets, settings.data.max_seq_len
-    )
 
 
 def warmup_batches(pool, timed) -> list[dict[str, np.ndarray]]:

@@ -55,3 +55,11 @@ def load_splits(data: DataSettings, model_dir: pathlib.Path) -> Splits:
         test=read(data.test_file, test_split, False),
         tokenizer=tokenizer,
     )
+
+
+def bucket_lengths(data: DataSettings, train: Encoded) -> tuple[int, ...]:
+    """The configured bucket lengths, or `data.num_buckets` lengths fitted to the train set.
+
+    Every process reads the whole train set, so all of them fit the same lengths.
+    """
+    return data.bucket_lengths or input_pipeline.fit_bucket_lengths(train.lengths, data.num_buckets, data.max_seq_len)

@@ -252,10 +252,7 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
     init_rng, dropout_rng = jax.random.split(jax.random.key(settings.seed))
     dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
     model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
-    # Every process reads the whole train set, so all of them fit the same lengths.
-    bucket_lengths = settings.data.bucket_lengths or input_pipeline.fit_bucket_lengths(
-        data.train.lengths, settings.data.num_buckets, settings.data.max_seq_len
-    )
+    bucket_lengths = splits.bucket_lengths(settings.data, data.train)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(settings.train.batch_size, mesh)
     is_main = jax.process_index() == 0
