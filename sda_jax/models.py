@@ -22,11 +22,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sda_jax.errors import InputError
 
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """torch's exact GELU, x/2 * (1 + erf(x/sqrt(2))).
+
+    `jax.nn.gelu(approximate=False)` uses erfc, which XLA computes piecewise with an exp; erf is
+    one rational polynomial (the small model's CPU train step: 3% faster), and is the form torch
+    itself evaluates.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu": exact_gelu,  # HF "gelu" is the exact erf form
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
@@ -189,16 +201,57 @@ def _dense(config: BertConfig, features: int, dtype: Any, name: str) -> nn.Dense
     )
 
 
-def _layer_norm(config: BertConfig, dtype: Any) -> nn.LayerNorm:
-    # Flax computes the statistics in at least float32; the two-pass variance matches torch
-    # more closely than E[x^2] - E[x]^2.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        name="LayerNorm",
-    )
+class LayerNorm(nn.Module):
+    """torch's LayerNorm, (x - mean) * rsqrt(var + eps) * scale + bias, statistics in float32.
+
+    Params `scale`/`bias` as in `nn.LayerNorm`. Flax folds the scale into the normaliser,
+    (x - mean) * (rsqrt(var + eps) * scale), a [batch, length, hidden] product that its backward
+    pass keeps; scaling the normalised rows afterwards does not need it (the small model's CPU
+    train step: 2.5% faster) and lands closer to torch's updates in the parity tests. The variance
+    is two-pass, mean((x - mean)^2), as in torch.
+    """
+
+    epsilon: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        x = x.astype(jnp.float32)
+        centered = x - jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        normalised = centered * jax.lax.rsqrt(variance + self.epsilon)
+        return (normalised * scale + bias).astype(self.dtype)
+
+
+def _layer_norm(config: BertConfig, dtype: Any) -> LayerNorm:
+    return LayerNorm(config.layer_norm_eps, dtype, name="LayerNorm")
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (`torch.nn.Dropout`'s maths) on half the random bits of `nn.Dropout`.
+
+    `nn.Dropout` draws a 32-bit uniform per element: about 6% of the small model's CPU train
+    step, where this one costs about 3.5%. Each 32-bit draw here gives two 16-bit uniforms, and an
+    element is kept when its uniform is at least round(rate * 65536): a keep probability within
+    1e-5 of 1 - rate (0.899994 for rate 0.1); kept elements are scaled by 1 / (1 - rate) as in
+    torch. The draws are split along the last axis only, so a batch sharded over its first axis
+    draws its mask where it lives, and the mask never depends on the device count.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        *leading, last = x.shape
+        bits = jax.random.bits(self.make_rng("dropout"), (*leading, -(-last // 2)), jnp.uint32)
+        halves = jnp.stack([bits >> 16, bits & 0xFFFF], axis=-1).reshape(*leading, -1)[..., :last]
+        keep = halves >= np.uint32(round(self.rate * 65536))
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
 class BertEmbeddings(nn.Module):
@@ -224,7 +277,7 @@ class BertEmbeddings(nn.Module):
         x = x + embed(cfg.type_vocab_size, "token_type_embeddings", normal)(token_type_ids)
         x = x + embed(cfg.max_position_embeddings, "position_embeddings", normal)(positions)
         x = _layer_norm(cfg, self.dtype)(x)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -250,7 +303,7 @@ class BertSelfAttention(nn.Module):
         # row with every key masked (an all-padding example) gets a uniform softmax, not NaN.
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
         return context.reshape(*q.shape[:2], cfg.hidden_size)
 
@@ -265,7 +318,7 @@ class BertResidualOutput(nn.Module):
     def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, self.dtype, "dense")(x)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return _layer_norm(cfg, self.dtype)(x + residual)
 
 
@@ -407,7 +460,7 @@ class BertForSequenceClassification(nn.Module):
             input_ids, token_type_ids, attention_mask, deterministic=deterministic
         )
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        pooled = Dropout(rate)(pooled, deterministic=deterministic)
         logits = _dense(cfg, cfg.num_labels, self.dtype, "classifier")(pooled)
         return logits.astype(jnp.float32)
 

@@ -34,6 +34,9 @@ from sda_jax.models import (
     BertForSequenceClassification,
     BertModel,
     BertSelfAttention,
+    Dropout,
+    LayerNorm,
+    exact_gelu,
     flops_per_token,
     init_params,
 )
@@ -415,6 +418,53 @@ def test_dropout_needs_rng_only_when_not_deterministic(classifier) -> None:
     eval_out = attention.apply(variables, x, key_mask, deterministic=True)
     train_out = attention.apply(variables, x, key_mask, deterministic=False, rngs=rngs)
     assert not np.allclose(train_out, eval_out), "attention-probs dropout is missing"
+
+
+def test_dropout_keeps_one_minus_rate_and_scales_like_torch() -> None:
+    rate = 0.1
+    x = jnp.ones((64, 30, 257))  # odd last axis: the 16-bit halves of the last 32-bit draw are cut
+    out = np.asarray(Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(7)}))
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 1.0 / (1.0 - rate), rtol=1e-7)
+    # 493,440 draws: the kept fraction's standard deviation is 4e-4.
+    assert abs(kept.mean() - (1.0 - rate)) < 2e-3, kept.mean()
+    # The two halves of one 32-bit draw are independent: neighbours both kept as often as chance says.
+    pairs = kept[..., 0:256:2] & kept[..., 1:256:2]
+    assert abs(pairs.mean() - (1.0 - rate) ** 2) < 3e-3, pairs.mean()
+    # Every position of the row is dropped at the rate (no column always kept, as a bad split would).
+    assert abs(kept.mean(axis=(0, 1)) - (1.0 - rate)).max() < 0.03
+    other = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(8)})
+    assert not np.array_equal(out, np.asarray(other))
+    np.testing.assert_array_equal(Dropout(rate).apply({}, x, deterministic=True), x)
+
+
+def test_dropout_rows_get_their_own_draws_and_jit_changes_nothing() -> None:
+    x = jnp.ones((2, 8, 16))
+    rngs = {"dropout": jax.random.key(1)}
+    both = np.asarray(Dropout(0.5).apply({}, x, deterministic=False, rngs=rngs))
+    assert not np.array_equal(both[0], both[1])
+    again = jax.jit(lambda x: Dropout(0.5).apply({}, x, deterministic=False, rngs=rngs))(x)
+    np.testing.assert_array_equal(both, np.asarray(again))
+
+
+def test_layer_norm_and_gelu_match_torch() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 5.0, (4, 7, 33)).astype(np.float32)
+    scale, bias = rng.normal(1.0, 0.3, 33).astype(np.float32), rng.normal(0.0, 0.3, 33).astype(np.float32)
+    ours = LayerNorm(1e-12).apply({"params": {"scale": scale, "bias": bias}}, x)
+    theirs = torch.nn.functional.layer_norm(
+        torch.from_numpy(x), (33,), torch.from_numpy(scale), torch.from_numpy(bias), 1e-12
+    )
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-6, rtol=1e-6)
+    half = LayerNorm(1e-12, jnp.bfloat16).apply({"params": {"scale": scale, "bias": bias}}, x)
+    assert half.dtype == jnp.bfloat16
+
+    grid = np.linspace(-10, 10, 20001, dtype=np.float32)
+    theirs = torch.nn.functional.gelu(torch.from_numpy(grid)).numpy()
+    np.testing.assert_allclose(exact_gelu(grid), theirs, atol=2e-6)
+    grid_t = torch.from_numpy(grid).requires_grad_()
+    torch.nn.functional.gelu(grid_t).sum().backward()
+    np.testing.assert_allclose(jax.vmap(jax.grad(exact_gelu))(grid), grid_t.grad.numpy(), atol=1e-6)
 
 
 def test_config_from_json_errors(tmp_path: Path, bert_base_chinese_dir: Path) -> None:
