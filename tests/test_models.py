@@ -21,6 +21,7 @@ import safetensors.torch
 import torch
 import transformers
 
+from sda_jax.dropout import Dropout, threefry_bits
 from sda_jax.errors import InputError
 from sda_jax.hf_checkpoint import (
     find_weights_file,
@@ -34,7 +35,6 @@ from sda_jax.models import (
     BertForSequenceClassification,
     BertModel,
     BertSelfAttention,
-    Dropout,
     LayerNorm,
     exact_gelu,
     flops_per_token,
@@ -400,8 +400,7 @@ def test_dropout_needs_rng_only_when_not_deterministic(classifier) -> None:
     plain = our_logits(params, config, inputs)  # deterministic by default: no rngs given
 
     def train(seed: int) -> np.ndarray:
-        # "rbg" keys because threefry compiles very slowly on CPU; the impl is not under test.
-        rngs = {"dropout": jax.random.key(seed, impl="rbg")}
+        rngs = {"dropout": jax.random.key(seed)}
         apply = _apply(config)
         return np.asarray(apply({"params": params}, *inputs, deterministic=False, rngs=rngs))
 
@@ -414,7 +413,7 @@ def test_dropout_needs_rng_only_when_not_deterministic(classifier) -> None:
     variables = {"params": params["bert"]["encoder"]["layer_0"]["attention"]["self"]}
     x = jax.random.normal(KEY, (2, LENGTH, config.hidden_size))
     key_mask = jnp.ones((2, LENGTH), bool)
-    rngs = {"dropout": jax.random.key(3, impl="rbg")}
+    rngs = {"dropout": jax.random.key(3)}
     eval_out = attention.apply(variables, x, key_mask, deterministic=True)
     train_out = attention.apply(variables, x, key_mask, deterministic=False, rngs=rngs)
     assert not np.allclose(train_out, eval_out), "attention-probs dropout is missing"
@@ -436,6 +435,17 @@ def test_dropout_keeps_one_minus_rate_and_scales_like_torch() -> None:
     other = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(8)})
     assert not np.array_equal(out, np.asarray(other))
     np.testing.assert_array_equal(Dropout(rate).apply({}, x, deterministic=True), x)
+    # Keys of another generator draw that generator's bits.
+    rbg = np.asarray(Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(7, impl="rbg")}))
+    assert abs((rbg != 0).mean() - (1.0 - rate)) < 2e-3 and not np.array_equal(rbg, out)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 5), (64, 4, 30, 15)])
+def test_threefry_bits_are_jax_random_bits(shape) -> None:
+    key = jax.random.key(12345)
+    want = np.asarray(jax.random.bits(key, shape, jnp.uint32))
+    np.testing.assert_array_equal(np.asarray(threefry_bits(key, shape)), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(threefry_bits, static_argnums=1)(key, shape)), want)
 
 
 def test_dropout_rows_get_their_own_draws_and_jit_changes_nothing() -> None:
