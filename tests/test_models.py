@@ -36,7 +36,6 @@ from sda_jax.models import (
     BertModel,
     BertSelfAttention,
     LayerNorm,
-    exact_gelu,
     flops_per_token,
     init_params,
 )
@@ -457,7 +456,7 @@ def test_dropout_rows_get_their_own_draws_and_jit_changes_nothing() -> None:
     np.testing.assert_array_equal(both, np.asarray(again))
 
 
-def test_layer_norm_and_gelu_match_torch() -> None:
+def test_layer_norm_matches_torch() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 5.0, (4, 7, 33)).astype(np.float32)
     scale, bias = rng.normal(1.0, 0.3, 33).astype(np.float32), rng.normal(0.0, 0.3, 33).astype(np.float32)
@@ -468,13 +467,6 @@ def test_layer_norm_and_gelu_match_torch() -> None:
     np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-6, rtol=1e-6)
     half = LayerNorm(1e-12, jnp.bfloat16).apply({"params": {"scale": scale, "bias": bias}}, x)
     assert half.dtype == jnp.bfloat16
-
-    grid = np.linspace(-10, 10, 20001, dtype=np.float32)
-    theirs = torch.nn.functional.gelu(torch.from_numpy(grid)).numpy()
-    np.testing.assert_allclose(exact_gelu(grid), theirs, atol=2e-6)
-    grid_t = torch.from_numpy(grid).requires_grad_()
-    torch.nn.functional.gelu(grid_t).sum().backward()
-    np.testing.assert_allclose(jax.vmap(jax.grad(exact_gelu))(grid), grid_t.grad.numpy(), atol=1e-6)
 
 
 def test_config_from_json_errors(tmp_path: Path, bert_base_chinese_dir: Path) -> None:
