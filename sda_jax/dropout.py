@@ -26,6 +26,11 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = np.uint32(0x1BD11BDA)
 
 
+def _partitionable_threefry() -> bool:
+    # A JAX that has dropped the flag has made partitionable draws the only kind.
+    return bool(getattr(jax.config, "jax_threefry_partitionable", True))
+
+
 def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
     return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
 
@@ -37,7 +42,7 @@ def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     element at flat index i hashes the 64-bit counter i, and the two output words are xor-ed. The
     counter is built from per-axis iotas, as JAX builds it, so a sharded draw stays local.
     """
-    if not jax.config.jax_threefry_partitionable:
+    if not _partitionable_threefry():
         raise ValueError("threefry_bits reproduces jax_threefry_partitionable=True draws only")
     size = math.prod(shape)
     if size >= 2**32:
@@ -63,7 +68,7 @@ def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 
 def _uint32_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
-    if str(jax.random.key_impl(key)) == "threefry2x32" and jax.config.jax_threefry_partitionable:
+    if str(jax.random.key_impl(key)) == "threefry2x32" and _partitionable_threefry():
         return threefry_bits(key, shape)
     return jax.random.bits(key, shape, jnp.uint32)  # another generator's own bits: just as random
 
