@@ -173,13 +173,17 @@ class TorchForm:
             eval_ema_decay=settings.sda.eval_ema_decay, eval_ema_start_step=1, precision=self.precision,
             ema_impl="loop" if form == "seed" else "foreach", compile=form == "compile",
         )  # fmt: skip
+        self.cuda = torch.cuda if self.on_gpu else None
+        # All forms stay alive side by side, so torch's global peak would count the other forms'
+        # models too: each form counts its own resident memory plus what its steps add on top.
+        allocated_before = self.cuda.memory_allocated() if self.cuda else 0
+        if self.cuda:
+            self.cuda.reset_peak_memory_stats()
         torch.manual_seed(0)
         hf_config = transformers.BertConfig(**config.to_hf_dict(settings.data.label_names), attn_implementation="sdpa")
         model = transformers.BertForSequenceClassification(hf_config).to(device)
         self.trainer = SdaTrainer(model, total_steps=10_000, config=recipe)
-        self.sync = torch.cuda.synchronize if self.on_gpu else (lambda: None)
-        if self.on_gpu:
-            torch.cuda.reset_peak_memory_stats()
+        self.sync = self.cuda.synchronize if self.cuda else (lambda: None)
         self.graphs_before = _dynamo_graphs()
         self.seconds, self.steps = 0.0, 0
         start = time.perf_counter()
@@ -187,6 +191,9 @@ class TorchForm:
             self.trainer.step(batch)
         self.sync()
         self.warmup_seconds, self.warmup_steps = time.perf_counter() - start, len(warmup)
+        if self.cuda:
+            self.resident_bytes = self.cuda.memory_allocated() - allocated_before
+            self.peak_bytes = self.cuda.max_memory_allocated() - allocated_before
 
     def _inputs(self, batches):
         if self.form != "seed":
@@ -197,21 +204,25 @@ class TorchForm:
 
     def time(self, batches) -> float:
         batches = self._inputs(batches)
+        if self.cuda:
+            self.cuda.reset_peak_memory_stats()
+            allocated_before = self.cuda.memory_allocated()
         start = time.perf_counter()
         for batch in batches:
             self.metrics = self.trainer.step(batch)
         self.sync()
         seconds = time.perf_counter() - start
+        if self.cuda:
+            added = self.cuda.max_memory_allocated() - allocated_before
+            self.peak_bytes = max(self.peak_bytes, self.resident_bytes + added)
         self.seconds, self.steps = self.seconds + seconds, self.steps + len(batches)
         return seconds
 
     def result(self) -> dict:
-        import torch
-
         compiled = self.form == "compile"
         steady = self.seconds / self.steps
         return {
-            "peak_bytes": torch.cuda.max_memory_allocated() if self.on_gpu else None,
+            "peak_bytes": self.peak_bytes if self.cuda else None,
             "compilations": _dynamo_graphs() - self.graphs_before if compiled else 0,
             # torch.compile compiles inside the first calls: their time beyond a steady step.
             "compile_seconds": max(0.0, self.warmup_seconds - self.warmup_steps * steady) if compiled else 0.0,
