@@ -447,6 +447,15 @@ def test_threefry_bits_are_jax_random_bits(shape) -> None:
     np.testing.assert_array_equal(np.asarray(jax.jit(threefry_bits, static_argnums=1)(key, shape)), want)
 
 
+def test_threefry_bits_refuses_the_old_draws_and_dropout_then_uses_jax_random_bits() -> None:
+    key = jax.random.key(5)
+    with jax.threefry_partitionable(False):
+        with pytest.raises(ValueError, match="jax_threefry_partitionable=True draws only"):
+            threefry_bits(key, (4, 4))
+        out = Dropout(0.5).apply({}, jnp.ones((64, 64)), deterministic=False, rngs={"dropout": key})
+    assert abs((np.asarray(out) != 0).mean() - 0.5) < 0.03
+
+
 def test_dropout_rows_get_their_own_draws_and_jit_changes_nothing() -> None:
     x = jnp.ones((2, 8, 16))
     rngs = {"dropout": jax.random.key(1)}
