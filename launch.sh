@@ -8,7 +8,8 @@
 # host, which writes logs, predictions and exports; checkpoints are written by all together). The
 # three values can also come from SDA_COORDINATOR_ADDRESS / SDA_NUM_PROCESSES / SDA_PROCESS_ID.
 # Under SLURM (srun ./launch.sh CONFIG ...) nothing is needed: JAX reads SLURM_* itself.
-# Every process must see the same data files and workdir (a shared filesystem).
+# Every process must see the same data files and workdir (a shared filesystem). PYTHON=/path/to/python
+# picks the interpreter (default: python on PATH).
 set -euo pipefail
 usage() {
   echo "usage: $0 [--coordinator HOST:PORT --num-processes N --process-id I] CONFIG_FILE [train flags...]" >&2
@@ -26,12 +27,9 @@ done
 [[ $# -ge 1 ]] || usage
 config=$1
 shift
-if [[ ! -f $config ]]; then
-  echo "error: $config: no such config file" >&2
-  exit 2
-fi
 if [[ -n ${SDA_COORDINATOR_ADDRESS:-} && ( -z ${SDA_NUM_PROCESSES:-} || -z ${SDA_PROCESS_ID:-} ) ]]; then
   echo "error: a coordinator needs --num-processes and --process-id (or SDA_NUM_PROCESSES/SDA_PROCESS_ID)" >&2
   exit 2
 fi
-exec python -m sda_jax.train --config "$config" "$@"
+# The interpreter: $PYTHON if set (e.g. a virtualenv's, not activated), else the first python on PATH.
+exec "${PYTHON:-python}" -m sda_jax.train --config "$config" "$@"

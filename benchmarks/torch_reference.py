@@ -268,7 +268,8 @@ def _cli() -> None:
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from configs import default
-    from sda_jax import input_pipeline
+    from sda_jax import input_pipeline, splits, tokenization
+    from sda_jax.settings import Settings
 
     defaults = default.get_config()
     parser = argparse.ArgumentParser(description="Time the PyTorch SDA reference on AFQMC batches.")
@@ -298,14 +299,14 @@ def _cli() -> None:
     model = cls.from_pretrained(model_dir, config=hf_config) if has_weights else cls(hf_config)
     model.to(args.device)
 
-    tokenizer = input_pipeline.load_tokenizer(model_dir)
-    examples = input_pipeline.read_clue_file(args.train_file, defaults.data.label_names, require_labels=True)
-    encoded = input_pipeline.encode(examples, tokenizer, defaults.data.max_seq_len)
+    defaults.data.train_file = args.train_file
+    data = Settings.from_config(defaults).data
+    encoded = splits.read_split(data, "train", tokenization.load_tokenizer(model_dir))
     timed = list(
         itertools.islice(
             input_pipeline.train_batches(
-                encoded, batch_size=args.batch_size, bucket_multiplier=defaults.data.bucket_multiplier,
-                bucket_lengths=defaults.data.bucket_lengths, seed=args.seed,
+                encoded, batch_size=args.batch_size, bucket_multiplier=data.bucket_multiplier,
+                bucket_lengths=splits.bucket_lengths(data, encoded), seed=args.seed,
             ),
             args.steps,
         )

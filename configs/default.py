@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.text_b_key = "sentence2"  # JSON field of the second sentence (absent: single-sentence)
     data.label_key = "label"  # JSON field of the label string
     data.id_key = "id"  # JSON field of the test-row id written to the prediction file
-    data.max_seq_len = 64  # tokens per pair after longest-first truncation, [CLS]/[SEP] included
+    data.max_seq_len = 64  # tokens per example after truncation, [CLS]/[SEP] included
+    data.truncation = "longest_first"  # longest_first (both sentences keep tokens) or reference (the seed's tail cut)
     data.bucket_lengths = ()  # padded lengths a batch may have, one compile each; () = fit to train set
     data.num_buckets = 8  # with bucket_lengths=(): this many lengths, chosen to pad the train set least
     data.bucket_multiplier = 200  # bucket sampler chunk = batch_size * this, sorted by length

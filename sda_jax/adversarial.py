@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 WORD_EMBEDDING_PATH = ("bert", "embeddings", "word_embeddings", "embedding")
 
@@ -23,21 +24,14 @@ GradFn = Callable[[Any, int], tuple[Any, Any]]  # (params, attack index) -> (gra
 
 
 def word_embeddings(tree: Any) -> jax.Array:
-    for key in WORD_EMBEDDING_PATH:
-        tree = tree[key]
-    return tree
+    return traverse_util.flatten_dict(tree)[WORD_EMBEDDING_PATH]
 
 
 def with_word_embeddings(tree: Any, value: jax.Array) -> Any:
     """A copy of the params tree whose word-embedding table is `value` (other leaves shared)."""
-
-    def replace(node: Any, depth: int) -> Any:
-        if depth == len(WORD_EMBEDDING_PATH):
-            return value
-        key = WORD_EMBEDDING_PATH[depth]
-        return {**node, key: replace(node[key], depth + 1)}
-
-    return replace(tree, 0)
+    flat = traverse_util.flatten_dict(tree)
+    flat[WORD_EMBEDDING_PATH] = value
+    return traverse_util.unflatten_dict(flat)
 
 
 def _unit(g: jax.Array) -> jax.Array:

@@ -1,10 +1,16 @@
-"""Checkpoints with orbax: the last few full train states (for resume) and the best by dev accuracy.
+"""Checkpoints with orbax, and the one module that knows their layout in a workdir.
+
+    workdir/checkpoints/train/<step>/state      the whole train state (for resume)
+    workdir/checkpoints/train/<step>/position   JSON: step, seed, epoch, batch in epoch
+    workdir/checkpoints/best/<step>/params      {name: params} of the best dev step's parameter sets
+    workdir/checkpoints/best/<step>/metrics     JSON: its dev metrics, step and which sets it holds
 
 Train checkpoints hold the whole `TrainState` (student, teacher, eval EMA, optimizer and
-Lookahead state, loss scale, step); the dropout key and the input position are functions of
-(seed, step), which the JSON metadata records alongside. The best checkpoint holds the three
-parameter sets and the dev metrics that made it best. Orbax writes each step into a temporary
-directory and renames it when complete, so a write cut short by a kill is never picked up.
+Lookahead state, schedule, loss scale, step); the dropout key and the input position are
+functions of (seed, step), which the JSON records alongside. The best checkpoint holds every
+parameter set that is one model (the vote teacher is not: see `averaging`). Orbax writes each
+step into a temporary folder and renames it when complete, so a write cut short by a kill is
+never picked up. Training, export and the tests all read checkpoints through this module.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from sda_jax.errors import InputError
 
 TRAIN_DIR = "checkpoints/train"
 BEST_DIR = "checkpoints/best"
@@ -65,24 +74,22 @@ class BestCheckpoint:
         )
         step = self._manager.latest_step()
         # A resumed run competes with the best its earlier part already saved.
-        self.best_metrics: dict[str, Any] | None = (
-            None if step is None else self._manager.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))["metrics"]
-        )
+        self.best_metrics: dict[str, Any] | None = None if step is None else _read_metrics(self._manager, step)
 
-    def offer(self, step: int, params: dict[str, Any], metrics: dict[str, Any]) -> bool:
-        """Saves `params` (student, teacher, eval_ema) if `metrics["accuracy"]` is a new best."""
+    def offer(self, step: int, param_sets: dict[str, Any], metrics: dict[str, Any]) -> bool:
+        """Saves `param_sets` ({name: params}) if `metrics["accuracy"]` is a new best."""
         if self.best_metrics is not None and metrics["accuracy"] <= self.best_metrics["accuracy"]:
             return False
-        self.best_metrics = {"step": step, **metrics}
+        self.best_metrics = {"step": step, **metrics, "param_sets": sorted(param_sets)}
         self._manager.save(
             step,
-            args=ocp.args.Composite(params=ocp.args.StandardSave(params), metrics=ocp.args.JsonSave(self.best_metrics)),
+            args=ocp.args.Composite(params=ocp.args.StandardSave(param_sets), metrics=ocp.args.JsonSave(self.best_metrics)),
             force=True,
         )
         return True
 
     def restore(self, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Loads the best step's params with the shapes, dtypes and shardings of `like`."""
+        """Loads the best step's parameter sets with the shapes, dtypes and shardings of `like`."""
         self._manager.wait_until_finished()
         restored = self._manager.restore(
             self._manager.latest_step(),
@@ -93,3 +100,66 @@ class BestCheckpoint:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _read_metrics(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return dict(manager.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))["metrics"])
+
+
+def has_best(workdir: pathlib.Path) -> bool:
+    """Whether the workdir holds a complete best checkpoint (a cheap look at folder names only).
+
+    Orbax names a finished step's folder by its number; unfinished writes carry a tmp suffix.
+    """
+    best = workdir / BEST_DIR
+    return best.is_dir() and any(p.is_dir() and p.name.isdigit() for p in best.iterdir())
+
+
+def restore_best_params(workdir: pathlib.Path, name: str, like: Any) -> tuple[Any, dict[str, Any]]:
+    """One parameter set of the best checkpoint as host numpy arrays shaped as `like`, and its metrics.
+
+    Only that set is read from disk, whatever devices the run used. InputError if there is no
+    complete best checkpoint, it lacks the set, or the set does not fit `like`.
+    """
+    folder = (workdir / BEST_DIR).resolve()
+    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise InputError(f"{workdir}: no complete best checkpoint in {BEST_DIR}/")
+        metrics = {"step": step, **_read_metrics(manager, step)}
+    finally:
+        manager.close()
+    if name not in metrics.get("param_sets", (name,)):
+        raise InputError(f"{folder / str(step)}: holds no {name} parameters (it has {', '.join(metrics['param_sets'])})")
+    # The params item was written by StandardSave, a PyTree checkpoint: reading it with the PyTree
+    # handler allows a partial restore, and RestoreArgs(np.ndarray) gives host arrays.
+    request = {name: like}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), request)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(
+                folder / str(step) / "params",
+                args=ocp.args.PyTreeRestore(item=request, restore_args=restore_args, partial_restore=True),
+            )
+    except (ValueError, KeyError, FileNotFoundError) as err:  # e.g. another architecture than the run's
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{folder / str(step)}: cannot restore its {name} parameters: {first}") from None
+    params = restored[name]
+    # A key missing on disk stays a ShapeDtypeStruct under partial_restore.
+    if not all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)) or (
+        jax.tree.map(np.shape, params) != jax.tree.map(np.shape, like)
+    ):
+        raise InputError(f"{folder / str(step)}: its {name} parameters do not fit the run's architecture")
+    return params, metrics
+
+
+def read_train_state(workdir: pathlib.Path, step: int) -> dict[str, Any]:
+    """A train checkpoint as nested dicts of numpy arrays (the state's fields by name), whatever
+    process or device count saved it; needs no train state to restore into."""
+    path = (workdir / TRAIN_DIR / str(step) / "state").resolve()
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = checkpointer.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree))
+    return jax.tree.map(np.asarray, state)

@@ -1,52 +1,115 @@
-"""Evaluation and prediction: the eval step, dev metrics (accuracy, F1) and the CLUE submission file.
+"""Evaluation and prediction: every parameter set of a run scored in one pass, dev metrics, the submission file.
 
-Every example is scored exactly once: evaluation batches come in file order, padded to the bucket
-lengths with zero-weight rows that are dropped again on the host.
+The parameter sets (eval EMA, student, teacher; see `averaging`) are stacked along a leading
+axis once per evaluation (`stack_param_sets`), and `eval_step` runs the model over that axis in
+one program, so an evaluation is one pass over the dev set however many sets it scores; a vote
+teacher contributes its K snapshots, whose mean logits are its logits. Examples are visited by
+length, in the train step's batch shapes, and every example is scored exactly once: batches are
+padded with zero-weight rows that are dropped again on the host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import pathlib
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
+from sda_jax import atomic_write
+from sda_jax.averaging import Average
 from sda_jax.bucketed_jit import BucketedJit
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model: Any) -> dict[str, jax.Array]:
-    """Deterministic forward pass: float32 logits and per-row cross-entropy (0 on padding rows)."""
-    logits = model.apply(
-        {"params": params},
-        batch["input_ids"],
-        batch["token_type_ids"],
-        batch["attention_mask"],
-        deterministic=True,
-    )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]) * batch["weights"]
-    return {"logits": logits, "losses": losses}
+@dataclasses.dataclass(frozen=True)
+class StackedSets:
+    """Named parameter averages as one stack on the device: set i owns `counts[i]` consecutive members."""
+
+    members: Any  # params with a leading axis of sum(counts)
+    names: tuple[str, ...]
+    counts: tuple[int, ...]
+
+
+def stack_members(singles: Sequence[Any], ensembles: Sequence[Any]) -> Any:
+    """Parameter sets concatenated along a new leading axis (jit it: it copies each set once).
+
+    `singles` are one model's params each; `ensembles` are members already stacked [m, ...]
+    (a vote teacher's snapshots). Singles come first.
+    """
+    leading = [jax.tree.map(lambda p: p[None], single) for single in singles] + list(ensembles)
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *leading)
+
+
+def set_parts(sets: Mapping[str, Average]) -> tuple[tuple[str, ...], list[Any], list[Any]]:
+    """(names, singles, ensembles) of `sets` as `stack_members` takes them, names in stack order.
+
+    One model per set goes in as plain params, so the stacking program depends on the parameter
+    shapes and how many sets are ensembles, not on the kind of average: a restored best
+    checkpoint stacks with the same program as the live state.
+    """
+    single_names = tuple(name for name in sorted(sets) if not sets[name].is_ensemble)
+    ensemble_names = tuple(name for name in sorted(sets) if sets[name].is_ensemble)
+    singles = [sets[name].single_params() for name in single_names]
+    ensembles = [sets[name].members() for name in ensemble_names]
+    return single_names + ensemble_names, singles, ensembles
+
+
+def stack_param_sets(stack: Callable[..., Any], sets: Mapping[str, Average]) -> StackedSets:
+    """`sets` stacked by `stack` (a jitted `stack_members`), with each set's member count."""
+    names, singles, ensembles = set_parts(sets)
+    counts = (1,) * len(singles) + tuple(jax.tree.leaves(members)[0].shape[0] for members in ensembles)
+    return StackedSets(members=stack(singles, ensembles), names=names, counts=counts)
+
+
+def eval_step(members: Any, batch: dict[str, jax.Array], *, model: Any) -> jax.Array:
+    """Deterministic forward passes of every member: float32 logits [batch, members, classes].
+
+    Batch-major, so the output shards like the batch. The program depends on the number of
+    members and the batch shape only, not on which sets they belong to.
+    """
+
+    def forward(params):
+        return model.apply(
+            {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True
+        )
+
+    return jnp.moveaxis(jax.vmap(forward)(members), 0, 1)
 
 
 def collect_logits(
-    step: BucketedJit, params: Any, batches: Iterable[tuple[dict[str, np.ndarray], Any]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Runs `step` over (host, device) batch pairs; returns the real rows' logits and losses."""
-    outputs = [(host["weights"] > 0, step(params, device)) for host, device in batches]
-    logits, losses = [], []
+    step: BucketedJit, sets: StackedSets, batches: Iterable[tuple[dict[str, np.ndarray], Any]], order: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Runs `step` over (host, device) batch pairs that visit the examples in `order`.
+
+    Returns {set name: logits [examples, classes]} in file order; a set's logits are the mean of
+    its members' (`Average.combine`).
+    """
+    outputs = [(host["weights"] > 0, step(sets.members, device)) for host, device in batches]
+    rows = []
     for real, out in outputs:  # fetched after all steps were dispatched, so the device never idles
         # Row-sharded outputs are gathered here rather than replicated inside the step: several
         # in-flight programs that each end in an all-gather can deadlock XLA's CPU runtime.
-        out = multihost_utils.process_allgather(out, tiled=True)
-        logits.append(out["logits"][real])
-        losses.append(out["losses"][real])
-    return np.concatenate(logits), np.concatenate(losses)
+        rows.append(multihost_utils.process_allgather(out, tiled=True)[real])
+    member_logits = np.empty_like(np.concatenate(rows))
+    member_logits[order] = np.concatenate(rows)
+    bounds = np.cumsum((0, *sets.counts))
+    return {
+        name: Average.combine(member_logits[:, a:b].swapaxes(0, 1))
+        for name, a, b in zip(sets.names, bounds[:-1], bounds[1:], strict=True)
+    }
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy of float32 logits, computed in float64 on the host."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return -np.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -62,24 +125,17 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, num_clas
     return {"accuracy": accuracy, "f1": float(f1)}
 
 
-def dev_metrics(logits: np.ndarray, losses: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Loss (mean over examples), accuracy and F1 of dev logits against the labels."""
+def dev_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Loss (mean cross-entropy over examples), accuracy and F1 of dev logits against the labels."""
     metrics = classification_metrics(labels, logits.argmax(-1), logits.shape[-1])
-    metrics["loss"] = float(losses.mean())
+    metrics["loss"] = float(cross_entropy(logits, labels).mean())
     return metrics
 
 
 def write_predictions(path: pathlib.Path, ids: Sequence[Any], labels: Sequence[str]) -> None:
     """Writes the CLUE submission (`{"id": ..., "label": ...}` per line) atomically."""
     lines = [json.dumps({"id": id_, "label": label}, ensure_ascii=False) for id_, label in zip(ids, labels)]
-    write_text_atomically(path, "\n".join(lines) + "\n")
-
-
-def write_text_atomically(path: pathlib.Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a prefix."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    atomic_write.write_text(path, "\n".join(lines) + "\n")
 
 
 def argmax_labels(logits: np.ndarray, label_names: Sequence[str]) -> list[str]:

@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from flax import traverse_util
 
 from sda_jax.errors import InputError
 from sda_jax.models import BertConfig, hf_normal_init, init_params
@@ -224,18 +225,6 @@ def _canonical(name: str) -> str:
     return name
 
 
-def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: jax.Array) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def _fresh_heads(
     state_dict: Mapping[str, np.ndarray],
     by_name: Mapping[str, str],
@@ -287,16 +276,16 @@ def params_from_state_dict(
     fresh = _fresh_heads(state_dict, by_name, config, source)
 
     # The model defines the shapes; eval_shape traces init without computing anything.
-    shapes = jax.eval_shape(lambda key: init_params(config, key), rng)
+    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda key: init_params(config, key), rng))
     keys = dict(zip(fresh, jax.random.split(rng, max(len(fresh), 1))))
-    params: dict[str, Any] = {}
+    params: dict[tuple[str, ...], Any] = {}
     loaded: list[str] = []
     initialized: list[str] = []
     for t in specs:
-        shape = _get(shapes, t.path).shape
+        shape = shapes[t.path].shape
         if t.head in fresh:
             init = hf_normal_init(config) if t.is_linear_weight else jax.nn.initializers.zeros
-            _set(params, t.path, init(keys[t.head], shape, jnp.float32))
+            params[t.path] = init(keys[t.head], shape, jnp.float32)
             initialized.append(t.hf_name)
             continue
         original = by_name.pop(t.canonical)
@@ -307,7 +296,7 @@ def params_from_state_dict(
                 f"{source}: tensor {original} has shape {list(array.shape)}, "
                 f"the model config needs {list(hf_shape)}"
             )
-        _set(params, t.path, jnp.asarray(array.T if t.is_linear_weight else array))
+        params[t.path] = jnp.asarray(array.T if t.is_linear_weight else array)
         loaded.append(t.hf_name)
 
     report = LoadReport(
@@ -317,7 +306,7 @@ def params_from_state_dict(
         initialized=tuple(initialized),
         notes=tuple(f"Fresh {head}: {why}." for head, why in fresh.items()),
     )
-    return params, report
+    return traverse_util.unflatten_dict(params), report
 
 
 def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -326,9 +315,10 @@ def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     Float32, C-contiguous numpy arrays under HF's names, ready for `safetensors.numpy.save_file`.
     """
     num_layers = sum(1 for key in params["bert"]["encoder"] if key.startswith("layer_"))
+    flat = traverse_util.flatten_dict(params)
     out = {}
     for t in _tensors(num_layers):
-        array = np.asarray(_get(params, t.path), dtype=np.float32)
+        array = np.asarray(flat[t.path], dtype=np.float32)
         out[t.hf_name] = np.ascontiguousarray(array.T if t.is_linear_weight else array)
     return out
 

@@ -17,9 +17,9 @@ disabled writer accepts every call and touches no file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from sda_jax import atomic_write
 from sda_jax.errors import InputError
 
 METRICS_FILE = "metrics.jsonl"
@@ -236,9 +237,9 @@ def plot_training_curves(workdir: str | Path) -> Path:
         ax.set_xlim(left=0, right=max(last_step, 1) * 1.03)
 
     path = workdir / CURVES_FILE
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(partial, format="png")
-    os.replace(partial, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write.write_bytes(path, png.getvalue())
     return path
 
 

@@ -2,15 +2,17 @@
 
 The reference builds `transformers.AdamW(correct_bias=False, eps=1e-8)` with two parameter groups
 (no weight decay on biases and LayerNorm weights), wraps it in `Lookahead(k=5, alpha=1)` and steps
-a `WarmupLinearSchedule`. Here: an optax chain for AdamW + schedule, and `lookahead_sync`, applied
-by the train step after the optimizer update because Lookahead overwrites parameters rather than
-adding an update (an optax update would not reproduce the reference's values bit for bit).
+a `WarmupLinearSchedule`. Here: an optax chain for AdamW scaled by the learning rate of a
+`Schedule` held in the train state, and `lookahead_sync`, applied by the train step after the
+optimizer update because Lookahead overwrites parameters rather than adding an update (an optax
+update would not reproduce the reference's values bit for bit).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -68,25 +70,44 @@ def decay_mask(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def learning_rate_schedule(settings: OptimSettings, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 over int(warmup_ratio · total) steps, then linear decay to 0 at total.
+class Schedule(flax.struct.PyTreeNode):
+    """Linear warmup from 0 over `warmup_steps`, then linear decay to 0 at `total_steps`.
 
-    As the reference's WarmupLinearSchedule stepped after each update, step 0 uses lr = 0.
+    The numbers are arrays in the train state, not constants of the compiled step, so runs of
+    other lengths (max_steps, num_epochs, data size) or peak rates share their compiled programs
+    and the persistent compilation cache. As the reference's WarmupLinearSchedule stepped after
+    each update, step 0 uses lr = 0. The formula is optax's `join_schedules` of two
+    `linear_schedule`s (equal to float32 rounding; tested).
     """
-    warmup_steps = int(settings.warmup_ratio * total_steps)
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, settings.learning_rate, max(warmup_steps, 1)),
-            optax.linear_schedule(settings.learning_rate, 0.0, max(total_steps - warmup_steps, 1)),
-        ],
-        boundaries=[warmup_steps],
-    )
+
+    peak: jax.Array  # float32
+    warmup_steps: jax.Array  # int32: int(warmup_ratio * total_steps)
+    total_steps: jax.Array  # int32
+
+    @classmethod
+    def create(cls, settings: OptimSettings, total_steps: int) -> Schedule:
+        return cls(
+            peak=jnp.asarray(settings.learning_rate, jnp.float32),
+            warmup_steps=jnp.asarray(int(settings.warmup_ratio * total_steps), jnp.int32),
+            total_steps=jnp.asarray(total_steps, jnp.int32),
+        )
+
+    def __call__(self, step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.int32)
+        warmup_span = jnp.maximum(self.warmup_steps, 1)
+        decay_span = jnp.maximum(self.total_steps - self.warmup_steps, 1)
+        warming = (0.0 - self.peak) * (1 - jnp.clip(step, 0, warmup_span) / warmup_span) + self.peak
+        decaying = self.peak * (1 - jnp.clip(step - self.warmup_steps, 0, decay_span) / decay_span)
+        return jnp.where(step < self.warmup_steps, warming, decaying)
 
 
-def make_optimizer(settings: OptimSettings, total_steps: int) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtraArgs:
     """AdamW of the reference (decoupled decay, groups by name) with optional gradient clipping.
 
-    Its `update` takes the train step as a keyword: `tx.update(grads, state, params, step=step)`.
+    Its `update` takes the learning rate as a keyword, `tx.update(grads, state, params,
+    learning_rate=lr)`: the train step computes it from its own step count and the run's
+    `Schedule`, so that fp16 steps skipped for overflow still move the schedule (as the
+    reference's scheduler, which counts train steps, not updates).
 
     Weight decay uses the parameter before the update (optax) where the reference decays the
     already-updated one: the two differ by lr²·wd·update, about 1e-14 relative here.
@@ -99,28 +120,33 @@ def make_optimizer(settings: OptimSettings, total_steps: int) -> optax.GradientT
             settings.adam_b1, settings.adam_b2, settings.adam_eps, bias_correction=settings.adam_bias_correction
         ),
         optax.add_decayed_weights(settings.weight_decay, mask=decay_mask),
-        scale_by_step_schedule(learning_rate_schedule(settings, total_steps)),
+        scale_by_learning_rate_argument(),
     ]
     return optax.chain(*chain)
 
 
-def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-    """Multiplies updates by −schedule(step), `step` being the train step given to `tx.update`.
-
-    optax's own schedules count the optimizer's updates; the reference's scheduler counts train
-    steps, fp16 steps skipped for overflow included, so the train step passes its step count.
-    """
+def scale_by_learning_rate_argument() -> optax.GradientTransformationExtraArgs:
+    """Multiplies updates by −learning_rate, the `learning_rate` given to `tx.update`."""
 
     def init(params: Params) -> optax.EmptyState:
         del params
         return optax.EmptyState()
 
-    def update(updates: optax.Updates, state: optax.EmptyState, params: Params | None = None, *, step, **extra):
+    def update(updates: optax.Updates, state: optax.EmptyState, params: Params | None = None, *, learning_rate, **extra):
         del params, extra
-        learning_rate = schedule(step)
         return jax.tree.map(lambda u: -learning_rate * u, updates), state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def uses_lookahead(settings: OptimSettings) -> bool:
+    """Whether Lookahead changes anything: with alpha = 1 each sync sets slow := fast, fast := slow.
+
+    The reference's Lookahead(k=5, alpha=1) is such a no-op (up to the rounding of
+    slow + (fast - slow), which is exact whenever the two are within a factor of two), so
+    no slow weights are kept and no sync runs.
+    """
+    return settings.lookahead_k > 0 and settings.lookahead_alpha != 1.0
 
 
 def lookahead_sync(params: Params, slow_params: Params, num_updates: jax.Array, k: int, alpha: float):
@@ -128,13 +154,16 @@ def lookahead_sync(params: Params, slow_params: Params, num_updates: jax.Array, 
 
     The reference syncs on updates 1, 1+k, 1+2k, ...; on the first it only copies the fast
     weights into the slow ones. A sync moves slow towards fast by alpha and resets fast to slow.
-    Returns (params, slow_params).
+    Returns (params, slow_params). An elementwise select rather than `lax.cond`: a cond on a
+    device value makes the GPU host wait for it every step and splits CUDA graphs.
     """
+    sync = (num_updates - 1) % k == 0
+    first = num_updates == 1
 
-    def sync(operands):
-        fast, slow = operands
-        first = num_updates == 1
-        new_slow = jax.tree.map(lambda f, s: jnp.where(first, f, s + alpha * (f - s)), fast, slow)
-        return new_slow, new_slow
+    def sync_leaf(fast, slow):
+        synced = jnp.where(first, fast, slow + alpha * (fast - slow))
+        return jnp.where(sync, synced, fast), jnp.where(sync, synced, slow)
 
-    return jax.lax.cond((num_updates - 1) % k == 0, sync, lambda operands: operands, (params, slow_params))
+    pairs = jax.tree.map(sync_leaf, params, slow_params)
+    is_pair = lambda x: isinstance(x, tuple)
+    return jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair), jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)

@@ -19,8 +19,8 @@ from typing import Any
 
 import transformers
 
+from sda_jax import atomic_write
 from sda_jax.errors import InputError
-from sda_jax.evaluate import write_text_atomically
 from sda_jax.metrics_writer import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
 from sda_jax.models import BertConfig
 
@@ -78,7 +78,7 @@ def truncate_metrics(workdir: pathlib.Path, step: int) -> None:
     path = workdir / METRICS_FILE
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        write_text_atomically(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
+        atomic_write.write_text(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def write_run_record(
@@ -89,10 +89,10 @@ def write_run_record(
     tokenizer: transformers.PreTrainedTokenizerFast,
 ) -> None:
     """Writes settings.json and model/{config.json, tokenizer files}."""
-    write_text_atomically(workdir / SETTINGS_FILE, settings_record(settings))
+    atomic_write.write_text(workdir / SETTINGS_FILE, settings_record(settings))
     model_dir = workdir / MODEL_DIR
     model_dir.mkdir(exist_ok=True)
-    write_text_atomically(model_dir / "config.json", json.dumps(config.to_hf_dict(label_names), indent=2) + "\n")
+    atomic_write.write_text(model_dir / "config.json", json.dumps(config.to_hf_dict(label_names), indent=2) + "\n")
     tokenizer.save_pretrained(str(model_dir))
 
 
@@ -104,3 +104,14 @@ def read_model_record(workdir: pathlib.Path) -> tuple[BertConfig, list[str]]:
     config = BertConfig.from_json_file(config_path)
     id2label = json.loads(config_path.read_text(encoding="utf-8"))["id2label"]
     return config, [id2label[str(i)] for i in range(len(id2label))]
+
+
+def read_settings_record(workdir: pathlib.Path) -> dict[str, Any]:
+    """The settings of the run in `workdir`, as settings.json holds them."""
+    path = workdir / SETTINGS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{workdir}: not an sda-jax run folder (no {SETTINGS_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not readable as the run's settings ({err})") from None

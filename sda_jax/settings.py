@@ -13,7 +13,9 @@ from typing import Any
 
 import ml_collections
 
+from sda_jax import tfds_source
 from sda_jax.errors import InputError
+from sda_jax.tokenization import TRUNCATIONS
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -33,6 +35,7 @@ class DataSettings:
     label_key: str
     id_key: str
     max_seq_len: int
+    truncation: str  # tokenization.TRUNCATIONS: longest_first or reference (the seed's Collator)
     bucket_lengths: tuple[int, ...]  # () = fitted to the train set (input_pipeline.fit_bucket_lengths)
     num_buckets: int  # how many lengths to fit when bucket_lengths is ()
     bucket_multiplier: int
@@ -126,13 +129,14 @@ class Settings:
             label_key=reader.string("data.label_key"),
             id_key=reader.string("data.id_key"),
             max_seq_len=reader.integer("data.max_seq_len", minimum=3),
+            truncation=reader.choice("data.truncation", TRUNCATIONS),
             bucket_lengths=tuple(reader.get("data.bucket_lengths")),
             num_buckets=reader.integer("data.num_buckets", minimum=1),
             bucket_multiplier=reader.integer("data.bucket_multiplier", minimum=1),
         )
         _check_buckets(data.bucket_lengths, data.max_seq_len)
-        if data.source != "files" and not (data.source.startswith("tfds:") and len(data.source) > 5):
-            raise InputError(f"config key data.source: expected 'files' or 'tfds:NAME', got {data.source!r}")
+        if data.source != "files":
+            tfds_source.dataset_name(data.source)  # checks the spec; TensorFlow is not imported
         if len(data.tfds_splits) != 3:
             raise InputError("config key data.tfds_splits: expected three split names (train, dev, test)")
         if len(data.label_names) < 2 or len(set(data.label_names)) != len(data.label_names):

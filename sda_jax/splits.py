@@ -1,20 +1,24 @@
-"""The task's train/dev/test splits, read, checked and encoded once before training starts.
+"""The task's train/dev/test splits, read, checked and encoded: the one place that turns a split into ids.
 
 Everything here can fail on user input, so it runs before the workdir is created: a bad file
-stops the run with nothing written.
+stops the run with nothing written. The benchmark, the PyTorch reference and the tests read their
+data through `read_split` too, so they see exactly the ids training sees.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import sys
 
+import numpy as np
 import transformers
 
-from sda_jax import input_pipeline
-from sda_jax.input_pipeline import Encoded
+from sda_jax import input_pipeline, tokenization
+from sda_jax.clue_files import Examples, read_clue_file
 from sda_jax.settings import DataSettings
+from sda_jax.tokenization import Encoded
+
+SPLITS = ("train", "dev", "test")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -25,36 +29,40 @@ class Splits:
     tokenizer: transformers.PreTrainedTokenizerFast
 
 
-def load_splits(data: DataSettings, model_dir: pathlib.Path) -> Splits:
-    """Reads the three files (dev needs labels, test does not) and tokenizes them."""
-    tokenizer = input_pipeline.load_tokenizer(model_dir)
+def read_examples(data: DataSettings, split: str) -> Examples:
+    """The rows of one split (`train`, `dev` or `test`) from the configured files or TFDS set.
+
+    Train and dev need labels, test does not.
+    """
     keys = {"text_a_key": data.text_a_key, "text_b_key": data.text_b_key, "label_key": data.label_key, "id_key": data.id_key}
+    require_labels = split != "test"
+    if data.source == "files":
+        path = {"train": data.train_file, "dev": data.dev_file, "test": data.test_file}[split]
+        return read_clue_file(path, data.label_names, require_labels=require_labels, **keys)
+    from sda_jax import tfds_source  # TensorFlow is imported only when a tfds: source asks for it
 
-    def read(path: pathlib.Path, split: str, require_labels: bool) -> Encoded:
-        if data.source == "files":
-            examples = input_pipeline.read_clue_file(path, data.label_names, require_labels=require_labels, **keys)
-        else:  # TensorFlow is imported only here, when a tfds: source asks for it
-            from sda_jax import tfds_source
+    return tfds_source.read_tfds_split(
+        data.source, data.tfds_splits[SPLITS.index(split)], data.label_names, require_labels=require_labels,
+        data_dir=data.tfds_data_dir, manual_dir=data.tfds_manual_dir, **keys,
+    )  # fmt: skip
 
-            examples = tfds_source.read_tfds_split(
-                data.source, split, data.label_names, require_labels=require_labels,
-                data_dir=data.tfds_data_dir, manual_dir=data.tfds_manual_dir, **keys,
-            )  # fmt: skip
-        if examples.empty_text_lines:
-            lines = examples.empty_text_lines
-            print(
-                f"note: {examples.path}: {len(lines)} rows have an empty sentence (first on line {lines[0]}); they are kept",
-                file=sys.stderr,
-            )
-        return input_pipeline.encode(examples, tokenizer, data.max_seq_len)
 
-    train_split, dev_split, test_split = data.tfds_splits
-    return Splits(
-        train=read(data.train_file, train_split, True),
-        dev=read(data.dev_file, dev_split, True),
-        test=read(data.test_file, test_split, False),
-        tokenizer=tokenizer,
-    )
+def read_split(data: DataSettings, split: str, tokenizer: transformers.PreTrainedTokenizerFast) -> Encoded:
+    """One split read and encoded with the run's truncation; notes rows with an empty sentence."""
+    examples = read_examples(data, split)
+    if examples.empty_text_lines:
+        lines = examples.empty_text_lines
+        print(
+            f"note: {examples.path}: {len(lines)} rows have an empty sentence (first on line {lines[0]}); they are kept",
+            file=sys.stderr,
+        )
+    return tokenization.encode(examples, tokenizer, data.max_seq_len, data.truncation)
+
+
+def load_splits(data: DataSettings, model_dir) -> Splits:
+    """The tokenizer of `model_dir` and the three splits, encoded."""
+    tokenizer = tokenization.load_tokenizer(model_dir)
+    return Splits(*(read_split(data, split, tokenizer) for split in SPLITS), tokenizer=tokenizer)
 
 
 def bucket_lengths(data: DataSettings, train: Encoded) -> tuple[int, ...]:
@@ -63,3 +71,9 @@ def bucket_lengths(data: DataSettings, train: Encoded) -> tuple[int, ...]:
     Every process reads the whole train set, so all of them fit the same lengths.
     """
     return data.bucket_lengths or input_pipeline.fit_bucket_lengths(train.lengths, data.num_buckets, data.max_seq_len)
+
+
+def class_prior(encoded: Encoded) -> tuple[int, float]:
+    """The most frequent label of a labelled split and its share of the rows."""
+    counts = np.bincount(encoded.labels)
+    return int(counts.argmax()), float(counts.max() / counts.sum())

@@ -1,8 +1,8 @@
-"""Data from TensorFlow Datasets: a `tfds:NAME` spec and a split name -> `input_pipeline.Examples`.
+"""Data from TensorFlow Datasets: a `tfds:NAME` spec and a split name -> `clue_files.Examples`.
 
 `read_tfds_split("tfds:clue_afqmc", "validation", ("0", "1"), ...)` prepares the dataset in
 `data_dir` if needed (TFDS's `download_and_prepare`), reads one split and converts it to the
-same `Examples` that `input_pipeline.read_clue_file` returns for a JSON-lines file: texts
+same `Examples` that `clue_files.read_clue_file` returns for a JSON-lines file: texts
 decoded from UTF-8, ClassLabel ids mapped to indices of `label_names`, label -1 (TFDS's "no
 label") giving `labels=None`. `clue_afqmc` is our own builder (`sda_jax.tfds_afqmc`); any
 registered TFDS dataset with text features works (`tfds:glue/mrpc`, keys sentence1/sentence2/
@@ -14,8 +14,8 @@ its first op TF is told to see no GPU, so it cannot take accelerator memory from
 
 Network: a dataset already prepared in `data_dir` is read without any network access.
 `clue_afqmc` builds from `manual_dir` without network. Otherwise a download host is probed
-first (a TCP connect with a 10 s limit: clue_afqmc's own host, for other datasets
-storage.googleapis.com as a sign of life), so an offline machine fails in seconds rather than
+first (`sda_jax.network.probe_host`, a TCP connect with a 10 s limit: clue_afqmc's own host,
+for other datasets storage.googleapis.com as a sign of life), so an offline machine fails in seconds rather than
 after TFDS's ten retries with back-off (~3.5 minutes); downloads then run with a socket timeout
 of `download_timeout` seconds per operation. Every failure becomes a one-line `InputError`.
 """
@@ -27,8 +27,6 @@ import os
 import re
 import socket
 import sys
-import threading
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -36,16 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from sda_jax.errors import InputError
-from sda_jax.input_pipeline import Examples
+from sda_jax.clue_files import Examples
+from sda_jax.errors import InputError, print_error
+from sda_jax.network import OfflineError, probe_host
 
 TFDS_PREFIX = "tfds:"
 # Seconds a socket operation (connect, one read) may stall while TFDS downloads.
 DOWNLOAD_TIMEOUT_S = 60.0
 # Rows per batch when reading a split out of TFDS.
 _READ_BATCH = 8192
-# Seconds allowed to resolve a download host and connect to it before calling the machine offline.
-PROBE_TIMEOUT_S = 10.0
 # Probed before preparing a dataset of unknown origin: where TFDS itself keeps its data.
 GENERIC_PROBE_URL = "https://storage.googleapis.com"
 # The config keys that name the TFDS folders (in messages).
@@ -56,21 +53,14 @@ _logger = logging.getLogger(__name__)
 _tfds_module: ModuleType | None = None
 
 
-class OfflineError(ConnectionError):
-    """A download host cannot be reached (no network, or none within the probe timeout)."""
-
-
-def is_tfds_spec(source: object) -> bool:
-    """Whether a data source (a config value) names a TFDS dataset rather than a file."""
-    return str(source).startswith(TFDS_PREFIX)
-
-
 def dataset_name(spec: str) -> str:
     """`tfds:glue/mrpc` -> `glue/mrpc` (a TFDS name, optionally `/config` and `:version`)."""
     spec = str(spec)
     name = spec[len(TFDS_PREFIX) :] if spec.startswith(TFDS_PREFIX) else ""
     if not re.fullmatch(r"[a-z0-9_]+(/[\w.\-]+)?(:[\d.*]+)?", name):
-        raise InputError(f"{spec}: not a TFDS source; expected tfds:NAME, e.g. tfds:clue_afqmc or tfds:glue/mrpc")
+        raise InputError(
+            f"{spec}: not a TFDS source (data.source); expected 'files' or tfds:NAME, e.g. tfds:clue_afqmc or tfds:glue/mrpc"
+        )
     return name
 
 
@@ -241,32 +231,6 @@ def _prepare(tfds: ModuleType, builder: Any, spec: str, manual_dir: str | Path |
         socket.setdefaulttimeout(previous_timeout)
 
 
-def probe_host(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Raises OfflineError unless a TCP connection to the URL's host opens within `timeout` s.
-
-    Name resolution has no timeout of its own (the system resolver may retry for 20 s or more),
-    so the attempt runs on a daemon thread that is abandoned when the time is up.
-    """
-    parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    outcome: list[OSError | None] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append(None)
-        except OSError as err:
-            outcome.append(err)
-
-    thread = threading.Thread(target=connect, name=f"probe-{host}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
-        raise OfflineError(f"cannot reach {host}:{port} (no answer within {timeout:g} s)")
-    if outcome[0] is not None:
-        raise OfflineError(f"cannot reach {host}:{port} ({outcome[0].strerror or outcome[0]})")
-
-
 def _read_columns(builder: Any, split: str, keys: list[str]) -> dict[str, np.ndarray]:
     """The given features of every row of a split, in stored order, as numpy arrays."""
     import tensorflow as tf
@@ -341,15 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folder = prepare_dataset(args.spec, data_dir=args.data_dir, manual_dir=args.manual_dir)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(err)
         return 2
     print(folder)
     return 0
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: the builder raises the imported
-    # module's OfflineError.
-    from sda_jax.tfds_source import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -1,11 +1,11 @@
 """Training with self-distillation averaging: the train state, the jitted train step, the loop.
 
-    python -m sda_jax.train --config configs/afqmc_small.py --workdir runs/afqmc_small
-
-Data flow: input_pipeline (host bucketing) → parallel (sharded device batches) → `train_step`
-(one jitted, donated program per bucket length) → evaluate (dev metrics, best checkpoint) →
-prediction file. The state is a plain pytree; the teacher and the eval EMA are parameter pytrees
-that only ever receive EMA updates, never gradients.
+Data flow: `splits` (read + encode the files) → `input_pipeline` (host bucketing) → `parallel`
+(sharded device batches) → `train_step` (one jitted, donated program per bucket length) →
+`evaluate` (every parameter set of the run in one pass over dev) → `checkpoints` (the best by dev
+accuracy, and full states for resume) → the prediction file. The state is a plain pytree; the
+teacher and the evaluation EMA are `averaging` objects that only ever receive averaging
+updates, never gradients. The command line is `sda_jax.main` (`python -m sda_jax.train` runs it).
 """
 
 from __future__ import annotations
@@ -14,12 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
-import os
-import pathlib
 import signal
-import sys
-import time
 from typing import Any
 
 import flax.struct
@@ -28,12 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
-from absl import app, flags, logging
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from sda_jax import (
     adversarial,
+    averaging,
     distill,
     evaluate,
     input_pipeline,
@@ -43,14 +37,14 @@ from sda_jax import (
     run_summary,
     splits,
 )
-from sda_jax.bucketed_jit import BucketedJit, batch_shape_key
+from sda_jax.bucketed_jit import BucketedJit, batch_shape_key, compile_concurrently
 from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
-from sda_jax.errors import InputError
 from sda_jax.metrics_writer import MetricsWriter, plot_training_curves
 from sda_jax.model_loading import load_model
 from sda_jax.preemption import Preempted, PreemptionGuard
 from sda_jax.run_record import prepare_workdir, truncate_metrics, write_run_record
-from sda_jax.settings import Settings
+from sda_jax.settings import Settings, TrainSettings
+from sda_jax.stopwatch import Stopwatch
 
 Params = Any
 
@@ -60,95 +54,60 @@ class TrainState:
     step: jax.Array  # int32: train steps taken, skipped fp16 overflow steps included
     params: Params  # the student, the only parameters that receive gradients
     opt_state: optax.OptState
-    slow_params: Params | None  # Lookahead's slow weights (None when Lookahead is off)
-    teacher_params: Params  # SDA teacher: EMA of the student, or the mean of its snapshots
-    teacher_snapshots: Params | None  # window/vote teachers: the last K students, stacked
-    eval_ema_params: Params  # evaluation EMA: a copy of the student until its start step
+    slow_params: Params | None  # Lookahead's slow weights; None when Lookahead is a no-op (alpha = 1)
+    teacher: averaging.Average  # what the student distils from: EmaTeacher, WindowTeacher or VoteTeacher
+    eval_ema: averaging.EvalEma  # what dev evaluation scores once it has started
+    schedule: optim.Schedule  # learning-rate numbers as arrays: the programs do not depend on the run's length
     loss_scale: mixed_precision.LossScale | None  # float16 only
     skipped_steps: jax.Array  # int32: fp16 steps skipped for non-finite gradients
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """The train step's static hyper-parameters (hashable, so jit specialises on them)."""
+def create_train_state(params: Params, schedule: optim.Schedule, settings: Settings, *, compute_dtype: Any) -> TrainState:
+    """The state before step 1: teacher, eval EMA (and Lookahead's slow weights) equal the student.
 
-    kd_coeff: float
-    teacher_decay: float
-    eval_ema_decay: float
-    eval_ema_start_step: int
-    lookahead_k: int
-    lookahead_alpha: float
-    loss_scaling: bool  # float16 compute: dynamic loss scaling, overflow steps skipped
-    initial_loss_scale: float = 2.0**16
-    loss_scale_growth_interval: int = 2000
-    teacher: str = "ema"  # ema | window | vote
-    teacher_window: int = 5
-    adversarial_method: str = "none"  # none | fgm | pgd
-    adversarial_epsilon: float = 1.0
-    adversarial_alpha: float = 0.3
-    adversarial_steps: int = 3
-
-    @classmethod
-    def from_settings(cls, settings: Settings, dtype: jnp.dtype) -> StepConfig:
-        return cls(
-            kd_coeff=settings.sda.kd_coeff,
-            teacher_decay=settings.sda.teacher_decay,
-            eval_ema_decay=settings.sda.eval_ema_decay,
-            eval_ema_start_step=settings.sda.eval_ema_start_step,
-            lookahead_k=settings.optim.lookahead_k,
-            lookahead_alpha=settings.optim.lookahead_alpha,
-            loss_scaling=jnp.dtype(dtype) == jnp.float16,
-            initial_loss_scale=settings.fp16.initial_loss_scale,
-            loss_scale_growth_interval=settings.fp16.growth_interval,
-            teacher=settings.sda.teacher,
-            teacher_window=settings.sda.teacher_window,
-            adversarial_method=settings.adversarial.method,
-            adversarial_epsilon=settings.adversarial.epsilon,
-            adversarial_alpha=settings.adversarial.alpha,
-            adversarial_steps=settings.adversarial.steps,
-        )
-
-
-def create_train_state(params: Params, tx: optax.GradientTransformation, config: StepConfig) -> TrainState:
-    """The state before step 1: teacher, eval EMA (and Lookahead's slow weights) equal the student."""
-    copy = functools.partial(jax.tree.map, jnp.copy)
+    `schedule` is an argument (not built here from the run's length) so that this program, too,
+    is the same for runs of any length.
+    """
+    sda = settings.sda
     return TrainState(
         step=jnp.zeros([], jnp.int32),
         params=params,
-        opt_state=tx.init(params),
-        slow_params=copy(params) if config.lookahead_k else None,
-        teacher_params=copy(params),
-        teacher_snapshots=distill.init_snapshots(params, config.teacher_window) if config.teacher != "ema" else None,
-        eval_ema_params=copy(params),
+        opt_state=optim.make_optimizer(settings.optim).init(params),
+        slow_params=jax.tree.map(jnp.copy, params) if optim.uses_lookahead(settings.optim) else None,
+        teacher=averaging.make_teacher(sda.teacher, params, decay_cap=sda.teacher_decay, window=sda.teacher_window),
+        eval_ema=averaging.EvalEma(jax.tree.map(jnp.copy, params), sda.eval_ema_decay, sda.eval_ema_start_step),
+        schedule=schedule,
         loss_scale=(
-            mixed_precision.LossScale.create(config.initial_loss_scale, config.loss_scale_growth_interval)
-            if config.loss_scaling
+            mixed_precision.LossScale.create(settings.fp16.initial_loss_scale, settings.fp16.growth_interval)
+            if jnp.dtype(compute_dtype) == jnp.float16
             else None
         ),
         skipped_steps=jnp.zeros([], jnp.int32),
     )
 
 
+def param_sets(state: TrainState) -> dict[str, averaging.Average]:
+    """The run's parameter sets by the names logs, checkpoints and export use."""
+    return {"eval_ema": state.eval_ema, "student": averaging.Current(state.params), "teacher": state.teacher}
+
+
+def single_models(sets: dict[str, averaging.Average]) -> dict[str, Params]:
+    """The sets that are one model each (all but a vote teacher), as parameters: what a best checkpoint holds."""
+    models = {}
+    for name, average in sets.items():
+        with contextlib.suppress(averaging.NotOneModel):
+            models[name] = average.single_params()
+    return models
+
+
 def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    *,
-    model: Any,
-    tx: optax.GradientTransformation,
-    config: StepConfig,
+    state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model: Any, settings: Settings
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SDA step: student update on CE + kd·MSE(teacher), then the teacher and eval EMA. Pure."""
     inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    # The teacher runs like the reference's kd_model.eval(): no dropout, no gradient.
-    if config.teacher == "vote":
-        teacher_logits = jax.vmap(lambda p: model.apply({"params": p}, *inputs, deterministic=True))(
-            state.teacher_snapshots
-        ).mean(axis=0)
-    else:
-        teacher_logits = model.apply({"params": state.teacher_params}, *inputs, deterministic=True)
+    teacher_logits = state.teacher.logits(lambda params: model.apply({"params": params}, *inputs, deterministic=True))
     dropout_rng = jax.random.fold_in(rng, state.step)
-    scale = state.loss_scale.scale if config.loss_scaling else 1.0
+    scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
 
     def grad_fn(params, attack: int = 0):
         """Gradients of the scaled loss; attack > 0 marks an adversarial pass (own dropout)."""
@@ -156,29 +115,31 @@ def train_step(
         def loss_fn(params):
             rngs = {"dropout": jax.random.fold_in(dropout_rng, attack) if attack else dropout_rng}
             logits = model.apply({"params": params}, *inputs, deterministic=False, rngs=rngs)
-            loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], config.kd_coeff)
+            loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], settings.sda.kd_coeff)
             return loss * scale, (loss, ce, kd)
 
         return jax.grad(loss_fn, has_aux=True)(params)
 
     grads, (loss, ce, kd) = grad_fn(state.params)
-    if config.adversarial_method != "none":
+    attack = settings.adversarial
+    if attack.method != "none":
         grads = adversarial.adversarial_gradients(
-            grad_fn, state.params, grads, method=config.adversarial_method, epsilon=config.adversarial_epsilon,
-            alpha=config.adversarial_alpha, steps=config.adversarial_steps,
+            grad_fn, state.params, grads, method=attack.method, epsilon=attack.epsilon, alpha=attack.alpha,
+            steps=attack.steps,
         )  # fmt: skip
     grads = jax.tree.map(lambda g: g / scale, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
+    tx = optim.make_optimizer(settings.optim)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=state.schedule(state.step))
     params = optax.apply_updates(state.params, updates)
     slow_params = state.slow_params
-    if config.lookahead_k:
+    if slow_params is not None:
         applied_updates = state.step + 1 - state.skipped_steps
         params, slow_params = optim.lookahead_sync(
-            params, slow_params, applied_updates, config.lookahead_k, config.lookahead_alpha
+            params, slow_params, applied_updates, settings.optim.lookahead_k, settings.optim.lookahead_alpha
         )
 
     loss_scale, skipped_steps = state.loss_scale, state.skipped_steps
-    if config.loss_scaling:
+    if loss_scale is not None:
         # An overflowed fp16 step changes nothing but the scale, as torch's GradScaler.step does;
         # the learning-rate schedule still moves on, since it follows the train step.
         finite = mixed_precision.all_finite(grads)
@@ -188,58 +149,72 @@ def train_step(
         skipped_steps = skipped_steps + (~finite).astype(jnp.int32)
 
     step = state.step + 1
-    snapshots = state.teacher_snapshots
-    if config.teacher == "ema":
-        teacher = distill.ema_update(params, state.teacher_params, distill.teacher_decay(step, config.teacher_decay))
-    else:
-        snapshots = distill.push_snapshot(snapshots, params, step)
-        teacher = distill.snapshot_average(snapshots)
-    eval_ema = distill.ema_update(
-        params,
-        state.eval_ema_params,
-        distill.eval_ema_decay(step, config.eval_ema_decay, config.eval_ema_start_step),
-    )
     new_state = state.replace(
         step=step,
         params=params,
         opt_state=opt_state,
         slow_params=slow_params,
-        teacher_params=teacher,
-        teacher_snapshots=snapshots,
-        eval_ema_params=eval_ema,
+        teacher=state.teacher.update(params, step),
+        eval_ema=state.eval_ema.update(params, step),
         loss_scale=loss_scale,
         skipped_steps=skipped_steps,
     )
     metrics = {"loss": loss, "ce": ce, "kd": kd, "skipped_steps": skipped_steps}
-    if config.loss_scaling:
+    if loss_scale is not None:
         metrics["loss_scale"] = loss_scale.scale
     return new_state, metrics
 
 
 def place_state_and_step(
-    params: Params, model: Any, tx: optax.GradientTransformation, config: StepConfig, mesh: jax.sharding.Mesh
+    params: Params, model: Any, settings: Settings, total_steps: int, mesh: jax.sharding.Mesh, clock: Stopwatch | None = None
 ) -> tuple[TrainState, BucketedJit]:
     """The initial state, replicated on the mesh, and the train step compiled once per batch shape.
 
     Shardings come from `jax.eval_shape` of the state, so nothing is allocated to derive them.
     """
     replicated = parallel.replicated(mesh)
-    create = functools.partial(create_train_state, tx=tx, config=config)
-    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params))
-    state = jax.jit(create, out_shardings=state_sharding)(params)
+    create = functools.partial(create_train_state, settings=settings, compute_dtype=model.dtype)
+    schedule = optim.Schedule.create(settings.optim, total_steps)
+    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params, schedule))
+    state = jax.jit(create, out_shardings=state_sharding)(params, schedule)
     train_fn = BucketedJit(
         jax.jit(
-            functools.partial(train_step, model=model, tx=tx, config=config),
+            functools.partial(train_step, model=model, settings=settings),
             in_shardings=(state_sharding, parallel.batch_sharding(mesh), replicated),
             out_shardings=(state_sharding, replicated),
             donate_argnums=0,
         ),
         batch_shape_key,
+        clock,
     )
     return state, train_fn
 
 
-def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool = False) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """Which periodic actions fall on a step. They depend on the step alone, so that a resumed
+    run logs, evaluates and checkpoints at the same steps as an uninterrupted one."""
+
+    log: bool
+    evaluate: bool
+    checkpoint: bool
+
+    @classmethod
+    def at(cls, step: int, total_steps: int, train: TrainSettings) -> Cadence:
+        last = step == total_steps
+        return cls(
+            log=step % train.log_every == 0 or last,
+            evaluate=step % train.eval_every == 0 or last,
+            checkpoint=step % train.checkpoint_every == 0 or last,
+        )
+
+    def any(self) -> bool:
+        return self.log or self.evaluate or self.checkpoint
+
+
+def train_and_evaluate(
+    settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch: Stopwatch | None = None
+) -> dict[str, Any]:
     """Trains (resuming from the workdir's latest checkpoint), evaluates, predicts the test set.
 
     Every input is read and checked before the workdir is touched, so bad input leaves nothing.
@@ -247,12 +222,14 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
     every `checkpoint_every` steps, and on SIGTERM/SIGINT, makes a restart resume exactly.
     Returns the run summary (also written to workdir/summary.json by process 0).
     """
-    wall_start = time.perf_counter()
-    data = splits.load_splits(settings.data, settings.model.dir)
+    clock = stopwatch or Stopwatch()
+    with clock.phase("data"):
+        data = splits.load_splits(settings.data, settings.model.dir)
+        bucket_lengths = splits.bucket_lengths(settings.data, data.train)
     init_rng, dropout_rng = jax.random.split(jax.random.key(settings.seed))
     dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
-    model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
-    bucket_lengths = splits.bucket_lengths(settings.data, data.train)
+    with clock.phase("model"):
+        model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(settings.train.batch_size, mesh)
     is_main = jax.process_index() == 0
@@ -270,30 +247,23 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
     total_steps = settings.train.num_epochs * steps_per_epoch
     if settings.train.max_steps:
         total_steps = min(total_steps, settings.train.max_steps)
-    tx = optim.make_optimizer(settings.optim, total_steps)
-    schedule = optim.learning_rate_schedule(settings.optim, total_steps)
-    step_config = StepConfig.from_settings(settings, dtype)
-
-    state, train_fn = place_state_and_step(params, model, tx, step_config, mesh)
+    state, train_fn = place_state_and_step(params, model, settings, total_steps, mesh, clock)
     del params
-    batch_sharding = parallel.batch_sharding(mesh)
-    eval_fn = BucketedJit(
-        jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=batch_sharding), batch_shape_key
-    )
-    state_is_finite = jax.jit(lambda s: mixed_precision.all_finite((s.params, s.teacher_params, s.eval_ema_params)))
-    bucket_args = {"batch_size": batch_size, "bucket_lengths": bucket_lengths}
-
-    def run_dev(params) -> dict[str, float]:
-        batches = parallel.prefetch_to_mesh(input_pipeline.eval_batches(data.dev, **bucket_args), mesh)
-        logits, losses = evaluate.collect_logits(eval_fn, params, batches)
-        return evaluate.dev_metrics(logits, losses, data.dev.labels)
+    dev_sets = _scored_sets(param_sets(state), settings, step=1)
+    programs = _EvalPrograms(model, mesh, bucket_lengths, batch_size, clock)
+    with clock.phase("compile"):
+        # Every program of the run, up front and side by side: train and eval per bucket length.
+        tasks = [(train_fn, (state, _abstract_batch(batch_size, n, mesh), dropout_rng)) for n in bucket_lengths]
+        tasks += programs.compile_tasks(dev_sets)
+        compile_wall = compile_concurrently(tasks)
 
     with contextlib.ExitStack() as stack:
         checkpoints = TrainCheckpoints(workdir, settings.train.keep_checkpoints)
         stack.callback(checkpoints.close)  # lets a pending write finish, whatever ends the run
         start_step = checkpoints.latest_step() or 0
         if start_step:
-            state = checkpoints.restore(start_step, state)
+            with clock.phase("checkpointing"):
+                state = checkpoints.restore(start_step, state)
             if is_main:
                 truncate_metrics(workdir, start_step)
                 print(f"Resuming from the checkpoint of step {start_step}.")
@@ -305,85 +275,119 @@ def train_and_evaluate(settings: Settings, workdir: pathlib.Path, *, fresh: bool
             tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
         )
         train_batches = input_pipeline.train_batches(
-            data.train, bucket_multiplier=settings.data.bucket_multiplier, seed=settings.seed,
-            start_step=start_step, **bucket_args,
+            data.train, batch_size=batch_size, bucket_lengths=bucket_lengths,
+            bucket_multiplier=settings.data.bucket_multiplier, seed=settings.seed, start_step=start_step,
         )  # fmt: skip
         device_batches = parallel.prefetch_to_mesh(itertools.islice(train_batches, total_steps - start_step), mesh)
-        pending: list[dict[str, jax.Array]] = []
-        examples_seen, eval_seconds, loop_start = 0, 0.0, time.perf_counter()
-        for step, (host_batch, batch) in enumerate(device_batches, start=start_step + 1):
-            state, step_metrics = train_fn(state, batch, dropout_rng)
-            pending.append(step_metrics)
-            examples_seen += int(host_batch["weights"].sum())
-            evaluate_now = step % settings.train.eval_every == 0 or step == total_steps
-            checkpoint_now = step % settings.train.checkpoint_every == 0 or step == total_steps
-            # Log boundaries depend on the step alone, so a resumed run logs the same windows.
-            if not (evaluate_now or checkpoint_now or step % settings.train.log_every == 0):
-                continue
-            _log_train(jax.device_get(pending), step, schedule, progress, writer)
-            pending = []
-            if evaluate_now:
-                eval_start = time.perf_counter()
-                param_sets = {"eval_ema": state.eval_ema_params, "student": state.params, "teacher": state.teacher_params}
-                # As the reference: the eval EMA once started, else the student, is what counts.
-                scored = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
-                dev = run_dev(param_sets[scored])
-                writer.write_dev(step, scored, dev)
-                if settings.train.eval_all_params:
-                    for name in sorted(set(param_sets) - {scored}):
-                        writer.write_dev(step, name, run_dev(param_sets[name]))
-                improved = best.offer(step, param_sets, {**dev, "params": scored})
-                progress.write(run_summary.dev_line(step, dev, scored, improved))
-                eval_seconds += time.perf_counter() - eval_start
-            stop = guard.should_stop(multi_process=jax.process_count() > 1)
-            if checkpoint_now or stop:
-                if not bool(state_is_finite(state)):
-                    raise FloatingPointError(f"non-finite parameters at step {step}; the checkpoint was not saved")
-                position = {"step": step, "seed": settings.seed, "epoch": step // steps_per_epoch,
-                            "batch_in_epoch": step % steps_per_epoch}  # fmt: skip
-                checkpoints.save(step, state, position)
-            if stop:
-                raise Preempted(guard.received or signal.SIGTERM, step)
-        train_seconds = time.perf_counter() - loop_start - eval_seconds
+        window: list[dict[str, jax.Array]] = []
+        examples_seen = 0
+        with clock.phase("train loop"):
+            for step, (host_batch, batch) in enumerate(device_batches, start=start_step + 1):
+                state, step_metrics = train_fn(state, batch, dropout_rng)
+                window.append(step_metrics)
+                examples_seen += int(host_batch["weights"].sum())
+                due = Cadence.at(step, total_steps, settings.train)
+                if not due.any():
+                    continue
+                report_train(jax.device_get(window), step, state.schedule, progress, writer)
+                window = []
+                if due.evaluate:
+                    with clock.phase("evaluation"):
+                        evaluate_and_keep_best(state, step, settings, programs, data.dev, best, writer, progress)
+                stop = guard.should_stop(multi_process=jax.process_count() > 1)
+                if due.checkpoint or stop:
+                    with clock.phase("checkpointing"):
+                        save_train_state(checkpoints, state, step, settings.seed, steps_per_epoch)
+                if stop:
+                    raise Preempted(guard.received or signal.SIGTERM, step)
 
-        best_params, best_metrics = best.restore(
-            {"student": state.params, "teacher": state.teacher_params, "eval_ema": state.eval_ema_params}
-        )
-    test_batches = parallel.prefetch_to_mesh(input_pipeline.eval_batches(data.test, **bucket_args), mesh)
-    test_logits, _ = evaluate.collect_logits(eval_fn, best_params["eval_ema"], test_batches)
+        with clock.phase("prediction"):
+            best_params, best_metrics = best.restore(single_models(param_sets(state)))
+            test_logits = programs.logits(_prediction_sets(state, best_params, settings), data.test)["eval_ema"]
     predict_path = workdir / settings.train.predict_file
-    summary = {
-        "best_dev_accuracy": best_metrics["accuracy"],
-        "best_dev_f1": best_metrics["f1"],
-        "best_step": best_metrics["step"],
-        "best_params": best_metrics["params"],
-        "steps": int(state.step),
-        "resumed_from_step": start_step,
-        "skipped_steps": int(state.skipped_steps),
-        "train_examples": examples_seen,
-        "train_seconds": train_seconds,
-        "train_samples_per_second": examples_seen / max(train_seconds, 1e-9),
-        "train_step_compilations": train_fn.num_compilations,
-        "train_step_compile_seconds": train_fn.compile_seconds,
-        "num_buckets": len(bucket_lengths),
-        "bucket_lengths": list(bucket_lengths),
-        "wall_seconds": time.perf_counter() - wall_start,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} processes)",
-        "compute_dtype": jnp.dtype(dtype).name,
-        "predictions": str(predict_path),
-        "test_rows": len(data.test),
-    }
+    summary = run_summary.build(
+        settings=settings, state=state, best_metrics=best_metrics, start_step=start_step,
+        examples_seen=examples_seen, train_fn=train_fn, eval_fn=programs.eval_fn, compile_wall=compile_wall,
+        bucket_lengths=bucket_lengths, compute_dtype=dtype, predict_path=predict_path, data=data,
+        test_logits=test_logits, stopwatch=clock,
+    )  # fmt: skip
     if is_main:
         labels = evaluate.argmax_labels(test_logits, settings.data.label_names)
         evaluate.write_predictions(predict_path, data.test.ids, labels)
-        evaluate.write_text_atomically(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        run_summary.write(workdir, summary)
         plot_training_curves(workdir)
         print(run_summary.format_summary(summary))
     return summary
 
 
-def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progress, writer: MetricsWriter) -> None:
-    """Reports the mean losses of the steps since the last report; stops a diverged run."""
+def _scored_sets(sets: dict[str, averaging.Average], settings: Settings, step: int) -> dict[str, averaging.Average]:
+    """The sets dev evaluation scores, the one that counts for "best" first: the eval EMA once it
+    has started, else the student (as the reference); all three with `train.eval_all_params`."""
+    scored = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
+    others = sorted(set(sets) - {scored}) if settings.train.eval_all_params else []
+    return {name: sets[name] for name in (scored, *others)}
+
+
+def _prediction_sets(state: TrainState, best_params: dict[str, Params], settings: Settings) -> dict[str, averaging.Average]:
+    """What test prediction runs: the best eval EMA, stacked as dev evaluation stacks its sets, so
+    that the same compiled programs serve (a vote teacher, which no checkpoint holds, rides along
+    from the final state; only the eval EMA's predictions are written)."""
+    if not settings.train.eval_all_params:
+        return {"eval_ema": averaging.Current(best_params["eval_ema"])}
+    return {
+        name: averaging.Current(best_params[name]) if name in best_params else average
+        for name, average in param_sets(state).items()
+    }
+
+
+class _EvalPrograms:
+    """Dev and test evaluation of parameter sets: the stacking program and one eval program per bucket."""
+
+    def __init__(self, model: Any, mesh: jax.sharding.Mesh, bucket_lengths: tuple[int, ...], batch_size: int, clock):
+        self.mesh, self.bucket_lengths, self.batch_size = mesh, bucket_lengths, batch_size
+        self.replicated = parallel.replicated(mesh)
+        self.stack = BucketedJit(
+            jax.jit(evaluate.stack_members, out_shardings=self.replicated),
+            lambda singles, ensembles: (len(singles), len(ensembles)),
+            clock,
+        )
+        self.eval_fn = BucketedJit(
+            jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=parallel.batch_sharding(mesh)),
+            batch_shape_key,
+            clock,
+        )
+
+    def compile_tasks(self, sets: dict[str, averaging.Average]) -> list[tuple[BucketedJit, tuple]]:
+        """What `compile_concurrently` needs to build every program that evaluating `sets` runs."""
+        placed = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), tree)
+        singles, ensembles = placed(jax.eval_shape(lambda s: evaluate.set_parts(s)[1:], sets))
+        members = placed(jax.eval_shape(evaluate.stack_members, singles, ensembles))
+        tasks = [(self.stack, (singles, ensembles))]
+        return tasks + [(self.eval_fn, (members, _abstract_batch(self.batch_size, n, self.mesh))) for n in self.bucket_lengths]
+
+    def logits(self, sets: dict[str, averaging.Average], encoded: Any) -> dict[str, np.ndarray]:
+        """{name: logits} of every set on every example of `encoded`, in file order."""
+        stacked = evaluate.stack_param_sets(self.stack, sets)
+        order = input_pipeline.eval_order(encoded)
+        batches = input_pipeline.eval_batches(
+            encoded, batch_size=self.batch_size, bucket_lengths=self.bucket_lengths, order=order
+        )
+        return evaluate.collect_logits(self.eval_fn, stacked, parallel.prefetch_to_mesh(batches, self.mesh), order)
+
+
+def _abstract_batch(batch_size: int, length: int, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and sharding of a device batch of `length` tokens, for compiling ahead."""
+    sharding = parallel.batch_sharding(mesh)
+    matrix = lambda dtype: jax.ShapeDtypeStruct((batch_size, length), dtype, sharding=sharding)
+    row = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype, sharding=sharding)
+    return {
+        "input_ids": matrix(jnp.int32), "token_type_ids": matrix(jnp.int32), "attention_mask": matrix(jnp.int32),
+        "labels": row(jnp.int32), "weights": row(jnp.float32),
+    }  # fmt: skip
+
+
+def report_train(window: list[dict[str, np.ndarray]], step: int, schedule: optim.Schedule, progress, writer) -> None:
+    """Logs the mean losses of the steps since the last report; stops a diverged run."""
     loss = float(np.mean([m["loss"] for m in window]))
     if not np.isfinite(loss) and "loss_scale" not in window[-1]:
         raise FloatingPointError(
@@ -404,48 +408,34 @@ def _log_train(window: list[dict[str, np.ndarray]], step: int, schedule, progres
     progress.update(len(window))
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/afqmc.py.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
-_FRESH = flags.DEFINE_bool("fresh", False, "Discard the run in --workdir and start from step 0.")
-flags.DEFINE_alias("overwrite", "fresh")
+def evaluate_and_keep_best(
+    state: TrainState, step: int, settings: Settings, programs: _EvalPrograms, dev: Any, best, writer, progress
+) -> None:
+    """Scores the run's parameter sets on dev, logs them, and checkpoints the step if it is the best."""
+    sets = _scored_sets(param_sets(state), settings, step)
+    scored = next(iter(sets))
+    logits = programs.logits(sets, dev)
+    results = {name: evaluate.dev_metrics(logits[name], dev.labels) for name in sets}  # the scored set first
+    for name, metrics in results.items():
+        writer.write_dev(step, name, metrics)
+    improved = best.offer(step, single_models(param_sets(state)), {**results[scored], "params": scored})
+    progress.write(run_summary.dev_line(step, results[scored], scored, improved))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a bad flag or config override as a one-line error and exit 2."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, OSError, KeyError, AttributeError, TypeError, ValueError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+def save_train_state(checkpoints: TrainCheckpoints, state: TrainState, step: int, seed: int, steps_per_epoch: int) -> None:
+    """A full train checkpoint, refused if any parameter is not finite (so none reaches disk)."""
+    if not bool(_all_params_finite(state)):
+        raise FloatingPointError(f"non-finite parameters at step {step}; the checkpoint was not saved")
+    position = {"step": step, "seed": seed, "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch}
+    checkpoints.save(step, state, position)
 
 
-def main(argv: list[str]) -> None:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        # Resumed and repeated runs load their compiled train steps instead of compiling again.
-        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "sda_jax" / "xla"))
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config_file = flags.FLAGS["config"].config_filename
-    if not config_file:
-        raise app.UsageError("--config is required, e.g. --config configs/afqmc.py")
-    workdir = pathlib.Path(_WORKDIR.value or f"runs/{pathlib.Path(config_file).stem}")
-    try:
-        if not pathlib.Path(config_file.split(":")[0]).is_file():  # "file.py:arg" passes arg to get_config
-            raise InputError(f"{config_file}: no such config file")
-        parallel.initialize_distributed()
-        train_and_evaluate(Settings.from_config(_CONFIG.value), workdir, fresh=_FRESH.value)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
-    except Preempted as err:
-        print(str(err), file=sys.stderr)
-        sys.exit(err.exit_code)
+@jax.jit
+def _all_params_finite(state: TrainState) -> jax.Array:
+    return mixed_precision.all_finite((state.params, state.teacher, state.eval_ema))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from sda_jax import main
+
+    main.run_train()

@@ -1,4 +1,4 @@
-"""Tests for sda_jax.input_pipeline: file reading, tokenization and the bucketed batch order."""
+"""The data path: file reading (clue_files), tokenization and truncation, the bucketed batch order (input_pipeline)."""
 
 import itertools
 import json
@@ -10,18 +10,10 @@ import numpy as np
 import pytest
 
 from sda_jax import input_pipeline
+from sda_jax.clue_files import read_clue_file
 from sda_jax.errors import InputError
-from sda_jax.input_pipeline import (
-    Encoded,
-    encode,
-    epoch_order,
-    eval_batches,
-    load_tokenizer,
-    make_batch,
-    read_clue_file,
-    steps_per_epoch,
-    train_batches,
-)
+from sda_jax.input_pipeline import epoch_order, eval_batches, make_batch, steps_per_epoch, train_batches
+from sda_jax.tokenization import Encoded, encode, load_tokenizer
 
 BATCH = 64
 MULTIPLIER = 4
@@ -250,6 +242,21 @@ def test_eval_batches_cover_each_example_once_in_file_order(lengths):
     assert batches[-1]["weights"].sum() == len(lengths) - BATCH * (len(batches) - 1)
 
 
+def test_eval_order_visits_by_length_and_restores_file_order(lengths):
+    encoded = marked(lengths)
+    order = input_pipeline.eval_order(encoded)
+    batches = list(eval_batches(encoded, batch_size=BATCH, bucket_lengths=BUCKETS, order=order))
+    seen = np.concatenate([example_ids(batch) for batch in batches])
+    np.testing.assert_array_equal(seen, order)
+    assert np.all(np.diff(encoded.lengths[order]) >= 0)
+    restored = np.empty_like(seen)
+    restored[order] = seen
+    np.testing.assert_array_equal(restored, np.arange(len(lengths)))
+    # Sorted, the batches pad less than in file order.
+    widths = lambda bs: sum(b["input_ids"].shape[1] for b in bs)
+    assert widths(batches) < widths(list(eval_batches(encoded, batch_size=BATCH, bucket_lengths=BUCKETS)))
+
+
 def test_make_batch_copies_rows_and_token_types():
     encoded = marked(np.array([5, 9, 3, 12]))
     indices = np.array([3, 0, 2])
@@ -294,6 +301,60 @@ def test_longest_first_truncation(tmp_path, tokenizer):
     # On a tie the tokenizers library keeps the extra token in the second text.
     reference = tokenizer([rows[2]["sentence1"]], [rows[2]["sentence2"]], truncation="longest_first", max_length=10)
     assert tokens(tokenizer, encoded, 2) == tokenizer.convert_ids_to_tokens(reference["input_ids"][0])
+
+
+def test_reference_truncation_cuts_the_tail_and_reappends_sep(tmp_path, tokenizer):
+    rows = [
+        {"sentence1": "一二三四五六七八九十", "sentence2": "甲乙丙"},  # a alone fills the budget: b is gone
+        {"sentence1": "甲乙", "sentence2": "一二三四五六七八九十"},  # b keeps its first 5 tokens
+        {"sentence1": "一二三四五六七", "sentence2": "甲乙"},  # a ends at position 8: [SEP] [SEP], no b token
+        {"sentence1": "一二三", "sentence2": "甲乙"},  # short: untouched
+        {"sentence1": "一二三四五六七八", "sentence2": "甲"},  # a has exactly max_seq_len - 2 tokens
+    ]
+    path = write_lines(tmp_path / "long.json", rows)
+    encoded = encode(read_clue_file(path, ["0"], require_labels=False), tokenizer, 10, truncation="reference")
+    assert tokens(tokenizer, encoded, 0) == ["[CLS]", *"一二三四五六七八", "[SEP]"]
+    assert tokens(tokenizer, encoded, 1) == ["[CLS]", *"甲乙", "[SEP]", *"一二三四五", "[SEP]"]
+    assert tokens(tokenizer, encoded, 2) == ["[CLS]", *"一二三四五六七", "[SEP]", "[SEP]"]
+    assert tokens(tokenizer, encoded, 3) == ["[CLS]", *"一二三", "[SEP]", *"甲乙", "[SEP]"]
+    assert tokens(tokenizer, encoded, 4) == ["[CLS]", *"一二三四五六七八", "[SEP]"]
+    batch = make_batch(encoded, np.arange(5), batch_size=5, bucket_lengths=(10,))
+    # Token types as the Collator cuts them: the first max_seq_len of the untruncated pair's.
+    assert batch["token_type_ids"][0].tolist() == [0] * 10
+    assert batch["token_type_ids"][1].tolist() == [0] * 4 + [1] * 6
+    assert batch["token_type_ids"][2].tolist() == [0] * 9 + [1]
+    assert batch["token_type_ids"][3].tolist() == [0] * 5 + [1] * 3 + [0] * 2
+    assert batch["token_type_ids"][4].tolist() == [0] * 10
+    # Single sentences: both rules cut the same way.
+    single = write_lines(tmp_path / "single.json", [{"sentence1": row["sentence1"]} for row in rows])
+    examples = read_clue_file(single, ["0"], require_labels=False)
+    for rule in ("longest_first", "reference"):
+        assert tokens(tokenizer, encode(examples, tokenizer, 6, truncation=rule), 0) == ["[CLS]", *"一二三四", "[SEP]"]
+
+
+def _collator(ids: list[int], types: list[int], max_seq_len: int, sep_id: int) -> tuple[list[int], list[int]]:
+    """The seed notebook's Collator.pad_and_truncate for one row, as written there."""
+    if len(ids) <= max_seq_len:
+        return ids, types
+    return ids[: max_seq_len - 1] + [sep_id], types[:max_seq_len]
+
+
+def test_reference_truncation_equals_the_notebook_collator_on_afqmc(afqmc_train, tokenizer):
+    encoded = encode(afqmc_train, tokenizer, 64, truncation="reference")
+    longest_first = encode(afqmc_train, tokenizer, 64)
+    # The notebook encodes untruncated (encode_plus without max_length), then cuts in the Collator.
+    full = tokenizer(afqmc_train.text_a, afqmc_train.text_b)
+    changed = no_second = 0
+    for row, (ids, types) in enumerate(zip(full["input_ids"], full["token_type_ids"], strict=True)):
+        want_ids, want_types = _collator(ids, types, 64, tokenizer.sep_token_id)
+        length, type0 = encoded.lengths[row], encoded.type0_lengths[row]
+        assert encoded.token_ids[row, :length].tolist() == want_ids, row
+        assert [0] * type0 + [1] * (length - type0) == want_types, row
+        ours = longest_first.token_ids[row, : longest_first.lengths[row]].tolist()
+        changed += ours != want_ids
+        no_second += len(ids) > 64 and 1 not in want_types[:-1]
+    # The counts the README states for the train split.
+    assert (changed, no_second) == (259, 24)
 
 
 AWKWARD_TEXTS = [

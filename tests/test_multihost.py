@@ -1,8 +1,10 @@
 """Two local CPU processes through launch.sh train the same model as one process on the same batches."""
 
 import os
+import pathlib
 import socket
 import subprocess
+import sys
 
 import numpy as np
 
@@ -23,8 +25,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _fake_python_first(env: dict, folder: pathlib.Path) -> dict:
+    """`env` with a `python` that always fails first on PATH: only $PYTHON can make launch.sh work."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fake = folder / "python"
+    fake.write_text("#!/bin/sh\necho 'not the python you want' >&2\nexit 99\n")
+    fake.chmod(0o755)
+    return {**env, "PATH": f"{folder}{os.pathsep}{env['PATH']}"}
+
+
 def _launch(workdir, *launch_args, env_extra=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    # PYTHON: the interpreter running the tests, so a virtualenv works without being activated.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, **(env_extra or {}))
+    env = _fake_python_first(env, pathlib.Path(workdir).parent / "fake-bin")
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(
         ["bash", "launch.sh", *launch_args, "configs/afqmc_small.py", f"--workdir={workdir}", *FLAGS],
@@ -61,3 +74,18 @@ def test_launch_needs_all_three_values(tmp_path):
     proc = _launch(tmp_path / "w", "--coordinator", "127.0.0.1:1")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--num-processes" in err
+
+
+def test_launch_runs_the_interpreter_named_by_PYTHON(tmp_path):
+    env = _fake_python_first(dict(os.environ, JAX_PLATFORMS="cpu"), tmp_path / "bin")
+    env.pop("PYTHON", None)
+    args = ["bash", "launch.sh", "no_such_config.py"]
+    on_path = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert on_path.returncode == 99 and "not the python you want" in on_path.stderr
+    named = subprocess.run(
+        args, cwd=REPO_ROOT, env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, check=False, timeout=120
+    )  # fmt: skip
+    assert named.returncode == 2
+    assert named.stderr.strip().splitlines() == [
+        f"error: no_such_config.py: no such config file here or in {REPO_ROOT / 'configs'}"
+    ]

@@ -43,11 +43,12 @@ import transformers
 
 from benchmarks.torch_reference import RecipeConfig, SdaTrainer, torch_batch
 from configs import default
-from sda_jax import export, input_pipeline, optim
+from sda_jax import export, input_pipeline, optim, splits, tokenization
+from sda_jax.clue_files import read_clue_file
 from sda_jax.hf_checkpoint import params_from_state_dict, state_dict_from_params
 from sda_jax.models import BertConfig, BertForSequenceClassification
 from sda_jax.settings import Settings
-from sda_jax.train import StepConfig, create_train_state, train_step
+from sda_jax.train import create_train_state, train_step
 from tests.conftest import REPO_ROOT
 
 ARCH = {
@@ -96,23 +97,25 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer(bert_base_chinese_dir):
-    return input_pipeline.load_tokenizer(bert_base_chinese_dir)
+    return tokenization.load_tokenizer(bert_base_chinese_dir)
 
 
 @functools.cache
-def _encoded(path: Path, require_labels: bool, tokenizer) -> input_pipeline.Encoded:
-    examples = input_pipeline.read_clue_file(path, LABELS, require_labels=require_labels)
-    return input_pipeline.encode(examples, tokenizer, MAX_LEN)
+def _encoded(split: str, tokenizer) -> tokenization.Encoded:
+    """A split of the shipped AFQMC files, as training reads it (64 tokens, labels "0"/"1")."""
+    data = Settings.from_config(default.get_config()).data
+    assert (data.max_seq_len, data.label_names) == (MAX_LEN, LABELS)
+    return splits.read_split(data, split, tokenizer)
 
 
 @pytest.fixture(scope="module")
 def dev(afqmc_dir, tokenizer):
-    return _encoded(afqmc_dir / "dev.json", True, tokenizer)
+    return _encoded("dev", tokenizer)
 
 
 @pytest.fixture(scope="module")
 def afqmc_test(afqmc_dir, tokenizer):
-    return _encoded(afqmc_dir / "test.json", False, tokenizer)
+    return _encoded("test", tokenizer)
 
 
 def torch_model(seed: int = 0) -> transformers.BertForSequenceClassification:
@@ -190,7 +193,7 @@ def _torch_params(named) -> dict[str, np.ndarray]:
 
 def _step_batches(afqmc_dir: Path, tokenizer) -> list[dict[str, np.ndarray]]:
     """The first 20 batches of the train sampler; step 2's batch keeps only 25 of its 32 rows."""
-    train = _encoded(afqmc_dir / "train.json", True, tokenizer)
+    train = _encoded("train", tokenizer)
     order = input_pipeline.epoch_order(train.lengths, batch_size=BATCH_SIZE, bucket_multiplier=200, seed=2021, epoch=0)
     order[1] = order[1][:PARTIAL_ROWS]
     make = functools.partial(input_pipeline.make_batch, train, batch_size=BATCH_SIZE, bucket_lengths=TRAIN_BUCKETS)
@@ -206,12 +209,9 @@ def trajectory(afqmc_dir, tokenizer):
     initial = _torch_params(model.named_parameters())
 
     # sda_jax, built as train.train_and_evaluate builds it.
-    tx = optim.make_optimizer(settings.optim, TOTAL_STEPS)
-    step_config = StepConfig.from_settings(settings, jnp.float32)
-    state = create_train_state(params, tx, step_config)
-    step_fn = jax.jit(
-        functools.partial(train_step, model=BertForSequenceClassification(config), tx=tx, config=step_config)
-    )
+    schedule = optim.Schedule.create(settings.optim, TOTAL_STEPS)
+    state = create_train_state(params, schedule, settings, compute_dtype=jnp.float32)
+    step_fn = jax.jit(functools.partial(train_step, model=BertForSequenceClassification(config), settings=settings))
 
     reference = SdaTrainer(
         model,
@@ -239,8 +239,8 @@ def trajectory(afqmc_dir, tokenizer):
             snapshots[step] = {
                 "ours": {
                     "student": state_dict_from_params(state.params),
-                    "teacher": state_dict_from_params(state.teacher_params),
-                    "eval_ema": state_dict_from_params(state.eval_ema_params),
+                    "teacher": state_dict_from_params(state.teacher.single_params()),
+                    "eval_ema": state_dict_from_params(state.eval_ema.params),
                 },
                 "ref": {
                     "student": _torch_params(reference.student.named_parameters()),
@@ -429,7 +429,7 @@ def test_export_folder_loads_in_transformers(exported, dev, afqmc_dir) -> None:
     assert model.config.id2label == {0: "0", 1: "1"} and model.config.label2id == {"0": 0, "1": 1}
     # The exported tokenizer encodes pairs exactly as our input pipeline did in training.
     loaded = transformers.AutoTokenizer.from_pretrained(out)
-    rows = input_pipeline.read_clue_file(afqmc_dir / "dev.json", LABELS, require_labels=True)
+    rows = read_clue_file(afqmc_dir / "dev.json", LABELS, require_labels=True)
     got = loaded(rows.text_a[:300], rows.text_b[:300], truncation="longest_first", max_length=MAX_LEN)
     for i, ids in enumerate(got["input_ids"]):
         assert ids == dev.token_ids[i, : dev.lengths[i]].tolist(), i

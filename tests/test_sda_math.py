@@ -3,25 +3,26 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from sda_jax import distill, mixed_precision, optim
+from sda_jax import averaging, distill, mixed_precision, optim
 from sda_jax.settings import OptimSettings
 
 
 def test_teacher_decay_ramp_then_cap():
     # (1 + t) / (10 + t): 2/11 at t=1, 11/20 at t=10; the cap 0.995 binds from t = 1790 on.
-    np.testing.assert_allclose(distill.teacher_decay(1, 0.995), 2 / 11, rtol=1e-6)
-    np.testing.assert_allclose(distill.teacher_decay(10, 0.995), 11 / 20, rtol=1e-6)
-    np.testing.assert_allclose(distill.teacher_decay(1789, 0.995), 1790 / 1799, rtol=1e-6)
-    np.testing.assert_allclose(distill.teacher_decay(5000, 0.995), 0.995, rtol=1e-6)
+    np.testing.assert_allclose(averaging.EmaTeacher.decay(1, 0.995), 2 / 11, rtol=1e-6)
+    np.testing.assert_allclose(averaging.EmaTeacher.decay(10, 0.995), 11 / 20, rtol=1e-6)
+    np.testing.assert_allclose(averaging.EmaTeacher.decay(1789, 0.995), 1790 / 1799, rtol=1e-6)
+    np.testing.assert_allclose(averaging.EmaTeacher.decay(5000, 0.995), 0.995, rtol=1e-6)
 
 
 def test_ema_update_matches_reference_formula():
     teacher = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(3.0)}
     student = {"w": jnp.array([0.0, 4.0]), "b": jnp.array(-1.0)}
     decay = 2 / 11
-    out = distill.ema_update(student, teacher, decay)
+    out = averaging.ema_update(student, teacher, decay)
     # The reference: s_param.sub_((1 - decay) * (s_param - param)).
     for name, s_param in teacher.items():
         expected = np.asarray(s_param) - (1 - decay) * (np.asarray(s_param) - np.asarray(student[name]))
@@ -29,11 +30,13 @@ def test_ema_update_matches_reference_formula():
 
 
 def test_eval_ema_copies_student_until_start_then_averages():
-    assert float(distill.eval_ema_decay(499, 0.999, 500)) == 0.0
-    assert float(distill.eval_ema_decay(500, 0.999, 500)) == 0.0
-    assert float(distill.eval_ema_decay(501, 0.999, 500)) == pytest.approx(0.999)
-    ema, student = jnp.array([5.0]), jnp.array([7.0])
-    assert float(distill.ema_update(student, ema, distill.eval_ema_decay(3, 0.999, 500))[0]) == 7.0
+    ema = averaging.EvalEma(params=jnp.array([5.0]), decay=0.999, start_step=500)
+    assert float(ema.decay_at(499)) == 0.0
+    assert float(ema.decay_at(500)) == 0.0
+    assert float(ema.decay_at(501)) == pytest.approx(0.999)
+    assert float(ema.update(jnp.array([7.0]), jnp.int32(3)).params[0]) == 7.0
+    averaged = ema.update(jnp.array([7.0]), jnp.int32(501)).params[0]
+    np.testing.assert_allclose(averaged, 0.999 * 5.0 + 0.001 * 7.0, rtol=1e-6)
 
 
 def test_sda_loss_hand_computed_with_padding_row():
@@ -68,17 +71,35 @@ def _settings(**overrides):
 
 
 def test_schedule_warmup_from_zero_then_linear_decay():
-    schedule = optim.learning_rate_schedule(_settings(), total_steps=100)  # warmup 10 steps
+    schedule = optim.Schedule.create(_settings(), total_steps=100)  # warmup 10 steps
     np.testing.assert_allclose([schedule(s) for s in (0, 5, 10, 55, 100)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+
+
+@pytest.mark.parametrize("total_steps, warmup_ratio", [(100, 0.1), (537, 0.05), (7, 0.0), (20, 0.1), (3, 1.0)])
+def test_schedule_equals_optax_joined_linear_schedules(total_steps, warmup_ratio):
+    """The traced schedule is optax's formula, to float32 rounding (XLA may fuse a multiply-add
+    differently when the step counts are constants)."""
+    settings = _settings(learning_rate=2e-5, warmup_ratio=warmup_ratio)
+    warmup = int(warmup_ratio * total_steps)
+    expected = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, 2e-5, max(warmup, 1)),
+            optax.linear_schedule(2e-5, 0.0, max(total_steps - warmup, 1)),
+        ],
+        boundaries=[warmup],
+    )
+    schedule = jax.jit(optim.Schedule.create(settings, total_steps).__call__)
+    steps = jnp.arange(total_steps + 2)
+    np.testing.assert_allclose(jax.vmap(schedule)(steps), jax.vmap(expected)(steps), rtol=2e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_adamw_step_matches_hand_computation(bias_correction):
     settings = _settings(adam_bias_correction=bias_correction, warmup_ratio=0.0)
-    tx = optim.make_optimizer(settings, total_steps=10)
+    tx = optim.make_optimizer(settings)
     params = {"dense": {"kernel": jnp.array([1.0, -1.0]), "bias": jnp.array([0.5])}, "LayerNorm": {"scale": jnp.array([2.0])}}
     grads = {"dense": {"kernel": jnp.array([0.1, 0.2]), "bias": jnp.array([-0.3])}, "LayerNorm": {"scale": jnp.array([0.4])}}
-    updates, _ = tx.update(grads, tx.init(params), params, step=0)  # no warmup: the full lr = 1e-3 at once
+    updates, _ = tx.update(grads, tx.init(params), params, learning_rate=1e-3)
 
     def expected(g, p, decays):
         m, v = 0.1 * g, 0.001 * g * g
@@ -117,13 +138,12 @@ def test_loss_scale_halves_on_overflow_and_doubles_after_interval():
     assert bool(mixed_precision.all_finite({"a": jnp.array([1.0, 2.0])}))
 
 
-def test_learning_rate_follows_the_train_step_not_the_update_count():
-    # After skipped fp16 steps the optimizer has made fewer updates than there were train steps;
-    # the reference's scheduler stepped anyway, so the rate must come from the train step.
-    schedule = optim.learning_rate_schedule(_settings(), total_steps=100)
-    tx = optim.scale_by_step_schedule(schedule)
+def test_learning_rate_is_the_argument_given_to_the_update():
+    # The train step passes schedule(train step), so fp16 steps skipped for overflow still move
+    # the schedule, as the reference's scheduler (which counted train steps) did.
+    tx = optim.scale_by_learning_rate_argument()
     updates = {"w": jnp.array([2.0])}
     state = tx.init(updates)
-    for step in (0, 3, 40):
-        scaled, state = tx.update(updates, state, step=jnp.int32(step))
-        np.testing.assert_allclose(scaled["w"], -2.0 * schedule(step), rtol=1e-6)
+    for rate in (0.0, 3e-4, 1e-3):
+        scaled, state = tx.update(updates, state, learning_rate=jnp.float32(rate))
+        np.testing.assert_allclose(scaled["w"], -2.0 * rate, rtol=1e-6)

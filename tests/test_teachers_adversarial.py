@@ -1,46 +1,61 @@
-"""The SDA paper's teacher variants and FGM/PGD adversarial training, against hand computations."""
+"""The SDA paper's teacher variants and FGM/PGD adversarial training, against hand computations.
 
-import dataclasses
-import functools
+Also, through the command line: a vote teacher is scored on dev as the vote (the mean logits of
+its snapshots) and cannot be exported as one model.
+"""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax import adversarial, distill, input_pipeline, optim
+from configs import default
+from sda_jax import adversarial, averaging, input_pipeline, optim, splits, tokenization
+from sda_jax.checkpoints import read_train_state
 from sda_jax.models import BertConfig, BertForSequenceClassification, init_params
-from sda_jax.settings import OptimSettings
-from sda_jax.train import StepConfig, create_train_state, train_step
+from sda_jax.settings import Settings
+from sda_jax.train import create_train_state, train_step
+from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS
 
 CONFIG = BertConfig(
     vocab_size=21128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
     max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )  # fmt: skip
-OPTIM = OptimSettings(
-    learning_rate=1e-3, warmup_ratio=0.0, weight_decay=0.01, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-    adam_bias_correction=True, lookahead_k=0, lookahead_alpha=1.0, max_grad_norm=0.0,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def batches(afqmc_dir, bert_base_chinese_dir):
-    tokenizer = input_pipeline.load_tokenizer(bert_base_chinese_dir)
-    examples = input_pipeline.read_clue_file(afqmc_dir / "dev.json", ["0", "1"], require_labels=True)
-    encoded = input_pipeline.encode(examples, tokenizer, 32)
+    tokenizer = tokenization.load_tokenizer(bert_base_chinese_dir)
+    data = Settings.from_config(default.get_config()).data
+    encoded = tokenization.encode(splits.read_examples(data, "dev"), tokenizer, 32)
     stream = input_pipeline.eval_batches(encoded, batch_size=16, bucket_lengths=(32,))
     return [next(stream) for _ in range(4)]
 
 
-def make_step(learning_rate=1e-3, **step_options):
+def settings_with(**overrides) -> Settings:
+    """The default settings with `section__key=value` overrides (a double underscore for the dot)."""
+    config = default.get_config()
+    values = {
+        "optim__learning_rate": 1e-3, "optim__warmup_ratio": 0.0, "optim__adam_bias_correction": True,
+        "optim__lookahead_k": 0, "sda__eval_ema_start_step": 0, **overrides,
+    }  # fmt: skip
+    for key, value in values.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return Settings.from_config(config)
+
+
+def make_step(**overrides):
     model = BertForSequenceClassification(CONFIG)
-    tx = optim.make_optimizer(dataclasses.replace(OPTIM, learning_rate=learning_rate), total_steps=100)
-    config = StepConfig(
-        kd_coeff=1.0, teacher_decay=0.995, eval_ema_decay=0.999, eval_ema_start_step=0, lookahead_k=0,
-        lookahead_alpha=1.0, loss_scaling=False, **step_options,
-    )  # fmt: skip
-    state = create_train_state(init_params(CONFIG, jax.random.key(0)), tx, config)
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config))
+    settings = settings_with(**overrides)
+    schedule = optim.Schedule.create(settings.optim, total_steps=100)
+    state = create_train_state(init_params(CONFIG, jax.random.key(0)), schedule, settings, compute_dtype=jnp.float32)
+    step = jax.jit(lambda state, batch, rng: train_step(state, batch, rng, model=model, settings=settings))
     return model, state, step
 
 
@@ -55,7 +70,7 @@ def expected_kd(student_logits, teacher_logits, weights):
 
 @pytest.mark.parametrize("teacher", ["ema", "window", "vote"])
 def test_teacher_variants_match_hand_computation(batches, teacher):
-    model, state, step = make_step(teacher=teacher, teacher_window=2)
+    model, state, step = make_step(sda__teacher=teacher, sda__teacher_window=2)
     students = [state.params]
     rng = jax.random.key(1)
     for t, batch in enumerate(batches[:3], start=1):
@@ -78,17 +93,32 @@ def test_teacher_variants_match_hand_computation(batches, teacher):
         np.testing.assert_allclose(metrics["kd"], expected_kd(student_logits, teacher_logits, batch["weights"]), rtol=2e-4, atol=1e-9)
         students.append(state.params)
         assert float(metrics["kd"]) > 0 or t == 1
-    if teacher != "ema":
-        expected = jax.tree.map(lambda a, b: (a + b) / 2, students[-2], students[-1])
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.teacher_params, expected)
+    expected_members = [students[-2], students[-1]] if teacher != "ema" else None
+    if teacher == "window":
+        expected = jax.tree.map(lambda a, b: (a + b) / 2, *expected_members)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.teacher.single_params(), expected)
+    if teacher == "vote":
+        with pytest.raises(averaging.NotOneModel):
+            state.teacher.single_params()
+        members = state.teacher.members()
+        assert jax.tree.leaves(members)[0].shape[0] == 2
 
 
 def test_snapshot_ring_buffer():
-    snapshots = distill.init_snapshots({"w": jnp.array([0.0])}, 3)
+    window = averaging.make_teacher("window", {"w": jnp.array([0.0])}, decay_cap=0.995, window=3)
     for step, value in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]:
-        snapshots = distill.push_snapshot(snapshots, {"w": jnp.array([value])}, jnp.int32(step))
-    np.testing.assert_array_equal(snapshots["w"][:, 0], [3.0, 4.0, 2.0])
-    np.testing.assert_allclose(distill.snapshot_average(snapshots)["w"], [3.0])
+        window = window.update({"w": jnp.array([value])}, jnp.int32(step))
+    np.testing.assert_array_equal(window.snapshots["w"][:, 0], [3.0, 4.0, 2.0])
+    np.testing.assert_allclose(window.single_params()["w"], [3.0])
+
+
+def test_vote_logits_are_the_mean_of_its_members_logits():
+    vote = averaging.make_teacher("vote", {"w": jnp.array([1.0])}, decay_cap=0.995, window=2)
+    vote = vote.update({"w": jnp.array([3.0])}, jnp.int32(1))
+    forward = lambda params: jnp.stack([params["w"] ** 2, -params["w"]], axis=-1)  # nonlinear in the params
+    np.testing.assert_allclose(vote.logits(forward), [[5.0, -2.0]])  # mean of (9, -3) and (1, -1)
+    window = averaging.WindowTeacher(snapshots=vote.snapshots)
+    np.testing.assert_allclose(window.logits(forward), [[4.0, -2.0]])  # forward of the mean parameter, 2
 
 
 def test_perturbation_norms():
@@ -107,8 +137,11 @@ def test_perturbation_norms():
 
 @pytest.mark.parametrize("method", ["fgm", "pgd"])
 def test_adversarial_training_changes_gradients_and_loss_still_falls(batches, method):
-    _, plain_state, plain_step = make_step(learning_rate=5e-3)
-    _, state, step = make_step(learning_rate=5e-3, adversarial_method=method, adversarial_epsilon=1.0, adversarial_alpha=0.4, adversarial_steps=3)
+    _, plain_state, plain_step = make_step(optim__learning_rate=5e-3)
+    _, state, step = make_step(
+        optim__learning_rate=5e-3, adversarial__method=method, adversarial__epsilon=1.0, adversarial__alpha=0.4,
+        adversarial__steps=3,
+    )  # fmt: skip
     rng = jax.random.key(2)
     plain_next, _ = plain_step(plain_state, batches[0], rng)
     losses = []
@@ -120,3 +153,112 @@ def test_adversarial_training_changes_gradients_and_loss_still_falls(batches, me
             assert moved.max() > 0  # the adversarial gradients changed the update
     # Same four batches in the first and the last cycle: the clean cross-entropy has come down.
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
+
+
+# --- A vote teacher through the command line --------------------------------------------------
+
+VOTE_FLAGS = [
+    *TINY_RUN_FLAGS, "--config.train.max_steps=12", "--config.train.eval_every=12", "--config.train.log_every=4",
+    "--config.train.eval_all_params=True", "--config.sda.teacher=vote", "--config.sda.teacher_window=3",
+    "--config.model.dtype=float32",
+]  # fmt: skip
+_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=_ENV, capture_output=True, text=True, timeout=600,
+        check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vote_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vote") / "run"
+    result = _cli("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", *VOTE_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_vote_teacher_is_scored_as_the_mean_logits_of_its_snapshots(vote_run, bert_base_chinese_dir):
+    dev_records = [json.loads(line) for line in (vote_run / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in dev_records if r["split"] == "dev" and r["params"] == "teacher" and r["step"] == 12)
+    snapshots = read_train_state(vote_run, 12)["teacher"]["snapshots"]
+    config = BertConfig.from_json_file(vote_run / "model" / "config.json")
+    model = BertForSequenceClassification(config)
+    data = Settings.from_config(default.get_config()).data
+    dev = splits.read_split(data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
+    apply = jax.jit(lambda params, batch: model.apply(
+        {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    ))  # fmt: skip
+    logits_per_snapshot = []
+    for k in range(3):
+        params = jax.tree.map(lambda s, k=k: s[k], snapshots)
+        batches = input_pipeline.eval_batches(dev, batch_size=256, bucket_lengths=(64,))
+        logits_per_snapshot.append(np.concatenate([np.asarray(apply(params, b))[b["weights"] > 0] for b in batches]))
+    vote = np.mean(logits_per_snapshot, axis=0)
+    assert not np.allclose(logits_per_snapshot[0], logits_per_snapshot[2])  # the snapshots differ
+    accuracy = float(np.mean(vote.argmax(-1) == dev.labels))
+    shifted = vote - vote.max(-1, keepdims=True)
+    loss = float(np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(len(vote)), dev.labels]))
+    assert logged["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert logged["loss"] == pytest.approx(loss, rel=1e-5)
+    # ... and not what the parameter mean (a window teacher) would score.
+    mean_params = jax.tree.map(lambda s: s.mean(0), snapshots)
+    batches = input_pipeline.eval_batches(dev, batch_size=256, bucket_lengths=(64,))
+    window = np.concatenate([np.asarray(apply(mean_params, b))[b["weights"] > 0] for b in batches])
+    assert np.abs(window - vote).max() > 1e-4
+
+
+def test_vote_teacher_cannot_be_exported_as_one_model(vote_run, tmp_path):
+    result = _cli("sda_jax.export", f"--workdir={vote_run}", f"--out={tmp_path / 'teacher'}", "--params=teacher")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "not one model" in lines[0] and "--params eval_ema" in lines[0] and "sda.teacher=window" in lines[0]
+    assert not (tmp_path / "teacher").exists()
+    student = _cli("sda_jax.export", f"--workdir={vote_run}", f"--out={tmp_path / 'student'}", "--params=student")
+    assert student.returncode == 0, student.stderr[-2000:]
+
+
+def test_lookahead_with_alpha_one_is_skipped_and_changes_nothing(batches):
+    """The recipe's Lookahead(k=5, alpha=1): each sync sets slow := fast, fast := slow, so sda-jax
+    keeps no slow weights and runs no sync: bit-identical to no Lookahead at all.
+
+    The reference computes slow + 1 · (fast − slow), which in float32 gives back fast except
+    where the subtraction rounds (the two far apart in magnitude, e.g. of opposite signs near
+    zero): measured here, 7.5e-4 of the synced weights, each by about one float32 ulp.
+    """
+    _, with_lookahead, step = make_step(optim__lookahead_k=5, optim__lookahead_alpha=1.0)
+    _, without, plain_step = make_step(optim__lookahead_k=0)
+    assert with_lookahead.slow_params is None
+    rng = jax.random.key(3)
+    slow, differing, total = None, 0, 0
+    for i in range(12):
+        with_lookahead, _ = step(with_lookahead, batches[i % len(batches)], rng)
+        without, _ = plain_step(without, batches[i % len(batches)], rng)
+        fast = with_lookahead.params
+        slow = fast if slow is None else slow
+        synced, slow = optim.lookahead_sync(fast, slow, jnp.int32(i + 1), 5, 1.0)
+        for a, b in zip(jax.tree.leaves(synced), jax.tree.leaves(fast), strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_allclose(a, b, rtol=2**-22, atol=1e-9)  # the reference's rounding: an ulp or so
+            if i % 5 == 0:  # a sync step (updates 1, 6, 11)
+                differing, total = differing + int(np.sum(a != b)), total + a.size
+    jax.tree.map(np.testing.assert_array_equal, with_lookahead, without)
+    print(f"lookahead: the reference's alpha=1 syncs move {differing} of {total} synced weights, by rounding")
+    assert differing < 2e-3 * total
+
+
+def test_lookahead_with_other_alpha_keeps_slow_weights(batches):
+    _, state, step = make_step(optim__lookahead_k=2, optim__lookahead_alpha=0.5)
+    assert state.slow_params is not None
+    rng = jax.random.key(3)
+    state, _ = step(state, batches[0], rng)  # update 1: slow := fast
+    jax.tree.map(np.testing.assert_array_equal, state.slow_params, state.params)
+    after_1 = state.params
+    state, _ = step(state, batches[1], rng)  # update 2: no sync
+    state, _ = step(state, batches[2], rng)  # update 3: sync, halfway back towards step 1's weights
+    jax.tree.map(np.testing.assert_array_equal, state.slow_params, state.params)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, after_1)
+    assert max(jax.tree.leaves(moved)) > 0

@@ -15,7 +15,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from sda_jax import input_pipeline, tfds_source
+from sda_jax import network, tfds_source
+from sda_jax.clue_files import read_clue_file
 from sda_jax.errors import InputError
 from tests.conftest import REPO_ROOT
 
@@ -71,7 +72,7 @@ def test_examples_equal_the_json_files(prepared_dir, afqmc_dir, split, offline):
     got = tfds_source.read_tfds_split(
         "tfds:clue_afqmc", split, LABELS, data_dir=prepared_dir, require_labels=split != "test"
     )
-    want = input_pipeline.read_clue_file(afqmc_dir / file_name, LABELS, require_labels=split != "test")
+    want = read_clue_file(afqmc_dir / file_name, LABELS, require_labels=split != "test")
     assert len(got) == len(want) == size
     # clue_afqmc is written unshuffled, so the order is the file's; compared exactly, in order.
     assert got.text_a == want.text_a
@@ -139,7 +140,7 @@ def test_manual_dir_with_the_archive(tmp_path, afqmc_dir, offline):
             lines = (afqmc_dir / file_name).read_text(encoding="utf-8").splitlines(keepends=True)[:5]
             archive.writestr(f"afqmc_public/{file_name}", "".join(lines))
     got = tfds_source.read_tfds_split("tfds:clue_afqmc", "test", LABELS, data_dir=tmp_path / "data", manual_dir=manual)
-    want = input_pipeline.read_clue_file(afqmc_dir / "test.json", LABELS, require_labels=False)
+    want = read_clue_file(afqmc_dir / "test.json", LABELS, require_labels=False)
     assert got.text_a == want.text_a[:5] and got.ids == want.ids[:5]
 
 
@@ -158,14 +159,14 @@ def test_probe_host_is_bounded(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", hang)
     start = time.perf_counter()
-    with pytest.raises(tfds_source.OfflineError, match=r"cannot reach example\.org:443 \(no answer within 0\.5 s\)"):
-        tfds_source.probe_host("https://example.org/x.zip", timeout=0.5)
+    with pytest.raises(network.OfflineError, match=r"cannot reach example\.org:443 \(no answer within 0\.5 s\)"):
+        network.probe_host("https://example.org/x.zip", timeout=0.5)
     assert time.perf_counter() - start < 2
 
 
 def test_core_does_not_import_tensorflow():
     code = (
-        "import sys; import sda_jax.splits, sda_jax.input_pipeline, sda_jax.tfds_source; "
+        "import sys; import sda_jax.splits, sda_jax.input_pipeline, sda_jax.tfds_source, sda_jax.settings; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS
 
 TINY = [
     "--config.model.num_hidden_layers=2",
@@ -65,7 +65,9 @@ def test_compiles_at_most_once_per_bucket(trained):
     assert 1 <= summary["train_step_compilations"] <= summary["num_buckets"] == 8
     assert summary["bucket_lengths"][-1] == 64 and summary["bucket_lengths"] == sorted(set(summary["bucket_lengths"]))
     assert f"Bucket lengths fitted to the train set: {summary['bucket_lengths']}" in result.stdout
-    assert "train step compilations" in result.stdout
+    assert f"compiled programs  {summary['train_step_compilations']} train + " in result.stdout
+    # Evaluation runs in the train step's shapes: one eval program per bucket length, no more.
+    assert summary["eval_step_compilations"] == summary["num_buckets"]
 
 
 def test_dev_metrics_and_best_checkpoint(trained):
@@ -122,3 +124,24 @@ def test_tensorboard_events_and_curves_png(trained):
     assert events and events[0].stat().st_size > 0
     png = (workdir / "training_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_runs_of_other_lengths_share_their_compiled_programs(tmp_path):
+    """The schedule's step counts are arrays in the state, not constants of the programs: a run of
+    another length (or learning rate) finds every program in the persistent compilation cache."""
+    cache = tmp_path / "xla-cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+    def run(workdir, *overrides):
+        args = [
+            sys.executable, "-m", "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}",
+            *TINY_RUN_FLAGS, *overrides,
+        ]  # fmt: skip
+        result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, check=False, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return sorted(p.name for p in cache.iterdir())
+
+    first = run(tmp_path / "a", "--config.train.max_steps=4", "--config.train.eval_every=4")
+    assert len(first) >= 3  # train, eval and stacking programs at least
+    second = run(tmp_path / "b", "--config.train.max_steps=7", "--config.train.eval_every=7", "--config.optim.learning_rate=0.003")
+    assert second == first, (first, second)

@@ -8,7 +8,7 @@ test (3,861). Shuffling is disabled, so reading a split gives the rows in file o
 Sources, in this order:
 1. `manual_dir`, when it holds train.json/dev.json/test.json (or afqmc_public.zip): no network.
 2. The public CLUE archive, downloaded. Before downloading, the host is probed with a short
-   timeout (`sda_jax.tfds_source.probe_host`); if it cannot be reached the build stops at once
+   timeout (`sda_jax.network.probe_host`); if it cannot be reached the build stops at once
    with `OfflineError` (an OSError) instead of waiting out TFDS's ten retries with exponential
    back-off (about 3.5 minutes when the name does not resolve).
 """
@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sda_jax.tfds_source import probe_host
+from sda_jax.network import probe_host
 
 DOWNLOAD_URL = "https://storage.googleapis.com/cluebenchmark/tasks/afqmc_public.zip"
 ARCHIVE_NAME = "afqmc_public.zip"

@@ -1,0 +1,171 @@
+"""Averages of the student's parameters as pytree objects: the SDA teachers and the evaluation EMA.
+
+As Levanter's `ModelAveraging`: the train state holds these objects, `train_step` calls
+`update(student_params, step)` on each after the optimizer update, and asks the teacher for its
+`logits(forward)`, never for its kind. `forward(params) -> logits` is the model's deterministic
+forward pass on the current batch (the reference's `kd_model.eval()`: no dropout, no gradient).
+
+* `EmaTeacher`: the reference's teacher, EMA with decay min(cap, (1 + t) / (10 + t)) after update t.
+* `WindowTeacher`: the SDA paper's teacher, the mean parameters of the last K students.
+* `VoteTeacher`: the paper's SDV, the mean *logits* of the last K students: not one model.
+* `EvalEma`: the reference's evaluation EMA, a copy of the student until its start step.
+* `Current`: the student itself, so that evaluation treats every parameter set alike.
+
+For evaluation, an average is `members()` (one or more parameter sets stacked on a leading axis)
+whose logits `combine` into its own: the mean over members. `evaluate` scores every set of a run
+in one pass over that stack. `single_params()` is the one model an average stands for, for
+checkpoints and export; the vote has none and raises `NotOneModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+Forward = Callable[[Params], jax.Array]  # params -> float32 logits [batch, classes]
+
+
+class NotOneModel(ValueError):
+    """The average is an ensemble of several models (the vote teacher): no single parameter set."""
+
+
+class Average(flax.struct.PyTreeNode):
+    """Interface of a parameter average (see the module docstring); subclasses are pytrees."""
+
+    is_ensemble: ClassVar[bool] = False  # True: several models whose logits are averaged, no single_params
+
+    def update(self, params: Params, step: jax.Array) -> Average:
+        """The average after the student's `step`-th update (step >= 1) gave `params`."""
+        raise NotImplementedError
+
+    def members(self) -> Params:
+        """The parameter sets whose mean logits are this average's logits, stacked: [m, ...]."""
+        return jax.tree.map(lambda p: p[None], self.single_params())
+
+    def single_params(self) -> Params:
+        raise NotImplementedError
+
+    def logits(self, forward: Forward) -> jax.Array:
+        return forward(self.single_params())
+
+    @staticmethod
+    def combine(member_logits: jax.Array) -> jax.Array:
+        """[m, batch, classes] logits of the members -> [batch, classes] logits of the average."""
+        return member_logits.mean(axis=0)
+
+
+class Current(Average):
+    """The student as it is: no averaging."""
+
+    params: Params
+
+    def update(self, params: Params, step: jax.Array) -> Current:
+        del step
+        return self.replace(params=params)
+
+    def single_params(self) -> Params:
+        return self.params
+
+
+class EmaTeacher(Average):
+    """teacher ← decay · teacher + (1 − decay) · student, decay = min(cap, (1 + t) / (10 + t)).
+
+    The ramp lets the teacher follow the student closely while the student moves fast early on.
+    """
+
+    params: Params
+    decay_cap: float = flax.struct.field(pytree_node=False)
+
+    @staticmethod
+    def decay(step: jax.Array, decay_cap: float) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        return jnp.minimum(decay_cap, (1.0 + step) / (10.0 + step))
+
+    def update(self, params: Params, step: jax.Array) -> EmaTeacher:
+        return self.replace(params=ema_update(params, self.params, self.decay(step, self.decay_cap)))
+
+    def single_params(self) -> Params:
+        return self.params
+
+
+class EvalEma(Average):
+    """The evaluation EMA: decay 0 (an exact copy of the student) until `start_step`, then `decay`.
+
+    That reproduces the reference, which creates its EMA as a copy of the student at its start
+    step, with one fixed-shape state and no branch in the train step.
+    """
+
+    params: Params
+    decay: float = flax.struct.field(pytree_node=False)
+    start_step: int = flax.struct.field(pytree_node=False)
+
+    def decay_at(self, step: jax.Array) -> jax.Array:
+        return jnp.where(step <= self.start_step, 0.0, self.decay)
+
+    def update(self, params: Params, step: jax.Array) -> EvalEma:
+        return self.replace(params=ema_update(params, self.params, self.decay_at(step)))
+
+    def single_params(self) -> Params:
+        return self.params
+
+
+class WindowTeacher(Average):
+    """The mean parameters of the last K students (the SDA paper's teacher).
+
+    The snapshots live in one stacked pytree (leading axis K) used as a ring buffer: slot t mod K
+    holds the student after update t; until K updates exist, the initial parameters fill the
+    remaining slots.
+    """
+
+    snapshots: Params  # [K, ...]
+
+    def update(self, params: Params, step: jax.Array) -> WindowTeacher:
+        return self.replace(snapshots=jax.tree.map(lambda s, p: s.at[step % s.shape[0]].set(p), self.snapshots, params))
+
+    def single_params(self) -> Params:
+        return jax.tree.map(lambda s: jnp.mean(s, axis=0), self.snapshots)
+
+
+class VoteTeacher(WindowTeacher):
+    """The mean logits of the last K students (the SDA paper's SDV): K forward passes, one ensemble."""
+
+    is_ensemble: ClassVar[bool] = True
+
+    def members(self) -> Params:
+        return self.snapshots
+
+    def single_params(self) -> Params:
+        raise NotOneModel(
+            "the vote teacher averages the logits of its student snapshots and is not one model"
+        )
+
+    def logits(self, forward: Forward) -> jax.Array:
+        return self.combine(jax.vmap(forward)(self.snapshots))
+
+
+def ema_update(new_params: Params, ema_params: Params, decay: jax.Array) -> Params:
+    """ema ← decay · ema + (1 − decay) · new, leaf by leaf (the reference's s.sub_((1 − d)(s − p)))."""
+    return optax.incremental_update(new_params, ema_params, 1.0 - decay)
+
+
+def stacked_copies(params: Params, k: int) -> Params:
+    """K copies of `params` along a new leading axis (own buffers, never aliases of `params`)."""
+    return jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
+
+
+def make_teacher(kind: str, params: Params, *, decay_cap: float, window: int) -> Average:
+    """The teacher of `sda.teacher` (ema, window or vote), equal to the initial student."""
+    copy = jax.tree.map(jnp.copy, params)
+    if kind == "ema":
+        return EmaTeacher(params=copy, decay_cap=decay_cap)
+    if kind == "window":
+        return WindowTeacher(snapshots=stacked_copies(params, window))
+    if kind == "vote":
+        return VoteTeacher(snapshots=stacked_copies(params, window))
+    raise ValueError(f"unknown teacher {kind!r}")

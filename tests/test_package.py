@@ -1,0 +1,141 @@
+"""The package's shape: clean imports (no flags, no cycles), the command lines' conveniences, the summary."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sda_jax import run_summary
+from sda_jax.stopwatch import Stopwatch
+from tests.conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "sda_jax"
+MODULES = sorted(
+    ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for path in PACKAGE.rglob("*.py")
+)
+
+
+def test_importing_any_module_defines_no_flags():
+    # Libraries (absl, orbax) define flags of their own on import; ours are defined only when a
+    # command starts. tfds_afqmc imports TensorFlow (it registers a TFDS builder); it is only imported on demand.
+    modules = [m for m in MODULES if not m.startswith("sda_jax.tfds_afqmc")]
+    assert "sda_jax.main" in modules and "sda_jax.train" in modules and "sda_jax.export" in modules
+    code = (
+        "import importlib, sys\n"
+        "from absl import flags\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "ours = [f for f in flags.FLAGS if (flags.FLAGS.find_module_defining_flag(f) or '').startswith(('sda_jax', 'configs'))]\n"
+        "print(sorted(ours))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _imports_of(path: pathlib.Path) -> set[str]:
+    """The sda_jax modules a file imports at module level (function-level imports are lazy, not cycles)."""
+    found = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name in MODULES}
+
+
+def test_no_import_cycles():
+    graph = {
+        ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__"): _imports_of(path)
+        for path in PACKAGE.rglob("*.py")
+    }
+    visiting, done = [], set()
+
+    def visit(module):
+        if module in done:
+            return
+        assert module not in visiting, f"import cycle: {' -> '.join([*visiting[visiting.index(module):], module])}"
+        visiting.append(module)
+        for dependency in graph.get(module, ()):
+            if dependency != module and not module.startswith(dependency + "."):
+                visit(dependency)
+        visiting.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)
+
+
+def test_the_tfds_modules_import_each_other_one_way():
+    # The builder used to import back from tfds_source, which re-imported itself to share a class.
+    assert "sda_jax.tfds_source" not in _imports_of(PACKAGE / "tfds_afqmc" / "clue_afqmc_dataset_builder.py")
+    assert "import sda_jax.tfds_source" not in (PACKAGE / "tfds_source.py").read_text()
+
+
+def _train(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "sda_jax.train", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=300
+    )
+
+
+def test_a_bare_config_name_is_read_from_the_shipped_configs(tmp_path):
+    # From another folder, `--config afqmc_small.py` finds configs/afqmc_small.py: the override
+    # below is then checked against that config (a missing file would fail before that).
+    result = _train("--config", "afqmc_small.py", "--config.data.bucket_lengths=(16,80)", f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: config key data.bucket_lengths")
+    missing = _train("--config", "nope.py", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"error: nope.py: no such config file here or in {REPO_ROOT / 'configs'}"]
+    # A file of that name in the current folder wins over the shipped one.
+    (tmp_path / "afqmc_small.py").write_text("def get_config():\n    raise ValueError('the local one')\n")
+    local = _train("--config", "afqmc_small.py", cwd=tmp_path)
+    assert local.returncode == 2 and "the local one" in local.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_help_says_where_bare_config_names_come_from():
+    result = _train("--helpfull", cwd=REPO_ROOT)
+    assert "a bare name not found here is read from" in " ".join(result.stdout.split())
+
+
+def test_stopwatch_phases_add_up_and_nest():
+    clock = Stopwatch()
+    with clock.phase("outer"):
+        time.sleep(0.05)
+        with clock.phase("inner"):
+            time.sleep(0.05)
+        clock.add("compile", 0.02)  # measured elsewhere, inside "outer"
+    times = clock.breakdown()
+    assert times["inner"] == pytest.approx(0.05, abs=0.03)
+    assert times["outer"] == pytest.approx(0.03, abs=0.03)  # 0.1 minus inner minus compile
+    assert times["compile"] == 0.02
+    assert sum(v for k, v in times.items() if k != "wall") == pytest.approx(times["wall"], rel=1e-6)
+
+
+class _Settings:
+    class model:
+        from_scratch = True
+
+    class data:
+        label_names = ("0", "1")
+
+
+class _Splits:
+    class dev:
+        labels = np.array([0, 0, 0, 1])
+
+
+def test_summary_flags_one_class_predictions_and_explains_from_scratch_runs():
+    notes = run_summary.notes({"test_predictions_by_label": {"0": 10, "1": 0}}, _Settings, _Splits)
+    assert notes[0].startswith("warning: every test prediction is label '0'")
+    assert "from scratch" in notes[1] and "0.750" in notes[1] and "pretrained" in notes[1]
+    _Settings.model.from_scratch = False
+    try:
+        assert run_summary.notes({"test_predictions_by_label": {"0": 6, "1": 4}}, _Settings, _Splits) == []
+    finally:
+        _Settings.model.from_scratch = True
