@@ -72,7 +72,9 @@ def restore_best(workdir: pathlib.Path, params_name: str = "eval_ema") -> tuple[
 
     check_workdir(workdir, params_name)
     config, _ = read_model_record(workdir)
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    # Runs from before model.scan_layers existed kept their layers unrolled.
+    scan_layers = read_settings_record(workdir).get("model", {}).get("scan_layers", False)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scan_layers))
     return checkpoints.restore_best_params(workdir, params_name, shapes)
 
 

@@ -29,8 +29,9 @@ import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
+from sda_jax.bert_config import BertConfig
 from sda_jax.errors import InputError
-from sda_jax.models import BertConfig, hf_normal_init, init_params
+from sda_jax.models import hf_normal_init, init_params, scans_layers
 
 SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
@@ -182,34 +183,41 @@ class _Tensor(NamedTuple):
     path: tuple[str, ...]  # in our param tree
     is_linear_weight: bool  # torch Linear [out, in] is a Flax kernel [in, out]
     head: str | None  # "pooler"/"classifier": may be initialised fresh; None: required
+    index: int | None = None  # the slice of a stacked leaf (layers under nn.scan) this tensor is
 
     @property
     def canonical(self) -> str:
         return self.hf_name.removeprefix("bert.")
 
 
-def _tensors(num_layers: int) -> list[_Tensor]:
-    """Every tensor of the model, in HF state-dict order."""
+def _tensors(num_layers: int, scan_layers: bool) -> list[_Tensor]:
+    """Every tensor of the model, in HF state-dict order.
+
+    With `scan_layers`, layers 0 .. L-2 are slices of the stacked leaves under
+    `bert/encoder/layers` (see `models.BertEncoder`); else every layer is `bert/encoder/layer_{i}`.
+    """
     out: list[_Tensor] = []
 
-    def add(hf: str, path: tuple[str, ...], kind: str, head: str | None = None) -> None:
+    def add(hf: str, path: tuple[str, ...], kind: str, head: str | None = None, index: int | None = None) -> None:
         ours = {"linear": ("kernel", "bias"), "norm": ("scale", "bias")}[kind]
-        out.append(_Tensor(f"{hf}.weight", (*path, ours[0]), kind == "linear", head))
-        out.append(_Tensor(f"{hf}.bias", (*path, ours[1]), False, head))
+        out.append(_Tensor(f"{hf}.weight", (*path, ours[0]), kind == "linear", head, index))
+        out.append(_Tensor(f"{hf}.bias", (*path, ours[1]), False, head, index))
 
     for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         path = ("bert", "embeddings", table, "embedding")
         out.append(_Tensor(f"bert.embeddings.{table}.weight", path, False, None))
     add("bert.embeddings.LayerNorm", ("bert", "embeddings", "LayerNorm"), "norm")
     for i in range(num_layers):
-        hf, ours = f"bert.encoder.layer.{i}", ("bert", "encoder", f"layer_{i}")
+        hf = f"bert.encoder.layer.{i}"
+        stacked = scan_layers and i < num_layers - 1
+        ours, index = ("bert", "encoder", "layers" if stacked else f"layer_{i}"), i if stacked else None
         for proj in ("query", "key", "value"):
-            add(f"{hf}.attention.self.{proj}", (*ours, "attention", "self", proj), "linear")
-        add(f"{hf}.attention.output.dense", (*ours, "attention", "output", "dense"), "linear")
-        add(f"{hf}.attention.output.LayerNorm", (*ours, "attention", "output", "LayerNorm"), "norm")
-        add(f"{hf}.intermediate.dense", (*ours, "intermediate", "dense"), "linear")
-        add(f"{hf}.output.dense", (*ours, "output", "dense"), "linear")
-        add(f"{hf}.output.LayerNorm", (*ours, "output", "LayerNorm"), "norm")
+            add(f"{hf}.attention.self.{proj}", (*ours, "attention", "self", proj), "linear", index=index)
+        add(f"{hf}.attention.output.dense", (*ours, "attention", "output", "dense"), "linear", index=index)
+        add(f"{hf}.attention.output.LayerNorm", (*ours, "attention", "output", "LayerNorm"), "norm", index=index)
+        add(f"{hf}.intermediate.dense", (*ours, "intermediate", "dense"), "linear", index=index)
+        add(f"{hf}.output.dense", (*ours, "output", "dense"), "linear", index=index)
+        add(f"{hf}.output.LayerNorm", (*ours, "output", "LayerNorm"), "norm", index=index)
     add("bert.pooler.dense", ("bert", "pooler", "dense"), "linear", head="pooler")
     add("classifier", ("classifier",), "linear", head="classifier")
     return out
@@ -234,7 +242,7 @@ def _fresh_heads(
     """Heads to initialise fresh, with the reason why."""
     fresh = {}
     for head in ("pooler", "classifier"):
-        weight, bias = (t for t in _tensors(0) if t.head == head)
+        weight, bias = (t for t in _tensors(0, scan_layers=False) if t.head == head)
         present = [t.canonical for t in (weight, bias) if t.canonical in by_name]
         if len(present) == 1:
             raise InputError(f"{source}: has {by_name[present[0]]} but not the rest of the {head}")
@@ -249,9 +257,10 @@ def _fresh_heads(
 
 
 def params_from_state_dict(
-    state_dict: Mapping[str, np.ndarray], config: BertConfig, rng: jax.Array, *, source: str
+    state_dict: Mapping[str, np.ndarray], config: BertConfig, rng: jax.Array, *, source: str, scan_layers: bool = True
 ) -> tuple[dict[str, Any], LoadReport]:
-    """Map an HF BERT state dict onto our param tree (the inner dict of `init_params`).
+    """Map an HF BERT state dict onto our param tree (the inner dict of `init_params`), in the
+    layout of `scan_layers`.
 
     `source` names the checkpoint in error messages and the report. `rng` seeds heads that are
     initialised fresh.
@@ -267,7 +276,7 @@ def params_from_state_dict(
     for buffer in _BUFFERS:
         by_name.pop(buffer, None)
 
-    specs = _tensors(config.num_hidden_layers)
+    specs = _tensors(config.num_hidden_layers, scan_layers)
     missing = [t.hf_name for t in specs if t.head is None and t.canonical not in by_name]
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
@@ -276,13 +285,14 @@ def params_from_state_dict(
     fresh = _fresh_heads(state_dict, by_name, config, source)
 
     # The model defines the shapes; eval_shape traces init without computing anything.
-    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda key: init_params(config, key), rng))
+    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda key: init_params(config, key, scan_layers), rng))
     keys = dict(zip(fresh, jax.random.split(rng, max(len(fresh), 1))))
     params: dict[tuple[str, ...], Any] = {}
+    slices: dict[tuple[str, ...], list[np.ndarray]] = {}  # stacked leaves, one array per layer
     loaded: list[str] = []
     initialized: list[str] = []
     for t in specs:
-        shape = shapes[t.path].shape
+        shape = shapes[t.path].shape[1:] if t.index is not None else shapes[t.path].shape
         if t.head in fresh:
             init = hf_normal_init(config) if t.is_linear_weight else jax.nn.initializers.zeros
             params[t.path] = init(keys[t.head], shape, jnp.float32)
@@ -296,8 +306,13 @@ def params_from_state_dict(
                 f"{source}: tensor {original} has shape {list(array.shape)}, "
                 f"the model config needs {list(hf_shape)}"
             )
-        params[t.path] = jnp.asarray(array.T if t.is_linear_weight else array)
+        array = array.T if t.is_linear_weight else array
+        if t.index is None:
+            params[t.path] = jnp.asarray(array)
+        else:
+            slices.setdefault(t.path, []).append(array)
         loaded.append(t.hf_name)
+    params.update({path: jnp.asarray(np.stack(layers)) for path, layers in slices.items()})
 
     report = LoadReport(
         source=source,
@@ -314,17 +329,21 @@ def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     Float32, C-contiguous numpy arrays under HF's names, ready for `safetensors.numpy.save_file`.
     """
-    num_layers = sum(1 for key in params["bert"]["encoder"] if key.startswith("layer_"))
+    encoder = params["bert"]["encoder"]
+    if scans_layers(params):
+        num_layers = jax.tree.leaves(encoder["layers"])[0].shape[0] + 1
+    else:
+        num_layers = sum(1 for key in encoder if key.startswith("layer_"))
     flat = traverse_util.flatten_dict(params)
     out = {}
-    for t in _tensors(num_layers):
-        array = np.asarray(flat[t.path], dtype=np.float32)
+    for t in _tensors(num_layers, scans_layers(params)):
+        array = np.asarray(flat[t.path] if t.index is None else flat[t.path][t.index], dtype=np.float32)
         out[t.hf_name] = np.ascontiguousarray(array.T if t.is_linear_weight else array)
     return out
 
 
 def load_pretrained(
-    model_dir: Path, config: BertConfig, rng: jax.Array
+    model_dir: Path, config: BertConfig, rng: jax.Array, scan_layers: bool = True
 ) -> tuple[dict[str, Any], LoadReport]:
     """Find, read and convert the weights in an HF model folder."""
     model_dir = Path(model_dir)
@@ -334,4 +353,4 @@ def load_pretrained(
             f"{model_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME} (whole or sharded) found; to train from scratch "
             "on purpose, set model.from_scratch=True"
         )
-    return params_from_state_dict(read_state_dict(path), config, rng, source=str(path))
+    return params_from_state_dict(read_state_dict(path), config, rng, source=str(path), scan_layers=scan_layers)

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from sda_jax import hf_checkpoint
+from sda_jax.bert_config import BertConfig
 from sda_jax.errors import InputError
-from sda_jax.models import BertConfig, BertForSequenceClassification, init_params
+from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
 
 
@@ -43,12 +44,13 @@ def load_model(
 ) -> tuple[BertForSequenceClassification, dict[str, Any], str]:
     """Returns (model, float32 params, a one-paragraph note of where the params came from)."""
     config = bert_config(settings, vocab_size)
-    model = BertForSequenceClassification(config=config, dtype=dtype)
+    scan = settings.model.scan_layers
+    model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
     if settings.model.from_scratch:
         note = (
             f"Initialised a {config.num_hidden_layers}-layer, {config.hidden_size}-wide BERT from "
             f"scratch (model.from_scratch=True); architecture from {settings.model.dir / 'config.json'}."
         )
-        return model, init_params(config, rng), note
-    params, report = hf_checkpoint.load_pretrained(settings.model.dir, config, rng)
+        return model, init_params(config, rng, scan), note
+    params, report = hf_checkpoint.load_pretrained(settings.model.dir, config, rng, scan)
     return model, params, report.summary()

@@ -1,32 +1,33 @@
 """BERT for sequence classification in Flax, numerically matching `transformers` (PyTorch).
 
 The module tree mirrors Hugging Face's names (`bert/embeddings/word_embeddings`,
-`bert/encoder/layer_3/attention/self/query`, `classifier`, ...) so that `hf_checkpoint` converts
-a PyTorch state dict with a plain name mapping. Layers are unrolled rather than `nn.scan`-ned for
-the same reason: one HF tensor is one leaf of our param tree.
+`.../attention/self/query`, `classifier`, ...) so that `hf_checkpoint` converts a PyTorch state
+dict with a name mapping. With `scan_layers` (the default) all encoder layers but the last run
+under `nn.scan`: their parameters are stacked along a leading axis (`bert/encoder/layers/...`,
+one slice per layer) and XLA compiles one layer instead of eleven (BERT-base's train step for an
+H100: 12 CPU-s instead of 33, for a step that moves more bytes; benchmarks/RESULTS.md). Without
+it the layers are unrolled, `bert/encoder/layer_{i}`. The last layer, which runs for the [CLS]
+row alone, is `bert/encoder/layer_{L-1}` either way.
 
-Parameters are always float32; `dtype` only sets the compute dtype. In bfloat16/float16 the
-matmuls run in that dtype while LayerNorm statistics, the attention softmax and the returned
-logits stay float32.
+Parameters are always float32; `dtype` only sets the compute dtype, as torch autocast does: the
+matmuls run in that dtype (accumulating in float32) and add their bias in float32; LayerNorm,
+the residual stream it feeds, the attention softmax and the returned logits stay float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sda_jax.bert_config import ACTIVATION_NAMES, BertConfig
 from sda_jax.dropout import Dropout
-from sda_jax.errors import InputError
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form. jax.nn.gelu evaluates it as x/2 * erfc(-x/sqrt(2)); torch's
     # x/2 * (1 + erf(x/sqrt(2))) is 3% faster on CPU in XLA but lands 4x further from torch's
     # updates after 20 steps (XLA's and torch's erf round 1 + erf differently for negative x).
@@ -35,136 +36,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
-
-# Fields without a default in our dataclass: a config.json lacking one of them is not a BERT config.
-_REQUIRED_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-)
-_INT_FIELDS = (*_REQUIRED_FIELDS, "type_vocab_size", "pad_token_id", "num_labels")
-_FLOAT_FIELDS = (
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "layer_norm_eps",
-    "initializer_range",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    """BERT hyper-parameters under their Hugging Face `config.json` names."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int = 2
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    num_labels: int = 2
-    # HF falls back to hidden_dropout_prob when this is None; kept so fine-tuned configs round-trip.
-    classifier_dropout: float | None = None
-
-    def __post_init__(self) -> None:
-        # ValueError here; from_json_file re-raises it as an InputError naming the file.
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004 (see above)
-            if value < (0 if name == "pad_token_id" else 1):
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name in (*_FLOAT_FIELDS, "classifier_dropout"):
-            value = getattr(self, name)
-            if value is None and name == "classifier_dropout":
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004 (see above)
-            if name.endswith(("dropout", "_prob")):
-                if not 0.0 <= value < 1.0:
-                    raise ValueError(f"{name} must be in [0, 1), got {value}")
-            elif value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
-        if self.pad_token_id >= self.vocab_size:
-            raise ValueError(f"pad_token_id {self.pad_token_id} >= vocab_size {self.vocab_size}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_json_file(cls, path: str | Path, **overrides: Any) -> BertConfig:
-        """Read a Hugging Face `config.json`; unknown HF fields are ignored, `overrides` win."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InputError(f"{path}: model config file not found") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: cannot read model config: {err}") from None
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-
-        # Relative position embeddings change the attention maths, which this model lacks.
-        position_type = raw.get("position_embedding_type", "absolute")
-        if position_type != "absolute":
-            raise InputError(f"{path}: position_embedding_type {position_type!r} is not supported")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise InputError(f"{path}: unknown BERT config override(s) {unknown}")
-        values = {k: v for k, v in raw.items() if k in names}
-        # Fine-tuned HF configs usually store id2label instead of num_labels.
-        if "num_labels" not in values and isinstance(raw.get("id2label"), dict):
-            values["num_labels"] = len(raw["id2label"])
-        values.update(overrides)
-        missing = [name for name in _REQUIRED_FIELDS if name not in values]
-        if missing:
-            raise InputError(f"{path}: missing required field(s) {', '.join(missing)}")
-        try:
-            return cls(**values)
-        except ValueError as err:
-            raise InputError(f"{path}: {err}") from None
-
-    def replace(self, **changes: Any) -> BertConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_hf_dict(self, label_names: Sequence[str]) -> dict[str, Any]:
-        """A `config.json` dict that `transformers.BertForSequenceClassification` loads as is."""
-        labels = list(label_names)
-        if len(labels) != self.num_labels:
-            raise ValueError(f"got {len(labels)} label names for num_labels={self.num_labels}")
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"label names are not unique: {labels}")
-        fields = dataclasses.asdict(self)
-        del fields["num_labels"]  # HF derives it from id2label
-        return {
-            "architectures": ["BertForSequenceClassification"],
-            "model_type": "bert",
-            **fields,
-            "position_embedding_type": "absolute",
-            "id2label": {str(i): name for i, name in enumerate(labels)},
-            "label2id": {name: i for i, name in enumerate(labels)},
-        }
-
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
 
 def hf_normal_init(config: BertConfig) -> nn.initializers.Initializer:
     """HF's init for Linear and Embedding weights."""
@@ -182,19 +54,35 @@ def word_embedding_init(config: BertConfig) -> nn.initializers.Initializer:
     return init
 
 
-def _dense(config: BertConfig, features: int, dtype: Any, name: str) -> nn.Dense:
-    # Zero bias and float32 params are the Flax defaults; only the kernel init is HF-specific.
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=hf_normal_init(config),
-        name=name,
-    )
+class Dense(nn.Module):
+    """torch's Linear under autocast: a product in the compute dtype whose bias is added in float32.
+
+    Params `kernel` [in, out] and `bias` as in `nn.Dense`, float32. `nn.Dense(dtype=bf16)` casts
+    the bias to bf16 and adds it there, so the bias gradient becomes a bf16 sum over batch ×
+    length rows (XLA keeps such sums in 16 bits on Hopper). Here the product is widened to
+    float32, the bias added, and the sum rounded once to the compute dtype (as cuBLAS adds
+    torch's bias in its float32 epilogue), so the bias gradient is a float32 sum. In float32 this
+    is exactly `nn.Dense`.
+    """
+
+    features: int
+    dtype: Any
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        return (y.astype(jnp.float32) + bias).astype(self.dtype)
+
+
+def _dense(config: BertConfig, features: int, dtype: Any, name: str) -> Dense:
+    return Dense(features, dtype, hf_normal_init(config), name=name)
 
 
 class LayerNorm(nn.Module):
-    """torch's LayerNorm, (x - mean) * rsqrt(var + eps) * scale + bias, statistics in float32.
+    """torch's LayerNorm, (x - mean) * rsqrt(var + eps) * scale + bias, in float32 (as under autocast).
 
     Params `scale`/`bias` as in `nn.LayerNorm`. Flax folds the scale into the normaliser,
     (x - mean) * (rsqrt(var + eps) * scale), a [batch, length, hidden] product that its backward
@@ -204,7 +92,6 @@ class LayerNorm(nn.Module):
     """
 
     epsilon: float
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -215,11 +102,12 @@ class LayerNorm(nn.Module):
         centered = x - jnp.mean(x, axis=-1, keepdims=True)
         variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
         normalised = centered * jax.lax.rsqrt(variance + self.epsilon)
-        return (normalised * scale + bias).astype(self.dtype)
+        return normalised * scale + bias
 
 
-def _layer_norm(config: BertConfig, dtype: Any) -> LayerNorm:
-    return LayerNorm(config.layer_norm_eps, dtype, name="LayerNorm")
+def _layer_norm(config: BertConfig) -> LayerNorm:
+    # Its float32 output is the residual stream, as autocast keeps it: the next matmul casts.
+    return LayerNorm(config.layer_norm_eps, name="LayerNorm")
 
 
 class BertEmbeddings(nn.Module):
@@ -233,7 +121,7 @@ class BertEmbeddings(nn.Module):
         cfg = self.config
 
         def embed(num: int, name: str, init: nn.initializers.Initializer) -> nn.Embed:
-            # Lookups are cheap; the sum stays float32 until LayerNorm casts to the compute dtype.
+            # Lookups are cheap; the sum stays float32, as does the LayerNorm of it.
             return nn.Embed(
                 num, cfg.hidden_size, embedding_init=init, param_dtype=jnp.float32, name=name
             )
@@ -244,7 +132,7 @@ class BertEmbeddings(nn.Module):
         normal = hf_normal_init(cfg)
         x = x + embed(cfg.type_vocab_size, "token_type_embeddings", normal)(token_type_ids)
         x = x + embed(cfg.max_position_embeddings, "position_embeddings", normal)(positions)
-        x = _layer_norm(cfg, self.dtype)(x)
+        x = _layer_norm(cfg)(x)
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -287,7 +175,7 @@ class BertResidualOutput(nn.Module):
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, self.dtype, "dense")(x)
         x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-        return _layer_norm(cfg, self.dtype)(x + residual)
+        return _layer_norm(cfg)(x + residual)  # a compute-dtype branch plus the float32 stream: float32
 
 
 class BertAttention(nn.Module):
@@ -313,7 +201,15 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _dense(self.config, self.config.intermediate_size, self.dtype, "dense")(x)
-        return _ACTIVATIONS[self.config.hidden_act](x)
+        # Evaluated in float32 and rounded once, as torch's GELU kernel does for bf16/fp16 input.
+        return ACTIVATIONS[self.config.hidden_act](x.astype(jnp.float32)).astype(self.dtype)
+
+
+def _layer(config: BertConfig, dtype: Any, x: jax.Array, key_mask: jax.Array, deterministic: bool, cls_only: bool):
+    """One transformer layer's submodules, created in the calling module (BertLayer or a scanned one)."""
+    x = BertAttention(config, dtype, name="attention")(x, key_mask, deterministic=deterministic, cls_only=cls_only)
+    h = BertIntermediate(config, dtype, name="intermediate")(x)
+    return BertResidualOutput(config, dtype, name="output")(h, x, deterministic=deterministic)
 
 
 class BertLayer(nn.Module):
@@ -326,31 +222,51 @@ class BertLayer(nn.Module):
     def __call__(
         self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool, cls_only: bool = False
     ) -> jax.Array:
-        x = BertAttention(self.config, self.dtype, name="attention")(
-            x, key_mask, deterministic=deterministic, cls_only=cls_only
-        )
-        h = BertIntermediate(self.config, self.dtype, name="intermediate")(x)
-        return BertResidualOutput(self.config, self.dtype, name="output")(
-            h, x, deterministic=deterministic
-        )
+        return _layer(self.config, self.dtype, x, key_mask, deterministic, cls_only)
+
+
+class _ScannedLayer(nn.Module):
+    """A full layer as the body of `nn.scan`: (carry, key_mask) -> (carry, nothing)."""
+
+    config: BertConfig
+    dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
+        return _layer(self.config, self.dtype, x, key_mask, self.deterministic, cls_only=False), None
 
 
 class BertEncoder(nn.Module):
-    """The layer stack; returns the last layer's [CLS] row, [batch, hidden]."""
+    """The layer stack; returns the last layer's [CLS] row, [batch, hidden].
+
+    Layers 0 .. L-2 are one `nn.scan` (params stacked under `layers`, a dropout key per layer)
+    or, without `scan_layers`, unrolled (`layer_0` ...); only the [CLS] row of the last layer
+    reaches the pooler, so that layer (`layer_{L-1}`) projects queries, attends, and runs its
+    output and feed-forward blocks for that row alone: the same logits for 10/12 less of one
+    layer's matmul work per token.
+    """
 
     config: BertConfig
     dtype: Any = jnp.float32
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool) -> jax.Array:
         last = self.config.num_hidden_layers - 1
-        for i in range(self.config.num_hidden_layers):
-            # Only the [CLS] row of the last layer reaches the pooler, so that layer projects
-            # queries, attends, and runs its output and feed-forward blocks for that row alone:
-            # the same logits for 10/12 less of one layer's matmul work per token.
-            x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(
-                x, key_mask, deterministic=deterministic, cls_only=i == last
+        if not self.scan_layers:
+            for i in range(last):
+                x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, key_mask, deterministic=deterministic)
+        elif last:
+            layers = nn.scan(
+                _ScannedLayer,
+                variable_axes={"params": 0, "intermediates": 0},  # intermediates: for inspection only
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=last,
             )
+            x, _ = layers(self.config, self.dtype, deterministic, name="layers")(x, key_mask)
+        x = BertLayer(self.config, self.dtype, name=f"layer_{last}")(x, key_mask, deterministic=deterministic, cls_only=True)
         return x[:, 0]
 
 
@@ -370,6 +286,7 @@ class BertModel(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -383,7 +300,7 @@ class BertModel(nn.Module):
         x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
             input_ids, token_type_ids, deterministic=deterministic
         )
-        x = BertEncoder(self.config, self.dtype, name="encoder")(
+        x = BertEncoder(self.config, self.dtype, self.scan_layers, name="encoder")(
             x, attention_mask.astype(bool), deterministic=deterministic
         )
         return BertPooler(self.config, self.dtype, name="pooler")(x)
@@ -395,11 +312,12 @@ class BertForSequenceClassification(nn.Module):
     Call as `model.apply({"params": params}, input_ids, token_type_ids, attention_mask,
     deterministic=False, rngs={"dropout": key})` for training; the default
     `deterministic=True` needs no rng. Inputs are int [batch, length]; `attention_mask` is 1 for
-    real tokens and 0 for padding.
+    real tokens and 0 for padding. `scan_layers` picks the encoder's layout (see `BertEncoder`).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -424,7 +342,7 @@ class BertForSequenceClassification(nn.Module):
                 f"sequence length {input_ids.shape[1]} exceeds "
                 f"max_position_embeddings {cfg.max_position_embeddings}"
             )
-        pooled = BertModel(cfg, self.dtype, name="bert")(
+        pooled = BertModel(cfg, self.dtype, self.scan_layers, name="bert")(
             input_ids, token_type_ids, attention_mask, deterministic=deterministic
         )
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
@@ -433,20 +351,25 @@ class BertForSequenceClassification(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def init_params(config: BertConfig, rng: jax.Array) -> dict[str, Any]:
-    """Fresh float32 params with HF's initialisation.
+def init_params(config: BertConfig, rng: jax.Array, scan_layers: bool = True) -> dict[str, Any]:
+    """Fresh float32 params with HF's initialisation, in the layout of `scan_layers`.
 
     Returns the inner dict `{"bert": ..., "classifier": ...}`; callers wrap it as
     `model.apply({"params": params}, ...)`.
     """
     dummy = jnp.zeros((1, 1), jnp.int32)
-    return _jitted_init(config)({"params": rng}, dummy, dummy, dummy)["params"]
+    return _jitted_init(config, scan_layers)({"params": rng}, dummy, dummy, dummy)["params"]
 
 
 @functools.cache
-def _jitted_init(config: BertConfig) -> Callable[..., Any]:
+def _jitted_init(config: BertConfig, scan_layers: bool) -> Callable[..., Any]:
     # One compiled init per config, rather than a retrace and recompile on every call.
-    return jax.jit(BertForSequenceClassification(config).init)
+    return jax.jit(BertForSequenceClassification(config, scan_layers=scan_layers).init)
+
+
+def scans_layers(params: dict[str, Any]) -> bool:
+    """Whether a param tree has the `scan_layers` layout (stacked `bert/encoder/layers`)."""
+    return "layers" in params["bert"]["encoder"]
 
 
 def flops_per_token(config: BertConfig, seq_len: int) -> float:

@@ -20,9 +20,9 @@ from typing import Any
 import transformers
 
 from sda_jax import atomic_write
+from sda_jax.bert_config import BertConfig
 from sda_jax.errors import InputError
 from sda_jax.metrics_writer import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR
-from sda_jax.models import BertConfig
 
 MODEL_DIR = "model"
 SETTINGS_FILE = "settings.json"

@@ -47,6 +47,7 @@ class ModelSettings:
     from_scratch: bool
     overrides: tuple[tuple[str, int], ...]  # (BertConfig field, value) pairs set in the config
     dtype: str
+    scan_layers: bool  # encoder layers under nn.scan (stacked params) rather than unrolled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +152,7 @@ class Settings:
             from_scratch=reader.boolean("model.from_scratch"),
             overrides=overrides,
             dtype=reader.choice("model.dtype", _DTYPES),
+            scan_layers=reader.boolean("model.scan_layers"),
         )
         if overrides and not model.from_scratch:
             raise InputError(

@@ -56,17 +56,22 @@ class TrainState:
     opt_state: optax.OptState
     slow_params: Params | None  # Lookahead's slow weights; None when Lookahead is a no-op (alpha = 1)
     teacher: averaging.Average  # what the student distils from: EmaTeacher, WindowTeacher or VoteTeacher
-    eval_ema: averaging.EvalEma  # what dev evaluation scores once it has started
+    eval_ema: averaging.EvalEma | None  # what dev evaluation scores once it has started; None if it never does
     schedule: optim.Schedule  # learning-rate numbers as arrays: the programs do not depend on the run's length
     loss_scale: mixed_precision.LossScale | None  # float16 only
     skipped_steps: jax.Array  # int32: fp16 steps skipped for non-finite gradients
 
 
-def create_train_state(params: Params, schedule: optim.Schedule, settings: Settings, *, compute_dtype: Any) -> TrainState:
+def create_train_state(
+    params: Params, schedule: optim.Schedule, settings: Settings, *, compute_dtype: Any, eval_ema_starts: bool = True
+) -> TrainState:
     """The state before step 1: teacher, eval EMA (and Lookahead's slow weights) equal the student.
 
     `schedule` is an argument (not built here from the run's length) so that this program, too,
-    is the same for runs of any length.
+    is the same for runs of any length. Without `eval_ema_starts` (a run that ends before
+    `sda.eval_ema_start_step`, as the reference recipe's one AFQMC epoch of 537 steps does before
+    step 800) no evaluation EMA is kept: it would be a copy of the student at every step, 8 bytes
+    per parameter of traffic per step for nothing.
     """
     sda = settings.sda
     return TrainState(
@@ -75,7 +80,11 @@ def create_train_state(params: Params, schedule: optim.Schedule, settings: Setti
         opt_state=optim.make_optimizer(settings.optim).init(params),
         slow_params=jax.tree.map(jnp.copy, params) if optim.uses_lookahead(settings.optim) else None,
         teacher=averaging.make_teacher(sda.teacher, params, decay_cap=sda.teacher_decay, window=sda.teacher_window),
-        eval_ema=averaging.EvalEma(jax.tree.map(jnp.copy, params), sda.eval_ema_decay, sda.eval_ema_start_step),
+        eval_ema=(
+            averaging.EvalEma(jax.tree.map(jnp.copy, params), sda.eval_ema_decay, sda.eval_ema_start_step)
+            if eval_ema_starts
+            else None
+        ),
         schedule=schedule,
         loss_scale=(
             mixed_precision.LossScale.create(settings.fp16.initial_loss_scale, settings.fp16.growth_interval)
@@ -88,7 +97,8 @@ def create_train_state(params: Params, schedule: optim.Schedule, settings: Setti
 
 def param_sets(state: TrainState) -> dict[str, averaging.Average]:
     """The run's parameter sets by the names logs, checkpoints and export use."""
-    return {"eval_ema": state.eval_ema, "student": averaging.Current(state.params), "teacher": state.teacher}
+    eval_ema = averaging.Current(state.params) if state.eval_ema is None else state.eval_ema
+    return {"eval_ema": eval_ema, "student": averaging.Current(state.params), "teacher": state.teacher}
 
 
 def single_models(sets: dict[str, averaging.Average]) -> dict[str, Params]:
@@ -155,7 +165,7 @@ def train_step(
         opt_state=opt_state,
         slow_params=slow_params,
         teacher=state.teacher.update(params, step),
-        eval_ema=state.eval_ema.update(params, step),
+        eval_ema=None if state.eval_ema is None else state.eval_ema.update(params, step),
         loss_scale=loss_scale,
         skipped_steps=skipped_steps,
     )
@@ -165,29 +175,59 @@ def train_step(
     return new_state, metrics
 
 
+def jit_train_step(model: Any, settings: Settings, mesh: jax.sharding.Mesh, state_sharding: Any) -> Any:
+    """`train_step` jitted for the mesh: batch rows split over devices, the state donated."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        functools.partial(train_step, model=model, settings=settings),
+        in_shardings=(state_sharding, parallel.batch_sharding(mesh), replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+
+
+def abstract_train_state(
+    param_shapes: Any, settings: Settings, total_steps: int, compute_dtype: Any, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """The train state's shapes, dtypes and (replicated) shardings, derived with `jax.eval_shape`:
+    what compiling needs, with nothing allocated (also for a device that is not there)."""
+    create = functools.partial(
+        create_train_state, settings=settings, compute_dtype=compute_dtype,
+        eval_ema_starts=total_steps > settings.sda.eval_ema_start_step,
+    )  # fmt: skip
+    shapes = jax.eval_shape(create, param_shapes, optim.Schedule.create(settings.optim, total_steps))
+    replicated = parallel.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+
+
 def place_state_and_step(
     params: Params, model: Any, settings: Settings, total_steps: int, mesh: jax.sharding.Mesh, clock: Stopwatch | None = None
 ) -> tuple[TrainState, BucketedJit]:
-    """The initial state, replicated on the mesh, and the train step compiled once per batch shape.
+    """The initial state, replicated on the mesh, and the train step compiled once per batch shape."""
+    abstract = abstract_train_state(params, settings, total_steps, model.dtype, mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+    create = functools.partial(
+        create_train_state, settings=settings, compute_dtype=model.dtype,
+        eval_ema_starts=total_steps > settings.sda.eval_ema_start_step,
+    )  # fmt: skip
+    state = jax.jit(create, out_shardings=state_sharding)(params, optim.Schedule.create(settings.optim, total_steps))
+    return state, BucketedJit(jit_train_step(model, settings, mesh, state_sharding), batch_shape_key, clock)
 
-    Shardings come from `jax.eval_shape` of the state, so nothing is allocated to derive them.
-    """
-    replicated = parallel.replicated(mesh)
-    create = functools.partial(create_train_state, settings=settings, compute_dtype=model.dtype)
-    schedule = optim.Schedule.create(settings.optim, total_steps)
-    state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(create, params, schedule))
-    state = jax.jit(create, out_shardings=state_sharding)(params, schedule)
-    train_fn = BucketedJit(
-        jax.jit(
-            functools.partial(train_step, model=model, settings=settings),
-            in_shardings=(state_sharding, parallel.batch_sharding(mesh), replicated),
-            out_shardings=(state_sharding, replicated),
-            donate_argnums=0,
-        ),
-        batch_shape_key,
-        clock,
-    )
-    return state, train_fn
+
+def jit_eval_step(model: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`evaluate.eval_step` jitted for the mesh: outputs sharded like the batch rows."""
+    return jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=parallel.batch_sharding(mesh))
+
+
+def abstract_batch(batch_size: int, length: int, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and sharding of a device batch of `length` tokens, for compiling ahead."""
+    sharding = parallel.batch_sharding(mesh)
+    matrix = lambda dtype: jax.ShapeDtypeStruct((batch_size, length), dtype, sharding=sharding)
+    row = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype, sharding=sharding)
+    return {
+        "input_ids": matrix(jnp.int32), "token_type_ids": matrix(jnp.int32), "attention_mask": matrix(jnp.int32),
+        "labels": row(jnp.int32), "weights": row(jnp.float32),
+    }  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +293,7 @@ def train_and_evaluate(
     programs = _EvalPrograms(model, mesh, bucket_lengths, batch_size, clock)
     with clock.phase("compile"):
         # Every program of the run, up front and side by side: train and eval per bucket length.
-        tasks = [(train_fn, (state, _abstract_batch(batch_size, n, mesh), dropout_rng)) for n in bucket_lengths]
+        tasks = [(train_fn, (state, abstract_batch(batch_size, n, mesh), dropout_rng)) for n in bucket_lengths]
         tasks += programs.compile_tasks(dev_sets)
         compile_wall = compile_concurrently(tasks)
 
@@ -351,11 +391,7 @@ class _EvalPrograms:
             lambda singles, ensembles: (len(singles), len(ensembles)),
             clock,
         )
-        self.eval_fn = BucketedJit(
-            jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=parallel.batch_sharding(mesh)),
-            batch_shape_key,
-            clock,
-        )
+        self.eval_fn = BucketedJit(jit_eval_step(model, mesh), batch_shape_key, clock)
 
     def compile_tasks(self, sets: dict[str, averaging.Average]) -> list[tuple[BucketedJit, tuple]]:
         """What `compile_concurrently` needs to build every program that evaluating `sets` runs."""
@@ -363,7 +399,7 @@ class _EvalPrograms:
         singles, ensembles = placed(jax.eval_shape(lambda s: evaluate.set_parts(s)[1:], sets))
         members = placed(jax.eval_shape(evaluate.stack_members, singles, ensembles))
         tasks = [(self.stack, (singles, ensembles))]
-        return tasks + [(self.eval_fn, (members, _abstract_batch(self.batch_size, n, self.mesh))) for n in self.bucket_lengths]
+        return tasks + [(self.eval_fn, (members, abstract_batch(self.batch_size, n, self.mesh))) for n in self.bucket_lengths]
 
     def logits(self, sets: dict[str, averaging.Average], encoded: Any) -> dict[str, np.ndarray]:
         """{name: logits} of every set on every example of `encoded`, in file order."""
@@ -373,17 +409,6 @@ class _EvalPrograms:
             encoded, batch_size=self.batch_size, bucket_lengths=self.bucket_lengths, order=order
         )
         return evaluate.collect_logits(self.eval_fn, stacked, parallel.prefetch_to_mesh(batches, self.mesh), order)
-
-
-def _abstract_batch(batch_size: int, length: int, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes, dtypes and sharding of a device batch of `length` tokens, for compiling ahead."""
-    sharding = parallel.batch_sharding(mesh)
-    matrix = lambda dtype: jax.ShapeDtypeStruct((batch_size, length), dtype, sharding=sharding)
-    row = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype, sharding=sharding)
-    return {
-        "input_ids": matrix(jnp.int32), "token_type_ids": matrix(jnp.int32), "attention_mask": matrix(jnp.int32),
-        "labels": row(jnp.int32), "weights": row(jnp.float32),
-    }  # fmt: skip
 
 
 def report_train(window: list[dict[str, np.ndarray]], step: int, schedule: optim.Schedule, progress, writer) -> None:

@@ -6,12 +6,14 @@ about 0.01 and a 1e-5 tolerance would prove little.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,9 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
+from flax import traverse_util
 
+from sda_jax.bert_config import BertConfig
 from sda_jax.dropout import Dropout, threefry_bits
 from sda_jax.errors import InputError
 from sda_jax.hf_checkpoint import (
@@ -31,10 +35,10 @@ from sda_jax.hf_checkpoint import (
     state_dict_from_params,
 )
 from sda_jax.models import (
-    BertConfig,
     BertForSequenceClassification,
     BertModel,
     BertSelfAttention,
+    Dense,
     LayerNorm,
     flops_per_token,
     init_params,
@@ -43,7 +47,7 @@ from sda_jax.models import (
 TINY = {
     "vocab_size": 100,
     "hidden_size": 32,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 3,  # two of them stacked under nn.scan
     "num_attention_heads": 4,
     "intermediate_size": 37,
     "max_position_embeddings": 40,
@@ -116,6 +120,16 @@ def classifier(classifier_dir: Path):
     return model, config, params
 
 
+def test_unrolled_and_scanned_layers_give_the_same_logits(classifier_dir: Path, classifier) -> None:
+    _, config, scanned = classifier
+    unrolled, _ = load_pretrained(classifier_dir, config, KEY, scan_layers=False)
+    assert "layer_0" in unrolled["bert"]["encoder"] and "layers" in scanned["bert"]["encoder"]
+    logits = lambda params, scan: np.asarray(
+        BertForSequenceClassification(config, scan_layers=scan).apply({"params": params}, *batch())
+    )
+    np.testing.assert_allclose(logits(unrolled, False), logits(scanned, True), rtol=0, atol=1e-6)
+
+
 def test_logits_match_transformers(classifier_dir: Path, classifier) -> None:
     model, config, _ = classifier
     params, report = load_pretrained(classifier_dir, config, KEY)
@@ -138,10 +152,10 @@ def test_last_layer_runs_on_the_cls_row_alone(classifier) -> None:
         {"params": params}, *batch(), capture_intermediates=lambda mdl, _: mdl.name == "intermediate"
     )
     encoder = captured["intermediates"]["bert"]["encoder"]
-    shape = lambda i: encoder[f"layer_{i}"]["intermediate"]["__call__"][0].shape
     last = config.num_hidden_layers - 1
-    assert [shape(i) for i in range(last)] == [(BATCH, LENGTH, config.intermediate_size)] * last
-    assert shape(last) == (BATCH, 1, config.intermediate_size)
+    # The scanned layers stack their intermediates: [layers, batch, length, intermediate].
+    assert encoder["layers"]["intermediate"]["__call__"][0].shape == (last, BATCH, LENGTH, config.intermediate_size)
+    assert encoder[f"layer_{last}"]["intermediate"]["__call__"][0].shape == (BATCH, 1, config.intermediate_size)
 
 
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
@@ -335,10 +349,12 @@ def test_half_precision_safetensors_read_as_float32(tmp_path: Path, dtype: torch
     np.testing.assert_array_equal(state["ids"], np.arange(5))
 
 
-def test_round_trip_is_bit_identical(classifier) -> None:
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_round_trip_is_bit_identical(classifier, scan_layers: bool) -> None:
     model, config, _ = classifier
     state = {k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-    params, _ = params_from_state_dict(state, config, KEY, source="mem")
+    params, _ = params_from_state_dict(state, config, KEY, source="mem", scan_layers=scan_layers)
+    assert ("layers" in params["bert"]["encoder"]) == scan_layers
     back = state_dict_from_params(params)
     assert list(back) == list(state)
     for name, array in back.items():
@@ -370,9 +386,13 @@ def test_init_params_tree_and_hf_init(classifier) -> None:
     emb = fresh["bert"]["embeddings"]
     assert np.all(np.asarray(emb["word_embeddings"]["embedding"][config.pad_token_id]) == 0)
     assert np.all(np.asarray(emb["LayerNorm"]["scale"]) == 1)
-    query = fresh["bert"]["encoder"]["layer_0"]["attention"]["self"]["query"]
+    query = fresh["bert"]["encoder"]["layers"]["attention"]["self"]["query"]  # stacked: [layers - 1, in, out]
+    assert query["kernel"].shape == (config.num_hidden_layers - 1, config.hidden_size, config.hidden_size)
     assert np.all(np.asarray(query["bias"]) == 0)
     assert abs(float(np.asarray(query["kernel"]).std()) - config.initializer_range) < 0.005
+    # Each scanned layer draws its own initial weights.
+    deeper = init_params(config.replace(num_hidden_layers=3), KEY)["bert"]["encoder"]["layers"]["attention"]["self"]
+    assert not np.array_equal(np.asarray(deeper["query"]["kernel"][0]), np.asarray(deeper["query"]["kernel"][1]))
 
 
 def test_bfloat16_compute_close_to_float32(classifier) -> None:
@@ -409,7 +429,7 @@ def test_dropout_needs_rng_only_when_not_deterministic(classifier) -> None:
 
     # The self-attention block has no other dropout, so a change proves attention-probs dropout.
     attention = BertSelfAttention(config)
-    variables = {"params": params["bert"]["encoder"]["layer_0"]["attention"]["self"]}
+    variables = {"params": params["bert"]["encoder"][f"layer_{config.num_hidden_layers - 1}"]["attention"]["self"]}
     x = jax.random.normal(KEY, (2, LENGTH, config.hidden_size))
     key_mask = jnp.ones((2, LENGTH), bool)
     rngs = {"dropout": jax.random.key(3)}
@@ -474,8 +494,49 @@ def test_layer_norm_matches_torch() -> None:
         torch.from_numpy(x), (33,), torch.from_numpy(scale), torch.from_numpy(bias), 1e-12
     )
     np.testing.assert_allclose(ours, theirs.numpy(), atol=2e-6, rtol=1e-6)
-    half = LayerNorm(1e-12, jnp.bfloat16).apply({"params": {"scale": scale, "bias": bias}}, x)
-    assert half.dtype == jnp.bfloat16
+    # As under torch autocast, LayerNorm computes and returns float32 whatever it is given: the
+    # residual stream stays float32 under bf16 compute.
+    half = LayerNorm(1e-12).apply({"params": {"scale": scale, "bias": bias}}, x.astype(jnp.bfloat16))
+    assert half.dtype == jnp.float32
+
+
+def test_dense_is_flax_dense_in_float32_and_adds_its_bias_in_float32() -> None:
+    x = jax.random.normal(KEY, (3, 5, 8))
+    ours = Dense(4, jnp.float32, nn.initializers.normal(1.0))
+    params = ours.init(KEY, x)
+    np.testing.assert_array_equal(ours.apply(params, x), nn.Dense(4).apply(params, x))
+    half = Dense(4, jnp.bfloat16, nn.initializers.normal(1.0))
+    assert half.apply(params, x).dtype == jnp.bfloat16
+    # The bias gradient is a float32 sum over rows, so it traces with 16-bit sums forbidden.
+    loss = lambda p: jnp.sum(half.apply(p, x).astype(jnp.float32) ** 2)
+    with _no_f16_sums():
+        grads = jax.grad(loss)(params)
+    assert grads["params"]["bias"].dtype == jnp.float32
+    with _no_f16_sums(), pytest.raises(ValueError, match="reduce_sum"):
+        jax.grad(lambda p: jnp.sum(nn.Dense(4, dtype=jnp.bfloat16).apply(p, x).astype(jnp.float32) ** 2))(params)
+
+
+@contextlib.contextmanager
+def _no_f16_sums():
+    previous = jax.config.jax_allow_f16_reductions
+    jax.config.update("jax_allow_f16_reductions", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_allow_f16_reductions", previous)
+
+
+def test_bfloat16_model_keeps_the_residual_stream_in_float32(classifier) -> None:
+    _, config, params = classifier
+    model = BertForSequenceClassification(config, dtype=jnp.bfloat16)
+    _, captured = model.apply(
+        {"params": params}, *batch(), capture_intermediates=lambda mdl, _: mdl.name in ("LayerNorm", "query", "intermediate")
+    )
+    flat = {"/".join(k): v[0] for k, v in traverse_util.flatten_dict(captured["intermediates"]).items()}
+    norms = {k: v.dtype for k, v in flat.items() if "LayerNorm" in k}
+    assert norms and set(norms.values()) == {jnp.dtype(jnp.float32)}, norms
+    matmuls = {k: v.dtype for k, v in flat.items() if "query" in k or "intermediate" in k}
+    assert matmuls and set(matmuls.values()) == {jnp.dtype(jnp.bfloat16)}, matmuls
 
 
 def test_config_from_json_errors(tmp_path: Path, bert_base_chinese_dir: Path) -> None:

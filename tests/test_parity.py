@@ -44,9 +44,10 @@ import transformers
 from benchmarks.torch_reference import RecipeConfig, SdaTrainer, torch_batch
 from configs import default
 from sda_jax import export, input_pipeline, optim, splits, tokenization
+from sda_jax.bert_config import BertConfig
 from sda_jax.clue_files import read_clue_file
 from sda_jax.hf_checkpoint import params_from_state_dict, state_dict_from_params
-from sda_jax.models import BertConfig, BertForSequenceClassification
+from sda_jax.models import BertForSequenceClassification
 from sda_jax.settings import Settings
 from sda_jax.train import create_train_state, train_step
 from tests.conftest import REPO_ROOT

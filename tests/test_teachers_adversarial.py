@@ -16,8 +16,9 @@ import pytest
 
 from configs import default
 from sda_jax import adversarial, averaging, input_pipeline, optim, splits, tokenization
+from sda_jax.bert_config import BertConfig
 from sda_jax.checkpoints import read_train_state
-from sda_jax.models import BertConfig, BertForSequenceClassification, init_params
+from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
 from sda_jax.train import create_train_state, train_step
 from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS
@@ -262,3 +263,35 @@ def test_lookahead_with_other_alpha_keeps_slow_weights(batches):
     jax.tree.map(np.testing.assert_array_equal, state.slow_params, state.params)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, after_1)
     assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("teacher", ["ema", "vote"])
+def test_16_bit_train_step_sums_nothing_in_16_bits(batches, dtype, teacher):
+    """Gradient sums (bias gradients above all, over batch × length rows) stay float32: with JAX
+    told to refuse 16-bit sums, the whole step, FGM included, still traces."""
+    model = BertForSequenceClassification(CONFIG, dtype=dtype)
+    settings = settings_with(sda__teacher=teacher, adversarial__method="fgm")
+    schedule = optim.Schedule.create(settings.optim, total_steps=100)
+    state = create_train_state(init_params(CONFIG, jax.random.key(0)), schedule, settings, compute_dtype=dtype)
+    step = lambda state, batch: train_step(state, batch, jax.random.key(1), model=model, settings=settings)
+    previous = jax.config.jax_allow_f16_reductions
+    jax.config.update("jax_allow_f16_reductions", False)
+    try:
+        new_state, metrics = jax.eval_shape(step, state, batches[0])
+    finally:
+        jax.config.update("jax_allow_f16_reductions", previous)
+    assert new_state.params["classifier"]["bias"].dtype == jnp.float32 and metrics["loss"].dtype == jnp.float32
+    assert (new_state.loss_scale is not None) == (dtype == jnp.float16)
+
+
+def test_an_eval_ema_that_never_starts_is_not_kept(vote_run):
+    """The run ends (step 12) before sda.eval_ema_start_step (500): the eval EMA would be the
+    student at every step, so the state keeps none and evaluation scores the student for it."""
+    state = read_train_state(vote_run, 12)
+    assert state.get("eval_ema") is None and "params" in state and "teacher" in state
+    dev = [json.loads(line) for line in (vote_run / "metrics.jsonl").read_text().splitlines()]
+    by_name = {r["params"]: r for r in dev if r["split"] == "dev" and r["step"] == 12}
+    assert {k: v for k, v in by_name["eval_ema"].items() if k != "params"} == {
+        k: v for k, v in by_name["student"].items() if k != "params"
+    }
