@@ -10,9 +10,19 @@ Forms, all on the same AFQMC batches (the host bucket sampler, seed 2021):
 * `torch seed`: the notebook as written: fp16 autocast + GradScaler (on CUDA; the notebook's CUDA
   autocast does nothing on CPU, so fp32 there), teacher/eval EMA as Python loops over parameters,
   batches padded to their own longest row (the notebook's Collator);
-* `torch eager`: the best eager form: bf16 autocast (fp32 on CPU), `torch._foreach_*` EMAs;
-* `torch compile`: the eager form under `torch.compile`, fed the bucket shapes so it compiles once
-  per bucket.
+* `torch eager`: the best eager form: bf16 autocast (fp32 on CPU); the seed's AdamW (no bias
+  correction, two groups) and Lookahead as multi-tensor `torch._foreach_*` ops (`ForeachAdamW`,
+  `ForeachLookahead`: bit-identical to the seed's loops on CPU); teacher and eval EMA by
+  `torch._foreach_lerp_`; inputs copied from pinned memory without blocking and the loss kept on the
+  device, so the host never waits for the GPU within the timed steps (the seed reads the loss every
+  step, as the notebook does);
+* `torch compile`: the eager form with `torch.compile(dynamic=False)`: one static graph per bucket
+  length for the forward (student and teacher forward passes and the loss, the student's backward
+  compiled with it), plus one for the AdamW update (lr as a device tensor: no recompiles as it
+  changes) and one for the averages' lerp; `mode="reduce-overhead"` (CUDA graphs, each step opened
+  by `torch.compiler.cudagraph_mark_step_begin()`) on CUDA, inductor's default mode on CPU. Its
+  warm-up runs each bucket length twice (CUDA graph trees record a graph on its second call). Its
+  compilations count every graph (per bucket: forward; once: optimizer, averages).
 
 Every form is built and compiled (warmed up on each bucket shape) first; then the forms take turns
 over `--rounds` slices of the timed batches, so that drift in the machine's speed falls on all of
@@ -42,7 +52,8 @@ import numpy as np
 
 from configs import default as default_config
 from sda_jax import input_pipeline, mixed_precision, parallel, splits, tokenization
-from sda_jax.models import BertConfig, BertForSequenceClassification, flops_per_token, init_params
+from sda_jax.bert_config import BertConfig
+from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
 from sda_jax.train import place_state_and_step
 
@@ -111,11 +122,12 @@ class JaxForm:
 
     def __init__(self, settings: Settings, config: BertConfig, warmup) -> None:
         dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
-        model = BertForSequenceClassification(config=config, dtype=dtype)
+        scan = settings.model.scan_layers
+        model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
         self.mesh = parallel.make_mesh()
         # The eval EMA averages from step 1, so that the timed steps do all the recipe's work.
         settings = dataclasses.replace(settings, sda=dataclasses.replace(settings.sda, eval_ema_start_step=1))
-        params = init_params(config, jax.random.key(0))
+        params = init_params(config, jax.random.key(0), scan)
         self.state, self.step = place_state_and_step(params, model, settings, total_steps=10_000, mesh=self.mesh)
         self.rng = jax.random.key(1)
         self.dtype, self.host_wait, self.steps = np.dtype(dtype).name, 0.0, 0
@@ -169,7 +181,8 @@ class TorchForm:
             lookahead_k=settings.optim.lookahead_k, lookahead_alpha=settings.optim.lookahead_alpha,
             teacher_decay=settings.sda.teacher_decay, kd_coeff=settings.sda.kd_coeff,
             eval_ema_decay=settings.sda.eval_ema_decay, eval_ema_start_step=1, precision=self.precision,
-            ema_impl="loop" if form == "seed" else "foreach", compile=form == "compile",
+            ema_impl="loop" if form == "seed" else "lerp", optimizer_impl="loop" if form == "seed" else "foreach",
+            compile=form == "compile",
         )  # fmt: skip
         self.cuda = torch.cuda if self.on_gpu else None
         # All forms stay alive side by side, so torch's global peak would count the other forms'
@@ -184,9 +197,11 @@ class TorchForm:
         self.sync = self.cuda.synchronize if self.cuda else (lambda: None)
         self.graphs_before = _dynamo_graphs()
         self.seconds, self.steps = 0.0, 0
+        # CUDA graph trees warm a graph up on its first call and record it on the second: twice.
+        warmup = warmup * 2 if form == "compile" else warmup
         start = time.perf_counter()
         for batch in self._inputs(warmup):
-            self.trainer.step(batch)
+            self.trainer.step(batch, sync=form == "seed")
         self.sync()
         self.warmup_seconds, self.warmup_steps = time.perf_counter() - start, len(warmup)
         if self.cuda:
@@ -206,8 +221,8 @@ class TorchForm:
             self.cuda.reset_peak_memory_stats()
             allocated_before = self.cuda.memory_allocated()
         start = time.perf_counter()
-        for batch in batches:
-            self.metrics = self.trainer.step(batch)
+        for batch in batches:  # the fast forms return device tensors: no wait for the device per step
+            self.metrics = self.trainer.step(batch, sync=self.form == "seed")
         self.sync()
         seconds = time.perf_counter() - start
         if self.cuda:
@@ -226,7 +241,7 @@ class TorchForm:
             "compile_seconds": max(0.0, self.warmup_seconds - self.warmup_steps * steady) if compiled else 0.0,
             "host_wait_ms_per_step": None,
             "dtype": self.precision,
-            "final_loss": self.metrics["loss"],
+            "final_loss": float(self.metrics["loss"]),
         }
 
 

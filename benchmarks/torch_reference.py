@@ -3,24 +3,32 @@
 A faithful, self-contained re-statement of `../shared/reference/seed_notebook_afqmc_sda_pytorch.txt`
 (transformers 4.0.1, torch 1.6), for parity tests against sda-jax and for benchmarks:
 
-* `AdamW`: transformers 4.0.1's, used as `AdamW(groups, lr, correct_bias=False, eps=1e-8)`, with
-  the weight decay applied to the already-updated parameter, and two groups (no decay on names
-  containing `bias` or `LayerNorm.weight`);
-* `Lookahead(optimizer, k=5, alpha=1)`: the common (lonePatient) wrapper — a counter per group,
-  slow weights created at the first sync, syncs on updates 1, 1+k, 1+2k, ...;
-* `WarmupLinearSchedule`: LambdaLR, step/warmup during warmup, then linear decay to 0 at t_total;
+* the optimizer of `benchmarks/torch_optim.py`: transformers 4.0.1's `AdamW(groups, lr,
+  correct_bias=False, eps=1e-8)` with two groups (no decay on names containing `bias` or
+  `LayerNorm.weight`), `Lookahead(optimizer, k=5, alpha=1)`, `WarmupLinearSchedule`;
 * SDA: the teacher is a deep copy of the student in eval mode, moved after every step by
   `s.sub_((1 - decay) * (s - p))` with decay min(0.995, (1 + t) / (10 + t)); the loss is
   CE + kd_coeff · MSELoss(student logits, teacher logits);
 * the evaluation EMA (decay 0.999) is a copy of the student at `eval_ema_start_step` and is updated
-  after every later step, as sda_jax does (see `sda_jax.distill.eval_ema_decay`).
+  after every later step, as sda_jax does (see `sda_jax.averaging.EvalEma`).
 
 It consumes the batches of `sda_jax.input_pipeline` (dicts of numpy arrays with a `weights` row
 mask): padding rows (weight 0) are sliced off, so partial batches give sda_jax's weighted means.
 
-Benchmark switches: `precision` fp32 | fp16 (autocast + GradScaler, the seed) | bf16 (autocast);
-`ema_impl` loop (the seed's Python loop) | foreach (`torch._foreach_*`); `compile` (torch.compile
-of the two forward passes). From the repository root:
+Benchmark switches (the seed is precision fp16, ema_impl loop, optimizer_impl loop, no compile):
+
+* `precision`: fp32 | fp16 (autocast + GradScaler, the seed) | bf16 (autocast);
+* `ema_impl`: loop (the seed's Python loops) | foreach (the same arithmetic as `torch._foreach_*`
+  ops, bit-identical) | lerp (`torch._foreach_lerp_`: the same averages, rounded differently, see
+  `lerp_averages`);
+* `optimizer_impl`: loop (`AdamW` + `Lookahead` above) | foreach (`ForeachAdamW` +
+  `ForeachLookahead`: the same maths as multi-tensor ops, one kernel per op for a whole group);
+* `compile`: `torch.compile(dynamic=False)` of the step's forward (student forward, teacher forward,
+  losses; AOTAutograd compiles the student's backward with it), one graph per batch shape, and, with
+  the foreach optimizer and lerp averages, of the optimizer update and the averages' updates;
+  `compile_mode` auto is "reduce-overhead" (CUDA graphs) on CUDA and inductor's default on CPU.
+
+From the repository root:
 
     python -m benchmarks.torch_reference --steps 30 --precision fp16 --ema-impl foreach \\
         --override num_hidden_layers=2 --override hidden_size=128   # a from-scratch mini BERT
@@ -33,115 +41,29 @@ import copy
 import dataclasses
 import itertools
 import json
-import math
 import pathlib
 import time
-from collections import defaultdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.optim.lr_scheduler import LambdaLR
+
+from benchmarks.torch_optim import (
+    AdamW,
+    ForeachAdamW,
+    ForeachLookahead,
+    Lookahead,
+    WarmupLinearSchedule,
+    lerp_averages,
+)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-EMA_IMPLS = ("loop", "foreach")
+EMA_IMPLS = ("loop", "foreach", "lerp")
+OPTIMIZER_IMPLS = ("loop", "foreach")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 NO_DECAY = ("bias", "LayerNorm.weight")
-
-
-class AdamW(torch.optim.Optimizer):
-    """`transformers.AdamW` of transformers 4.0.1 (removed from later releases), verbatim maths."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True):
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                beta1, beta2 = group["betas"]
-                state["step"] += 1
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    bias_correction1 = 1.0 - beta1 ** state["step"]
-                    bias_correction2 = 1.0 - beta2 ** state["step"]
-                    step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
-                p.addcdiv_(exp_avg, denom, value=-step_size)
-                # Decoupled decay of the already-updated parameter, as 4.0.1 did.
-                if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        return loss
-
-
-class Lookahead(torch.optim.Optimizer):
-    """The lonePatient Lookahead wrapper the notebook imports (`extra_optim.Lookahead`).
-
-    Like the original it skips `Optimizer.__init__` (a subclass only for isinstance checks, e.g.
-    LambdaLR's); `defaults` and `zero_grad` delegate to the wrapped optimizer so that torch 2.x's
-    GradScaler and schedulers work with it.
-    """
-
-    def __init__(self, optimizer, k=5, alpha=0.5):
-        self.optimizer = optimizer
-        self.k = k
-        self.alpha = alpha
-        self.param_groups = self.optimizer.param_groups
-        self.state = defaultdict(dict)
-        self.fast_state = self.optimizer.state
-        self.defaults = self.optimizer.defaults
-        for group in self.param_groups:
-            group["counter"] = 0
-
-    def update(self, group):
-        for fast in group["params"]:
-            param_state = self.state[fast]
-            if "slow_param" not in param_state:
-                param_state["slow_param"] = torch.zeros_like(fast.data)
-                param_state["slow_param"].copy_(fast.data)
-            slow = param_state["slow_param"]
-            slow += (fast.data - slow) * self.alpha
-            fast.data.copy_(slow)
-
-    def step(self, closure=None):
-        loss = self.optimizer.step(closure)
-        for group in self.param_groups:
-            if group["counter"] == 0:
-                self.update(group)
-            group["counter"] += 1
-            if group["counter"] >= self.k:
-                group["counter"] = 0
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-
-class WarmupLinearSchedule(LambdaLR):
-    """pytorch-transformers' schedule: lr · step/warmup, then lr · (t_total − step)/(t_total − warmup)."""
-
-    def __init__(self, optimizer, warmup_steps, t_total, last_epoch=-1):
-        self.warmup_steps = warmup_steps
-        self.t_total = t_total
-        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step):
-        if step < self.warmup_steps:
-            return float(step) / float(max(1, self.warmup_steps))
-        return max(0.0, float(self.t_total - step) / float(max(1.0, self.t_total - self.warmup_steps)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,36 +81,57 @@ class RecipeConfig:
     eval_ema_decay: float = 0.999
     eval_ema_start_step: int = 500
     precision: str = "fp32"  # fp32 | fp16 (autocast + GradScaler) | bf16 (autocast)
-    ema_impl: str = "loop"  # loop | foreach: teacher and eval-EMA updates
-    compile: bool = False  # torch.compile the student's and the teacher's forward
+    ema_impl: str = "loop"  # loop | foreach | lerp: teacher and eval-EMA updates
+    optimizer_impl: str = "loop"  # loop | foreach: AdamW + Lookahead
+    compile: bool = False  # torch.compile the forward (+ backward), and the foreach/lerp updates
+    compile_mode: str = "auto"  # torch.compile mode; auto: reduce-overhead on CUDA, default elsewhere
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r} is not one of {PRECISIONS}")
-        if self.ema_impl not in EMA_IMPLS:
-            raise ValueError(f"ema_impl {self.ema_impl!r} is not one of {EMA_IMPLS}")
+        for name, allowed in (("precision", PRECISIONS), ("ema_impl", EMA_IMPLS),
+                              ("optimizer_impl", OPTIMIZER_IMPLS), ("compile_mode", COMPILE_MODES)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {allowed}")
 
 
-def build_optimizer(model: torch.nn.Module, total_steps: int, config: RecipeConfig):
-    """The notebook's AdamW (two groups) wrapped in Lookahead, and its warmup-linear schedule."""
+def build_optimizer(model: torch.nn.Module, total_steps: int, config: RecipeConfig, compile_mode: str | None = None):
+    """The notebook's AdamW (two groups) wrapped in Lookahead, and its warmup-linear schedule.
+
+    With `optimizer_impl` foreach: `ForeachAdamW` (its update compiled with `compile_mode`, unless
+    None) in `ForeachLookahead`.
+    """
     named = list(model.named_parameters())
     groups = [
         {"params": [p for n, p in named if not any(nd in n for nd in NO_DECAY)], "weight_decay": config.weight_decay},
         {"params": [p for n, p in named if any(nd in n for nd in NO_DECAY)], "weight_decay": 0.0},
     ]
-    optimizer = AdamW(groups, lr=config.learning_rate, correct_bias=False, eps=config.adam_eps)
+    if config.optimizer_impl == "foreach":
+        optimizer = ForeachAdamW(
+            groups, lr=config.learning_rate, correct_bias=False, eps=config.adam_eps, compile_mode=compile_mode
+        )
+        lookahead = ForeachLookahead
+    else:
+        optimizer = AdamW(groups, lr=config.learning_rate, correct_bias=False, eps=config.adam_eps)
+        lookahead = Lookahead
     if config.lookahead_k:
-        optimizer = Lookahead(optimizer, config.lookahead_k, config.lookahead_alpha)
+        optimizer = lookahead(optimizer, config.lookahead_k, config.lookahead_alpha)
     schedule = WarmupLinearSchedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     return optimizer, schedule
 
 
-def torch_batch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """An sda_jax.input_pipeline batch as torch tensors, without its padding (weight-0) rows."""
+def torch_batch(
+    batch: dict[str, np.ndarray], device: torch.device, non_blocking: bool = False
+) -> dict[str, torch.Tensor]:
+    """An sda_jax.input_pipeline batch as torch tensors, without its padding (weight-0) rows.
+
+    `non_blocking` (CUDA): copied from pinned host memory without waiting for the device.
+    """
     real = np.asarray(batch["weights"]) > 0
     keep = slice(None) if real.all() else real
     names = ("input_ids", "token_type_ids", "attention_mask", "labels")
-    return {n: torch.from_numpy(np.asarray(batch[n])[keep]).to(device=device, dtype=torch.long) for n in names}
+    arrays = {n: torch.from_numpy(np.asarray(batch[n])[keep]) for n in names}
+    if non_blocking and device.type == "cuda":
+        return {n: a.pin_memory().to(device, non_blocking=True).long() for n, a in arrays.items()}
+    return {n: a.to(device=device, dtype=torch.long) for n, a in arrays.items()}
 
 
 class SdaTrainer:
@@ -196,35 +139,80 @@ class SdaTrainer:
 
     `student` is the model being trained (in train mode), `teacher` its EMA copy (eval mode),
     `eval_ema_params()` the evaluation EMA's tensors (the student's before its start step).
+
+    With `config.compile`: `_losses` (both forward passes and the loss; its backward comes with it
+    through AOTAutograd) is `torch.compile(dynamic=False)`d, so every batch shape gets its own static
+    graph, and so are `ForeachAdamW`'s update and, with ema_impl lerp, `lerp_averages` (lr and
+    averaging weights as 0-dim device tensors). Under CUDA graphs (reduce-overhead, max-autotune)
+    each step starts with `torch.compiler.cudagraph_mark_step_begin()`, the averages are marked as
+    static addresses, and no output of a graphed function is kept past its step (the metrics are
+    copied out at once); the Lookahead sync (every k updates) and the GradScaler run eagerly.
     """
 
     def __init__(self, model: transformers.BertForSequenceClassification, total_steps: int, config: RecipeConfig):
         self.config = config
         self.student = model.train()
         self.device = next(model.parameters()).device
-        self.optimizer, self.schedule = build_optimizer(model, total_steps, config)
+        self.compile_mode = None
+        if config.compile:
+            on_cuda = self.device.type == "cuda"
+            self.compile_mode = config.compile_mode if config.compile_mode != "auto" else (
+                "reduce-overhead" if on_cuda else "default"
+            )  # fmt: skip
+            # One graph per batch shape (bucket length): more than dynamo's default 8 may be needed.
+            dynamo = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+        self.cuda_graphs = self.compile_mode in CUDA_GRAPH_MODES and self.device.type == "cuda"
+        self.optimizer, self.schedule = build_optimizer(model, total_steps, config, self.compile_mode)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.global_step = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._teacher_params = list(self.teacher.parameters())
         self._eval_ema: list[torch.Tensor] | None = None
-        self._student_fn = torch.compile(self.student) if config.compile else self.student
-        self._teacher_fn = torch.compile(self.teacher) if config.compile else self.teacher
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
-        self._autocast = lambda: torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
+        compile_fn = lambda fn: torch.compile(fn, dynamic=False, mode=self.compile_mode)
+        self._losses_fn = compile_fn(self._losses) if config.compile else self._losses
+        self._lerp_fn = lerp_averages
+        if config.ema_impl == "lerp" and config.compile:
+            self._lerp_fn = compile_fn(lerp_averages)
+            self._teacher_weight = self._static(torch.zeros((), device=self.device))
+            self._eval_ema_weight = self._static(torch.full((), 1.0 - config.eval_ema_decay, device=self.device))
+            # Plain-tensor aliases of the teacher's parameters: the eval EMA's tensors are plain too,
+            # so both averages share one graph.
+            self._teacher_params = [self._static(p.detach()) for p in self._teacher_params]
 
-    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        """Trains on one sda_jax batch; returns the loss, CE and KD terms (as the notebook logs them)."""
-        inputs = torch_batch(batch, self.device)
-        labels = inputs.pop("labels")
-        with self._autocast():
-            logits = self._student_fn(**inputs).logits
+    def _static(self, tensor: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.mark_static_address(tensor)
+        return tensor
+
+    def _losses(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+        """The notebook's forward: the student's logits, the teacher's (no grad), CE + kd_coeff · MSE."""
+        dtype = self._autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.student(**inputs).logits
             with torch.no_grad():
-                teacher_logits = self._teacher_fn(**inputs).logits
+                teacher_logits = self.teacher(**inputs).logits
             ce = F.cross_entropy(logits, labels)
             kd = F.mse_loss(logits, teacher_logits)
             loss = ce + self.config.kd_coeff * kd
+        return loss, ce, kd
+
+    def step(self, batch: dict[str, np.ndarray], sync: bool = True) -> dict:
+        """Trains on one sda_jax batch; returns the loss, CE and KD terms (as the notebook logs them).
+
+        sync=False: the host never waits for the device: the batch is copied from pinned memory
+        without blocking, and the terms come back as 0-dim device tensors (copies, which later
+        steps leave alone), not floats.
+        """
+        inputs = torch_batch(batch, self.device, non_blocking=not sync)
+        labels = inputs.pop("labels")
+        if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, ce, kd = self._losses_fn(inputs, labels)
+        if not sync:
+            terms = torch.stack([loss, ce, kd]).detach()
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -232,29 +220,42 @@ class SdaTrainer:
         self.optimizer.zero_grad()
         self.global_step += 1
         self._update_averages()
+        if not sync:
+            return dict(zip(("loss", "ce", "kd"), terms.unbind()))
         return {"loss": loss.item(), "ce": ce.item(), "kd": kd.item()}
 
     @torch.no_grad()
     def _update_averages(self) -> None:
         t, c = self.global_step, self.config
         one_minus_decay = 1.0 - min(c.teacher_decay, (1 + t) / (10 + t))
+        compiled_lerp = c.ema_impl == "lerp" and c.compile
         if c.ema_impl == "loop":  # the notebook's code
             for s_param, param in zip(self._teacher_params, self._params):
                 s_param.sub_(one_minus_decay * (s_param - param))
-        else:  # the same arithmetic, one kernel per op for all tensors
+        elif c.ema_impl == "foreach":  # the same arithmetic, one kernel per op for all tensors
             diff = torch._foreach_sub(self._teacher_params, self._params)
             torch._foreach_mul_(diff, one_minus_decay)
             torch._foreach_sub_(self._teacher_params, diff)
+        elif compiled_lerp:
+            self._teacher_weight.fill_(one_minus_decay)
+            self._lerp_fn(self._teacher_params, self._params, self._teacher_weight)
+        else:
+            self._lerp_fn(self._teacher_params, self._params, one_minus_decay)
         if t == c.eval_ema_start_step:  # the notebook's EMA(model, 0.999) registers a copy
             self._eval_ema = [p.detach().clone() for p in self._params]
+            if compiled_lerp:
+                for e in self._eval_ema:
+                    self._static(e)
         elif t > c.eval_ema_start_step:
             d = c.eval_ema_decay
             if c.ema_impl == "loop":  # the notebook's EMA.update
                 for i, param in enumerate(self._params):
                     self._eval_ema[i] = ((1.0 - d) * param + d * self._eval_ema[i]).clone()
-            else:
+            elif c.ema_impl == "foreach":
                 torch._foreach_mul_(self._eval_ema, d)
                 torch._foreach_add_(self._eval_ema, torch._foreach_mul(self._params, 1.0 - d))
+            else:
+                self._lerp_fn(self._eval_ema, self._params, self._eval_ema_weight if compiled_lerp else 1.0 - d)
 
     def eval_ema_params(self) -> dict[str, torch.Tensor]:
         """The evaluation EMA by parameter name (the student itself before the start step)."""
@@ -283,7 +284,9 @@ def _cli() -> None:
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--ema-impl", choices=EMA_IMPLS, default="loop")
+    parser.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="loop")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args()
@@ -314,13 +317,16 @@ def _cli() -> None:
     # Untimed: one step per bucket length the timed steps use (torch.compile specialises on it), then more.
     first_of_each_length = list({b["input_ids"].shape[1]: b for b in reversed(timed)}.values())
     warmup = first_of_each_length + timed[: max(0, args.warmup_steps - len(first_of_each_length))]
+    if args.compile:  # CUDA graph trees warm a graph up on its first call and record it on the second
+        warmup = first_of_each_length + warmup
     optim, sda = defaults.optim, defaults.sda
     config = RecipeConfig(
         learning_rate=optim.learning_rate, warmup_ratio=optim.warmup_ratio, weight_decay=optim.weight_decay,
         adam_eps=optim.adam_eps, lookahead_k=optim.lookahead_k, lookahead_alpha=optim.lookahead_alpha,
         teacher_decay=sda.teacher_decay, kd_coeff=sda.kd_coeff, eval_ema_decay=sda.eval_ema_decay,
         eval_ema_start_step=len(warmup),  # timed steps run in the steady state: both EMAs on
-        precision=args.precision, ema_impl=args.ema_impl, compile=args.compile,
+        precision=args.precision, ema_impl=args.ema_impl, optimizer_impl=args.optimizer_impl, compile=args.compile,
+        compile_mode=args.compile_mode,
     )  # fmt: skip
     trainer = SdaTrainer(model, len(warmup) + len(timed), config)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -333,7 +339,8 @@ def _cli() -> None:
     seconds = time.perf_counter() - start
     samples = sum(int(b["weights"].sum()) for b in timed)
     report = {
-        "device": args.device, "precision": args.precision, "ema_impl": args.ema_impl, "compile": args.compile,
+        "device": args.device, "precision": args.precision, "ema_impl": args.ema_impl,
+        "optimizer_impl": args.optimizer_impl, "compile": args.compile, "compile_mode": trainer.compile_mode,
         "batch_size": args.batch_size, "steps": args.steps, "seconds": seconds, "samples_per_second": samples / seconds,
         "final_loss": losses[-1] if losses else None, "pretrained": has_weights,
     }  # fmt: skip
