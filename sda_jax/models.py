@@ -5,7 +5,7 @@ The module tree mirrors Hugging Face's names (`bert/embeddings/word_embeddings`,
 dict with a name mapping. With `scan_layers` (the default) all encoder layers but the last run
 under `nn.scan`: their parameters are stacked along a leading axis (`bert/encoder/layers/...`,
 one slice per layer) and XLA compiles one layer instead of eleven (BERT-base's train step for an
-H100: 12 CPU-s instead of 33, for a step that moves more bytes; benchmarks/RESULTS.md). Without
+H100: ~14 CPU-s instead of ~33, for a step estimated ~30% slower; benchmarks/RESULTS.md). Without
 it the layers are unrolled, `bert/encoder/layer_{i}`. The last layer, which runs for the [CLS]
 row alone, is `bert/encoder/layer_{L-1}` either way.
 
@@ -258,8 +258,12 @@ class BertEncoder(nn.Module):
             for i in range(last):
                 x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, key_mask, deterministic=deterministic)
         elif last:
+            # Saving only the weight matmuls' outputs for the backward pass (the rest is recomputed)
+            # keeps the scan from copying every intermediate into stacked buffers: on an H100 the
+            # step moves 21 GB instead of 27, and on CPU it is faster too (benchmarks/RESULTS.md).
+            body = nn.remat(_ScannedLayer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable, prevent_cse=False)
             layers = nn.scan(
-                _ScannedLayer,
+                body,
                 variable_axes={"params": 0, "intermediates": 0},  # intermediates: for inspection only
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
