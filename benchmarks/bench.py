@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from configs import default as default_config
-from sda_jax import input_pipeline, mixed_precision, parallel, splits, tokenization
+from sda_jax import bucket_policy, input_pipeline, mixed_precision, parallel, splits, tokenization
 from sda_jax.bert_config import BertConfig
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
@@ -67,7 +67,8 @@ MODELS = {
 
 
 def pipeline_seconds(settings: Settings) -> dict[str, float]:
-    """Read + tokenize + bucket one epoch of the train set (run pinned to one core by the caller)."""
+    """Read + tokenize + bucket one epoch of the train set into `data.bucket_lengths` (run pinned
+    to one core by the caller)."""
     tokenizer = tokenization.load_tokenizer(settings.model.dir)
     start = time.perf_counter()
     encoded = splits.read_split(settings.data, "train", tokenizer)
@@ -75,7 +76,7 @@ def pipeline_seconds(settings: Settings) -> dict[str, float]:
         itertools.islice(
             input_pipeline.train_batches(
                 encoded, batch_size=64, bucket_multiplier=settings.data.bucket_multiplier,
-                bucket_lengths=splits.bucket_lengths(settings.data, encoded), seed=settings.seed,
+                bucket_lengths=settings.data.bucket_lengths, seed=settings.seed,
             ),
             input_pipeline.steps_per_epoch(len(encoded), 64),
         )
@@ -83,10 +84,11 @@ def pipeline_seconds(settings: Settings) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "examples": len(encoded), "batches": len(batches)}
 
 
-def make_batches(settings: Settings, batch_size: int, count: int) -> tuple[list[dict[str, np.ndarray]], tuple[int, ...]]:
-    """The first `count` train batches of the config's bucket sampler, and its bucket lengths."""
+def make_batches(settings: Settings, config: BertConfig, batch_size: int, count: int) -> tuple[list[dict[str, np.ndarray]], tuple[int, ...]]:
+    """The first `count` train batches of the config's bucket sampler, and the bucket lengths a
+    one-epoch run of this model on this platform would use (`bucket_policy`)."""
     encoded = splits.read_split(settings.data, "train", tokenization.load_tokenizer(settings.model.dir))
-    lengths = splits.bucket_lengths(settings.data, encoded)
+    lengths = bucket_policy.choose(settings.data, encoded.lengths, config, jax.devices()[0].platform, 1.0).lengths
     stream = input_pipeline.train_batches(
         encoded, batch_size=batch_size, bucket_multiplier=settings.data.bucket_multiplier,
         bucket_lengths=lengths, seed=settings.seed,
@@ -287,7 +289,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 4 steps, no append by default")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
     parser.add_argument("--no-append", action="store_true", help="print the table only")
-    parser.add_argument("--bucket-lengths", default=None, help="e.g. 16,32,48,64 (default: the config's, fitted to the train set)")
+    parser.add_argument("--bucket-lengths", default=None, help="e.g. 16,32,48,64 (default: what a run would use, bucket_policy)")
     parser.add_argument("--num-buckets", type=int, default=None, help="lengths to fit when --bucket-lengths is not given")
     parser.add_argument("--pipeline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -304,20 +306,18 @@ def main() -> None:
     if args.pipeline_only:
         print(json.dumps(pipeline_seconds(settings)))
         return
-    bucket_flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("bucket_lengths", "num_buckets") and v]
-    # One core for the host pipeline, as the target says: a child pinned to CPU 0, started before
-    # this process starts JAX's threads.
-    pinned = subprocess.run(
-        ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.bench", "--pipeline-only", *bucket_flags],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    pipeline = json.loads(pinned.stdout.strip().splitlines()[-1])
     on_gpu = jax.devices()[0].platform == "gpu"
     model_name = "quick" if args.quick else args.model or ("base" if on_gpu else "small")
     steps = 4 if args.quick else args.steps
     bert = BertConfig.from_json_file(settings.model.dir / "config.json", **MODELS[model_name])
+    batches, buckets = make_batches(settings, bert, args.batch_size, 64 + steps)
+    # One core for the host pipeline, as the target says: a child pinned to CPU 0.
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.bench", "--pipeline-only", f"--bucket-lengths={','.join(map(str, buckets))}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    pipeline = json.loads(pinned.stdout.strip().splitlines()[-1])
 
-    batches, buckets = make_batches(settings, args.batch_size, 64 + steps)
     timed = batches[64 : 64 + steps]
     warmup = warmup_batches(batches[:64], timed)
     names = {"jax": "sda-jax", "seed": "torch seed", "eager": "torch eager", "compile": "torch compile"}

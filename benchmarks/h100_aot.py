@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 
 from benchmarks import hlo_stats
 from configs import default as default_config
-from sda_jax import evaluate, splits, tokenization, train
+from sda_jax import bucket_policy, evaluate, splits, tokenization, train
 from sda_jax.bert_config import BertConfig
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
@@ -158,7 +158,7 @@ HEADER = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="base")
-    parser.add_argument("--lengths", default=None, help="e.g. 32,64 (default: the config's bucket lengths, fitted to AFQMC train)")
+    parser.add_argument("--lengths", default=None, help="e.g. 32,64 (default: what bucket_policy picks for a GPU)")
     parser.add_argument("--programs", default="train,eval", help="train, eval or both")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-sets", type=int, default=3, help="parameter sets an evaluation scores in one pass")
@@ -178,7 +178,9 @@ def main() -> None:
         lengths = [int(n) for n in args.lengths.split(",")]
     else:
         encoded = splits.read_split(settings.data, "train", tokenization.load_tokenizer(settings.model.dir))
-        lengths = list(splits.bucket_lengths(settings.data, encoded))
+        choice = bucket_policy.choose(settings.data, encoded.lengths, config, "gpu", 1.0)
+        print(choice.note)
+        lengths = list(choice.lengths)
     programs = [p.strip() for p in args.programs.split(",") if p.strip()]
     start_wall, start_cpu = time.perf_counter(), _cpu_seconds()
     rows = report_rows(settings, config, lengths, programs, mesh, args.batch_size, args.eval_sets, args.verbose)

@@ -309,7 +309,8 @@ def _cli() -> None:
         itertools.islice(
             input_pipeline.train_batches(
                 encoded, batch_size=args.batch_size, bucket_multiplier=data.bucket_multiplier,
-                bucket_lengths=splits.bucket_lengths(data, encoded), seed=args.seed,
+                bucket_lengths=input_pipeline.fit_bucket_lengths(encoded.lengths, data.num_buckets or 8, data.max_seq_len),
+                seed=args.seed,
             ),
             args.steps,
         )

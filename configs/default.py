@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.max_seq_len = 64  # tokens per example after truncation, [CLS]/[SEP] included
     data.truncation = "longest_first"  # longest_first (both sentences keep tokens) or reference (the seed's tail cut)
     data.bucket_lengths = ()  # padded lengths a batch may have, one compile each; () = fit to train set
-    data.num_buckets = 8  # with bucket_lengths=(): this many lengths, chosen to pad the train set least
+    data.num_buckets = 0  # with bucket_lengths=(): fit this many lengths to the train set; 0: the cost model picks
     data.bucket_multiplier = 200  # bucket sampler chunk = batch_size * this, sorted by length
 
     config.model = model = ml_collections.ConfigDict()

@@ -28,11 +28,10 @@ from sda_jax.bucketed_jit import BucketedJit
 
 @dataclasses.dataclass(frozen=True)
 class StackedSets:
-    """Named parameter averages as one stack on the device: set i owns `counts[i]` consecutive members."""
+    """Named parameter averages as one stack on the device: set `name` owns members spans[name]."""
 
-    members: Any  # params with a leading axis of sum(counts)
-    names: tuple[str, ...]
-    counts: tuple[int, ...]
+    members: Any  # params with a leading axis: every distinct member once
+    spans: dict[str, tuple[int, int]]  # name -> [start, stop) along that axis
 
 
 def stack_members(singles: Sequence[Any], ensembles: Sequence[Any]) -> Any:
@@ -45,25 +44,37 @@ def stack_members(singles: Sequence[Any], ensembles: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *leading)
 
 
-def set_parts(sets: Mapping[str, Average]) -> tuple[tuple[str, ...], list[Any], list[Any]]:
-    """(names, singles, ensembles) of `sets` as `stack_members` takes them, names in stack order.
+def set_parts(sets: Mapping[str, Average]) -> tuple[dict[str, tuple[int, int]], list[Any], list[Any]]:
+    """(spans, singles, ensembles) of `sets` as `stack_members` takes them.
 
     One model per set goes in as plain params, so the stacking program depends on the parameter
-    shapes and how many sets are ensembles, not on the kind of average: a restored best
-    checkpoint stacks with the same program as the live state.
+    shapes and on how many sets of each kind there are, not on the kind of average: a restored
+    best checkpoint stacks with the same program as the live state. Sets that are the very same
+    parameters (the student, and an eval EMA that has not started) share one member.
     """
-    single_names = tuple(name for name in sorted(sets) if not sets[name].is_ensemble)
-    ensemble_names = tuple(name for name in sorted(sets) if sets[name].is_ensemble)
-    singles = [sets[name].single_params() for name in single_names]
-    ensembles = [sets[name].members() for name in ensemble_names]
-    return single_names + ensemble_names, singles, ensembles
+    spans: dict[str, tuple[int, int]] = {}
+    singles: list[Any] = []
+    slot_of: dict[int, int] = {}
+    for name in sorted(sets):
+        if not sets[name].is_ensemble:
+            params = sets[name].single_params()
+            slot = slot_of.setdefault(id(params), len(singles))
+            if slot == len(singles):
+                singles.append(params)
+            spans[name] = (slot, slot + 1)
+    ensembles, start = [], len(singles)
+    for name in sorted(sets):
+        if sets[name].is_ensemble:
+            ensembles.append(sets[name].members())
+            stop = start + jax.tree.leaves(ensembles[-1])[0].shape[0]
+            spans[name], start = (start, stop), stop
+    return spans, singles, ensembles
 
 
 def stack_param_sets(stack: Callable[..., Any], sets: Mapping[str, Average]) -> StackedSets:
-    """`sets` stacked by `stack` (a jitted `stack_members`), with each set's member count."""
-    names, singles, ensembles = set_parts(sets)
-    counts = (1,) * len(singles) + tuple(jax.tree.leaves(members)[0].shape[0] for members in ensembles)
-    return StackedSets(members=stack(singles, ensembles), names=names, counts=counts)
+    """`sets` stacked by `stack` (a jitted `stack_members`)."""
+    spans, singles, ensembles = set_parts(sets)
+    return StackedSets(members=stack(singles, ensembles), spans=spans)
 
 
 def eval_step(members: Any, batch: dict[str, jax.Array], *, model: Any) -> jax.Array:
@@ -97,11 +108,7 @@ def collect_logits(
         rows.append(multihost_utils.process_allgather(out, tiled=True)[real])
     member_logits = np.empty_like(np.concatenate(rows))
     member_logits[order] = np.concatenate(rows)
-    bounds = np.cumsum((0, *sets.counts))
-    return {
-        name: Average.combine(member_logits[:, a:b].swapaxes(0, 1))
-        for name, a, b in zip(sets.names, bounds[:-1], bounds[1:], strict=True)
-    }
+    return {name: Average.combine(member_logits[:, a:b].swapaxes(0, 1)) for name, (a, b) in sets.spans.items()}
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ def dev_line(step: int, dev: dict[str, float], params_name: str, improved: bool)
 
 
 def build(
-    *, settings, state, best_metrics, start_step, examples_seen, train_fn, eval_fn, compile_wall, bucket_lengths,
+    *, settings, state, best_metrics, start_step, examples_seen, train_fn, eval_fn, compile_wall, buckets,
     compute_dtype, predict_path, data, test_logits, stopwatch,
 ) -> dict[str, Any]:  # fmt: skip
     """The run's summary record (see the module docstring)."""
@@ -52,8 +52,10 @@ def build(
         "train_step_compile_seconds": train_fn.compile_seconds,
         "eval_step_compilations": eval_fn.num_compilations,
         "compile_wall_seconds": compile_wall,
-        "num_buckets": len(bucket_lengths),
-        "bucket_lengths": list(bucket_lengths),
+        "num_buckets": len(buckets.lengths),
+        "bucket_lengths": list(buckets.lengths),
+        "bucket_choice": buckets.how,
+        "train_padding_fraction": round(buckets.padded_fraction, 4),
         "wall_seconds": times["wall"],
         "seconds_by_phase": {name: round(seconds, 3) for name, seconds in times.items() if name != "wall"},
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} processes)",

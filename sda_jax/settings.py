@@ -37,7 +37,7 @@ class DataSettings:
     max_seq_len: int
     truncation: str  # tokenization.TRUNCATIONS: longest_first or reference (the seed's Collator)
     bucket_lengths: tuple[int, ...]  # () = fitted to the train set (input_pipeline.fit_bucket_lengths)
-    num_buckets: int  # how many lengths to fit when bucket_lengths is ()
+    num_buckets: int  # how many lengths to fit when bucket_lengths is (); 0: as many as bucket_policy's cost model says
     bucket_multiplier: int
 
 
@@ -132,7 +132,7 @@ class Settings:
             max_seq_len=reader.integer("data.max_seq_len", minimum=3),
             truncation=reader.choice("data.truncation", TRUNCATIONS),
             bucket_lengths=tuple(reader.get("data.bucket_lengths")),
-            num_buckets=reader.integer("data.num_buckets", minimum=1),
+            num_buckets=reader.integer("data.num_buckets", minimum=0),
             bucket_multiplier=reader.integer("data.bucket_multiplier", minimum=1),
         )
         _check_buckets(data.bucket_lengths, data.max_seq_len)

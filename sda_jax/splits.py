@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import transformers
 
-from sda_jax import input_pipeline, tokenization
+from sda_jax import tokenization
 from sda_jax.clue_files import Examples, read_clue_file
 from sda_jax.settings import DataSettings
 from sda_jax.tokenization import Encoded
@@ -63,14 +63,6 @@ def load_splits(data: DataSettings, model_dir) -> Splits:
     """The tokenizer of `model_dir` and the three splits, encoded."""
     tokenizer = tokenization.load_tokenizer(model_dir)
     return Splits(*(read_split(data, split, tokenizer) for split in SPLITS), tokenizer=tokenizer)
-
-
-def bucket_lengths(data: DataSettings, train: Encoded) -> tuple[int, ...]:
-    """The configured bucket lengths, or `data.num_buckets` lengths fitted to the train set.
-
-    Every process reads the whole train set, so all of them fit the same lengths.
-    """
-    return data.bucket_lengths or input_pipeline.fit_bucket_lengths(train.lengths, data.num_buckets, data.max_seq_len)
 
 
 def class_prior(encoded: Encoded) -> tuple[int, float]:

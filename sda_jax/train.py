@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from sda_jax import (
     adversarial,
     averaging,
+    bucket_policy,
     distill,
     evaluate,
     input_pipeline,
@@ -265,28 +266,30 @@ def train_and_evaluate(
     clock = stopwatch or Stopwatch()
     with clock.phase("data"):
         data = splits.load_splits(settings.data, settings.model.dir)
-        bucket_lengths = splits.bucket_lengths(settings.data, data.train)
     init_rng, dropout_rng = jax.random.split(jax.random.key(settings.seed))
     dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
     with clock.phase("model"):
         model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(settings.train.batch_size, mesh)
-    is_main = jax.process_index() == 0
-    if is_main:
-        prepare_workdir(workdir, settings, settings.train.predict_file, fresh=fresh)
-        write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
-        print(load_note)
-        if not settings.data.bucket_lengths:
-            padding = input_pipeline.padded_fraction(data.train.lengths, bucket_lengths)
-            print(f"Bucket lengths fitted to the train set: {list(bucket_lengths)} ({padding:.1%} padding tokens).")
-    multihost_utils.sync_global_devices("workdir ready")
-
     batch_size = settings.train.batch_size
     steps_per_epoch = input_pipeline.steps_per_epoch(len(data.train), batch_size)
     total_steps = settings.train.num_epochs * steps_per_epoch
     if settings.train.max_steps:
         total_steps = min(total_steps, settings.train.max_steps)
+    # Every process reads the whole train set, so all of them choose the same lengths.
+    buckets = bucket_policy.choose(
+        settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch
+    )
+    bucket_lengths = buckets.lengths
+    is_main = jax.process_index() == 0
+    if is_main:
+        prepare_workdir(workdir, settings, settings.train.predict_file, fresh=fresh)
+        write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
+        print(load_note)
+        if buckets.note:
+            print(buckets.note)
+    multihost_utils.sync_global_devices("workdir ready")
     state, train_fn = place_state_and_step(params, model, settings, total_steps, mesh, clock)
     del params
     dev_sets = _scored_sets(param_sets(state), settings, step=1)
@@ -294,7 +297,7 @@ def train_and_evaluate(
     with clock.phase("compile"):
         # Every program of the run, up front and side by side: train and eval per bucket length.
         tasks = [(train_fn, (state, abstract_batch(batch_size, n, mesh), dropout_rng)) for n in bucket_lengths]
-        tasks += programs.compile_tasks(dev_sets)
+        tasks += programs.compile_tasks(dev_sets, _prediction_sets(state))
         compile_wall = compile_concurrently(tasks)
 
     with contextlib.ExitStack() as stack:
@@ -343,12 +346,12 @@ def train_and_evaluate(
 
         with clock.phase("prediction"):
             best_params, best_metrics = best.restore(single_models(param_sets(state)))
-            test_logits = programs.logits(_prediction_sets(state, best_params, settings), data.test)["eval_ema"]
+            test_logits = programs.logits(_prediction_sets(best_params), data.test)["eval_ema"]
     predict_path = workdir / settings.train.predict_file
     summary = run_summary.build(
         settings=settings, state=state, best_metrics=best_metrics, start_step=start_step,
         examples_seen=examples_seen, train_fn=train_fn, eval_fn=programs.eval_fn, compile_wall=compile_wall,
-        bucket_lengths=bucket_lengths, compute_dtype=dtype, predict_path=predict_path, data=data,
+        buckets=buckets, compute_dtype=dtype, predict_path=predict_path, data=data,
         test_logits=test_logits, stopwatch=clock,
     )  # fmt: skip
     if is_main:
@@ -368,16 +371,11 @@ def _scored_sets(sets: dict[str, averaging.Average], settings: Settings, step: i
     return {name: sets[name] for name in (scored, *others)}
 
 
-def _prediction_sets(state: TrainState, best_params: dict[str, Params], settings: Settings) -> dict[str, averaging.Average]:
-    """What test prediction runs: the best eval EMA, stacked as dev evaluation stacks its sets, so
-    that the same compiled programs serve (a vote teacher, which no checkpoint holds, rides along
-    from the final state; only the eval EMA's predictions are written)."""
-    if not settings.train.eval_all_params:
-        return {"eval_ema": averaging.Current(best_params["eval_ema"])}
-    return {
-        name: averaging.Current(best_params[name]) if name in best_params else average
-        for name, average in param_sets(state).items()
-    }
+def _prediction_sets(source: TrainState | dict[str, Params]) -> dict[str, averaging.Average]:
+    """What test prediction runs: the eval EMA of the best checkpoint (or, to compile for it, of
+    a train state), alone: one set's work per example, an eval program of its own."""
+    params = source["eval_ema"] if isinstance(source, dict) else param_sets(source)["eval_ema"].single_params()
+    return {"eval_ema": averaging.Current(params)}
 
 
 class _EvalPrograms:
@@ -388,18 +386,25 @@ class _EvalPrograms:
         self.replicated = parallel.replicated(mesh)
         self.stack = BucketedJit(
             jax.jit(evaluate.stack_members, out_shardings=self.replicated),
-            lambda singles, ensembles: (len(singles), len(ensembles)),
+            lambda singles, ensembles: (len(singles), *(jax.tree.leaves(e)[0].shape[0] for e in ensembles)),
             clock,
         )
-        self.eval_fn = BucketedJit(jit_eval_step(model, mesh), batch_shape_key, clock)
+        # One program per (member count, batch shape): dev evaluation and prediction may differ in the former.
+        member_count = lambda members, batch: (jax.tree.leaves(members)[0].shape[0], *batch["input_ids"].shape)
+        self.eval_fn = BucketedJit(jit_eval_step(model, mesh), member_count, clock)
 
-    def compile_tasks(self, sets: dict[str, averaging.Average]) -> list[tuple[BucketedJit, tuple]]:
-        """What `compile_concurrently` needs to build every program that evaluating `sets` runs."""
+    def compile_tasks(self, *set_groups: dict[str, averaging.Average]) -> list[tuple[BucketedJit, tuple]]:
+        """What `compile_concurrently` needs to build every program that evaluating each group of
+        sets runs: the stacking and one eval program per bucket length (shared where they agree)."""
         placed = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), tree)
-        singles, ensembles = placed(jax.eval_shape(lambda s: evaluate.set_parts(s)[1:], sets))
-        members = placed(jax.eval_shape(evaluate.stack_members, singles, ensembles))
-        tasks = [(self.stack, (singles, ensembles))]
-        return tasks + [(self.eval_fn, (members, abstract_batch(self.batch_size, n, self.mesh))) for n in self.bucket_lengths]
+        tasks = []
+        for sets in set_groups:
+            _, singles, ensembles = evaluate.set_parts(sets)
+            singles, ensembles = placed(singles), placed(ensembles)
+            members = placed(jax.eval_shape(evaluate.stack_members, singles, ensembles))
+            tasks.append((self.stack, (singles, ensembles)))
+            tasks += [(self.eval_fn, (members, abstract_batch(self.batch_size, n, self.mesh))) for n in self.bucket_lengths]
+        return tasks
 
     def logits(self, sets: dict[str, averaging.Average], encoded: Any) -> dict[str, np.ndarray]:
         """{name: logits} of every set on every example of `encoded`, in file order."""
