@@ -5,14 +5,16 @@ Every other config starts from this one. Run with:
     python -m sda_jax.train --config configs/default.py --workdir runs/default
 
 Relative paths in data/model keys are resolved against the current directory; the defaults point
-at the `shared/` folder beside the repository, wherever the command is run from.
+at the `shared/` folder beside the repository (or, where a copy of it sits inside the repository,
+as on a lent GPU machine, at that one), wherever the command is run from.
 """
 
 import pathlib
 
 import ml_collections
 
-_SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_SHARED = next((p for p in (_REPO / "shared", _REPO.parent / "shared") if (p / "data").is_dir()), _REPO.parent / "shared")
 
 
 def get_config() -> ml_collections.ConfigDict:
