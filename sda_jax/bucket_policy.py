@@ -8,11 +8,13 @@ that minimises
     + k × seconds to compile one length's programs
 
 and prints the choice. Seconds per padded token are the model's training FLOPs per token over an
-effective rate for the platform: on a CPU the step is compute-bound (rate measured on the 2-core
-machine: ~110 GFLOP/s for the 4-layer model); on a GPU the step at these lengths is bound by
-memory traffic and kernel launches, so padding is cheap (the marginal rate of the deviceless H100
-estimates between 16 and 64 tokens: ~300 TFLOP/s) and programs are dear (BERT-base's train and
-eval programs: ~18 CPU-s to compile). So AFQMC gets a few lengths on a CPU and one on a GPU.
+effective rate for the platform: on a CPU the step is compute-bound (the marginal rate measured
+on the 2-core machine, 4-layer model, between 8 and 4 fitted lengths: 62 ms more per step for 170
+more padded tokens, ~57 GFLOP/s; a length's train and eval programs compile in ~9 s); on a GPU
+the step at these lengths is bound by memory traffic and kernel launches, so padding is cheap
+(the marginal rate of the deviceless H100 estimates between 16 and 64 tokens: ~300 TFLOP/s) and
+programs are dear (BERT-base's train and eval programs: ~18 CPU-s to compile). So AFQMC gets
+five or six lengths on a CPU and one on a GPU.
 `data.num_buckets > 0` fits that many lengths; `data.bucket_lengths` names them outright.
 """
 
@@ -29,8 +31,8 @@ from sda_jax.settings import DataSettings
 
 # Effective training rates (FLOP/s of the model's matmul FLOPs per padded token) and seconds to
 # compile one bucket length's train + eval programs, per platform; see the module docstring.
-_RATES = {"cpu": 110e9, "gpu": 300e12, "tpu": 300e12}
-_COMPILE_SECONDS = {"cpu": 12.0, "gpu": 18.0, "tpu": 18.0}
+_RATES = {"cpu": 57e9, "gpu": 300e12, "tpu": 300e12}
+_COMPILE_SECONDS = {"cpu": 9.0, "gpu": 18.0, "tpu": 18.0}
 MAX_BUCKETS = 16
 
 
