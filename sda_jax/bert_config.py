@@ -3,6 +3,11 @@
 `BertConfig.from_json_file` reads a Hugging Face model folder's config.json (unknown fields are
 ignored, a bad or missing one is an `InputError` naming the file); `to_hf_dict` writes the
 config.json that `transformers.BertForSequenceClassification` loads, with the run's labels.
+
+Two `model_type`s share this encoder: `bert` (BERT, RoBERTa-wwm, MacBERT, Mengzi-BERT ...) and
+`ernie` (ERNIE 1.0/2.0/3.0: BERT plus, with `use_task_id`, a task-type embedding table; read and
+written as `transformers.ErnieForSequenceClassification`). A config.json without `model_type` is
+read as `bert`; any other type is an `InputError`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from sda_jax.errors import InputError
+
+# The `model_type`s this encoder computes exactly, and the HF classifier each is written back as.
+MODEL_TYPES = {"bert": "BertForSequenceClassification", "ernie": "ErnieForSequenceClassification"}
+# Fields only ERNIE configs have (transformers.ErnieConfig); a BERT config neither reads nor writes them.
+_ERNIE_FIELDS = ("use_task_id", "task_type_vocab_size")
 
 # Activations the model implements (models.ACTIVATIONS), by their Hugging Face names.
 ACTIVATION_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -27,7 +37,7 @@ _REQUIRED_FIELDS = (
     "intermediate_size",
     "max_position_embeddings",
 )
-_INT_FIELDS = (*_REQUIRED_FIELDS, "type_vocab_size", "pad_token_id", "num_labels")
+_INT_FIELDS = (*_REQUIRED_FIELDS, "type_vocab_size", "pad_token_id", "num_labels", "task_type_vocab_size")
 _FLOAT_FIELDS = (
     "hidden_dropout_prob",
     "attention_probs_dropout_prob",
@@ -56,9 +66,19 @@ class BertConfig:
     num_labels: int = 2
     # HF falls back to hidden_dropout_prob when this is None; kept so fine-tuned configs round-trip.
     classifier_dropout: float | None = None
+    model_type: str = "bert"  # a key of MODEL_TYPES
+    # ERNIE only: with use_task_id, the embeddings add row 0 of a task-type table (see models.BertEmbeddings).
+    use_task_id: bool = False
+    task_type_vocab_size: int = 3
 
     def __post_init__(self) -> None:
         # ValueError here; from_json_file re-raises it as an InputError naming the file.
+        if not isinstance(self.model_type, str) or self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+        if not isinstance(self.use_task_id, bool):
+            raise ValueError(f"use_task_id must be true or false, got {self.use_task_id!r}")  # noqa: TRY004 (see above)
+        if self.use_task_id and self.model_type != "ernie":
+            raise ValueError(f"use_task_id is an ERNIE field; model_type {self.model_type!r} has no task-type embeddings")
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -104,6 +124,12 @@ class BertConfig:
             raise InputError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
         if not isinstance(raw, dict):
             raise InputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        # Folders from before transformers wrote model_type are BERT's.
+        model_type = raw.get("model_type", "bert")
+        if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
+            raise InputError(
+                f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})"
+            )
 
         # Relative position embeddings change the attention maths, which this model lacks.
         position_type = raw.get("position_embedding_type", "absolute")
@@ -114,6 +140,9 @@ class BertConfig:
         if unknown:
             raise InputError(f"{path}: unknown BERT config override(s) {unknown}")
         values = {k: v for k, v in raw.items() if k in names}
+        if model_type != "ernie":  # transformers.BertModel ignores these fields too
+            for name in _ERNIE_FIELDS:
+                values.pop(name, None)
         # Fine-tuned HF configs usually store id2label instead of num_labels.
         if "num_labels" not in values and isinstance(raw.get("id2label"), dict):
             values["num_labels"] = len(raw["id2label"])
@@ -130,7 +159,8 @@ class BertConfig:
         return dataclasses.replace(self, **changes)
 
     def to_hf_dict(self, label_names: Sequence[str]) -> dict[str, Any]:
-        """A `config.json` dict that `transformers.BertForSequenceClassification` loads as is."""
+        """A `config.json` dict that `transformers.BertForSequenceClassification` (for ERNIE,
+        `ErnieForSequenceClassification`) loads as is."""
         labels = list(label_names)
         if len(labels) != self.num_labels:
             raise ValueError(f"got {len(labels)} label names for num_labels={self.num_labels}")
@@ -138,9 +168,13 @@ class BertConfig:
             raise ValueError(f"label names are not unique: {labels}")
         fields = dataclasses.asdict(self)
         del fields["num_labels"]  # HF derives it from id2label
+        del fields["model_type"]
+        if self.model_type != "ernie":
+            for name in _ERNIE_FIELDS:
+                del fields[name]
         return {
-            "architectures": ["BertForSequenceClassification"],
-            "model_type": "bert",
+            "architectures": [MODEL_TYPES[self.model_type]],
+            "model_type": self.model_type,
             **fields,
             "position_embedding_type": "absolute",
             "id2label": {str(i): name for i, name in enumerate(labels)},

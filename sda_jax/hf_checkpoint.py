@@ -1,12 +1,14 @@
-"""Convert Hugging Face PyTorch BERT checkpoints to and from our Flax param tree.
+"""Convert Hugging Face PyTorch BERT and ERNIE checkpoints to and from our Flax param tree.
 
 Reads `model.safetensors` (no torch needed) or `pytorch_model.bin` (needs torch), whole or
 sharded (`*.index.json` naming the shard of every tensor, as `save_pretrained` writes them), from a
 BertModel, BertForMaskedLM, BertForPreTraining or BertForSequenceClassification checkpoint, with or
-without the `bert.` prefix and with legacy `LayerNorm.gamma/beta` names. Every tensor in the file
-is either loaded or reported unused; heads the file lacks or that do not fit the config (pooler,
-classifier) are initialised fresh and reported, while any other missing or misshapen tensor is an
-`InputError`.
+without the `bert.` prefix and with legacy `LayerNorm.gamma/beta` names. For a config of
+`model_type` ernie the same holds for the Ernie* classes and the `ernie.` prefix, plus
+`embeddings.task_type_embeddings` when the config has `use_task_id`; ERNIE's tree is ours under
+the same `bert/...` paths. Every tensor in the file is either loaded or reported unused; heads the
+file lacks or that do not fit the config (pooler, classifier) are initialised fresh and reported,
+while any other missing or misshapen tensor is an `InputError`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from sda_jax.models import hf_normal_init, init_params, scans_layers
 SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
 INDEX_SUFFIX = ".index.json"  # sharded checkpoints: model.safetensors.index.json, pytorch_model.bin.index.json
+
+# The prefix of the encoder's tensors in a task model's state dict (HF's `base_model_prefix`), and
+# the model's name in messages, by `model_type`.
+_PREFIXES = {"bert": "bert.", "ernie": "ernie."}
+_DISPLAY_NAMES = {"bert": "a BERT", "ernie": "an ERNIE"}
 
 # Non-trainable buffers some HF versions serialise; they carry no weights.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -179,7 +186,7 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 
 
 class _Tensor(NamedTuple):
-    hf_name: str  # as in a transformers.BertForSequenceClassification state dict
+    hf_name: str  # as in a transformers.BertForSequenceClassification (ErnieFor...) state dict
     path: tuple[str, ...]  # in our param tree
     is_linear_weight: bool  # torch Linear [out, in] is a Flax kernel [in, out]
     head: str | None  # "pooler"/"classifier": may be initialised fresh; None: required
@@ -187,28 +194,36 @@ class _Tensor(NamedTuple):
 
     @property
     def canonical(self) -> str:
-        return self.hf_name.removeprefix("bert.")
+        """The name without the encoder prefix (`bert.` or `ernie.`), as in a BertModel/ErnieModel."""
+        return self.hf_name.split(".", 1)[1] if self.hf_name.startswith(tuple(_PREFIXES.values())) else self.hf_name
 
 
-def _tensors(num_layers: int, scan_layers: bool) -> list[_Tensor]:
-    """Every tensor of the model, in HF state-dict order.
+def _tensors(num_layers: int, scan_layers: bool, model_type: str = "bert", use_task_id: bool = False) -> list[_Tensor]:
+    """Every tensor of the model, in HF state-dict order, under the names of `model_type`.
 
     With `scan_layers`, layers 0 .. L-2 are slices of the stacked leaves under
     `bert/encoder/layers` (see `models.BertEncoder`); else every layer is `bert/encoder/layer_{i}`.
+    ERNIE's tensors are BERT's under `ernie.`, plus, with `use_task_id`, the task-type table (which
+    ErnieEmbeddings registers after its LayerNorm).
     """
     out: list[_Tensor] = []
+    prefix = _PREFIXES[model_type]
 
     def add(hf: str, path: tuple[str, ...], kind: str, head: str | None = None, index: int | None = None) -> None:
         ours = {"linear": ("kernel", "bias"), "norm": ("scale", "bias")}[kind]
         out.append(_Tensor(f"{hf}.weight", (*path, ours[0]), kind == "linear", head, index))
         out.append(_Tensor(f"{hf}.bias", (*path, ours[1]), False, head, index))
 
-    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        path = ("bert", "embeddings", table, "embedding")
-        out.append(_Tensor(f"bert.embeddings.{table}.weight", path, False, None))
-    add("bert.embeddings.LayerNorm", ("bert", "embeddings", "LayerNorm"), "norm")
+    def table(name: str) -> None:
+        out.append(_Tensor(f"{prefix}embeddings.{name}.weight", ("bert", "embeddings", name, "embedding"), False, None))
+
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        table(name)
+    add(f"{prefix}embeddings.LayerNorm", ("bert", "embeddings", "LayerNorm"), "norm")
+    if use_task_id:
+        table("task_type_embeddings")
     for i in range(num_layers):
-        hf = f"bert.encoder.layer.{i}"
+        hf = f"{prefix}encoder.layer.{i}"
         stacked = scan_layers and i < num_layers - 1
         ours, index = ("bert", "encoder", "layers" if stacked else f"layer_{i}"), i if stacked else None
         for proj in ("query", "key", "value"):
@@ -218,14 +233,14 @@ def _tensors(num_layers: int, scan_layers: bool) -> list[_Tensor]:
         add(f"{hf}.intermediate.dense", (*ours, "intermediate", "dense"), "linear", index=index)
         add(f"{hf}.output.dense", (*ours, "output", "dense"), "linear", index=index)
         add(f"{hf}.output.LayerNorm", (*ours, "output", "LayerNorm"), "norm", index=index)
-    add("bert.pooler.dense", ("bert", "pooler", "dense"), "linear", head="pooler")
+    add(f"{prefix}pooler.dense", ("bert", "pooler", "dense"), "linear", head="pooler")
     add("classifier", ("classifier",), "linear", head="classifier")
     return out
 
 
-def _canonical(name: str) -> str:
-    """Strip the `bert.` prefix and rename legacy TF-era LayerNorm gamma/beta."""
-    name = name.removeprefix("bert.")
+def _canonical(name: str, prefix: str = "bert.") -> str:
+    """Strip the encoder prefix (`bert.`, or `ernie.` for ERNIE) and rename legacy TF-era LayerNorm gamma/beta."""
+    name = name.removeprefix(prefix)
     if "LayerNorm." in name:
         for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
             if name.endswith(old):
@@ -267,7 +282,7 @@ def params_from_state_dict(
     """
     by_name: dict[str, str] = {}  # canonical name -> name in the file
     for original in state_dict:
-        canonical = _canonical(original)
+        canonical = _canonical(original, _PREFIXES[config.model_type])
         if canonical in by_name:
             raise InputError(
                 f"{source}: tensors {by_name[canonical]} and {original} are the same weight"
@@ -276,12 +291,13 @@ def params_from_state_dict(
     for buffer in _BUFFERS:
         by_name.pop(buffer, None)
 
-    specs = _tensors(config.num_hidden_layers, scan_layers)
+    specs = _tensors(config.num_hidden_layers, scan_layers, config.model_type, config.use_task_id)
     missing = [t.hf_name for t in specs if t.head is None and t.canonical not in by_name]
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         shown = ", ".join(missing[:4]) + more
-        raise InputError(f"{source}: not a BERT checkpoint for this config, missing {shown}")
+        name = _DISPLAY_NAMES[config.model_type]
+        raise InputError(f"{source}: not {name} checkpoint for this config, missing {shown}")
     fresh = _fresh_heads(state_dict, by_name, config, source)
 
     # The model defines the shapes; eval_shape traces init without computing anything.
@@ -324,11 +340,18 @@ def params_from_state_dict(
     return traverse_util.unflatten_dict(params), report
 
 
-def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Our params as a `transformers.BertForSequenceClassification` state dict.
+def state_dict_from_params(params: Mapping[str, Any], model_type: str = "bert") -> dict[str, np.ndarray]:
+    """Our params as a `transformers.BertForSequenceClassification` state dict, or for
+    `model_type="ernie"` an `ErnieForSequenceClassification` one (with the task-type table if
+    the params have it).
 
     Float32, C-contiguous numpy arrays under HF's names, ready for `safetensors.numpy.save_file`.
     """
+    if model_type not in _PREFIXES:
+        raise ValueError(f"model_type {model_type!r} is not one of {', '.join(_PREFIXES)}")
+    use_task_id = "task_type_embeddings" in params["bert"]["embeddings"]
+    if use_task_id and model_type != "ernie":
+        raise ValueError("params with task-type embeddings are an ERNIE model's: pass model_type='ernie'")
     encoder = params["bert"]["encoder"]
     if scans_layers(params):
         num_layers = jax.tree.leaves(encoder["layers"])[0].shape[0] + 1
@@ -336,7 +359,7 @@ def state_dict_from_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         num_layers = sum(1 for key in encoder if key.startswith("layer_"))
     flat = traverse_util.flatten_dict(params)
     out = {}
-    for t in _tensors(num_layers, scans_layers(params)):
+    for t in _tensors(num_layers, scans_layers(params), model_type, use_task_id):
         array = np.asarray(flat[t.path] if t.index is None else flat[t.path][t.index], dtype=np.float32)
         out[t.hf_name] = np.ascontiguousarray(array.T if t.is_linear_weight else array)
     return out

@@ -48,7 +48,7 @@ def load_model(
     model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
     if settings.model.from_scratch:
         note = (
-            f"Initialised a {config.num_hidden_layers}-layer, {config.hidden_size}-wide BERT from "
+            f"Initialised a {config.num_hidden_layers}-layer, {config.hidden_size}-wide {config.model_type.upper()} from "
             f"scratch (model.from_scratch=True); architecture from {settings.model.dir / 'config.json'}."
         )
         return model, init_params(config, rng, scan), note

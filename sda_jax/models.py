@@ -111,6 +111,12 @@ def _layer_norm(config: BertConfig) -> LayerNorm:
 
 
 class BertEmbeddings(nn.Module):
+    """Word + token-type + position embeddings (+ ERNIE's task-type embedding), LayerNorm, dropout.
+
+    The same module for `model_type` bert and ernie: an ERNIE config with `use_task_id` adds the
+    `task_type_embeddings` table, under the same `bert/embeddings` path as the others.
+    """
+
     config: BertConfig
     dtype: Any = jnp.float32
 
@@ -132,6 +138,12 @@ class BertEmbeddings(nn.Module):
         normal = hf_normal_init(cfg)
         x = x + embed(cfg.type_vocab_size, "token_type_embeddings", normal)(token_type_ids)
         x = x + embed(cfg.max_position_embeddings, "position_embeddings", normal)(positions)
+        if cfg.use_task_id:
+            # ERNIE's task-type embedding, added last as in transformers' ErnieEmbeddings. Every
+            # token has task type 0 (what transformers uses when no task_type_ids are given), so
+            # row 0 is added to every position: the same sums as a lookup of all-zero ids.
+            task_type = embed(cfg.task_type_vocab_size, "task_type_embeddings", normal)
+            x = x + task_type(jnp.zeros((1, 1), jnp.int32))
         x = _layer_norm(cfg)(x)
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
