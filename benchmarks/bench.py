@@ -48,6 +48,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import default as default_config
@@ -120,18 +121,22 @@ def model_flops(config: BertConfig, batches) -> float:
 
 
 class JaxForm:
-    """sda-jax's train step: compiled for every bucket shape up front, then timed on demand."""
+    """sda-jax's train step: compiled for every bucket shape up front, then timed on demand; with
+    `seeds` > 1, the step of that many seeds trained side by side (`train.seeds`)."""
 
-    def __init__(self, settings: Settings, config: BertConfig, warmup) -> None:
+    def __init__(self, settings: Settings, config: BertConfig, warmup, seeds: int = 1) -> None:
         dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
         scan = settings.model.scan_layers
         model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
-        self.mesh = parallel.make_mesh()
+        stacked = seeds if seeds > 1 else 0
+        self.mesh = parallel.make_seeds_mesh(seeds) if stacked else parallel.make_mesh()
         # The eval EMA averages from step 1, so that the timed steps do all the recipe's work.
         settings = dataclasses.replace(settings, sda=dataclasses.replace(settings.sda, eval_ema_start_step=1))
-        params = init_params(config, jax.random.key(0), scan)
-        self.state, self.step = place_state_and_step(params, model, settings, total_steps=10_000, mesh=self.mesh)
-        self.rng = jax.random.key(1)
+        params = [init_params(config, jax.random.key(i), scan) for i in range(seeds)]
+        params = jax.tree.map(lambda *p: jnp.stack(p), *params) if stacked else params[0]
+        self.state, self.step = place_state_and_step(params, model, settings, 10_000, self.mesh, num_seeds=stacked)
+        keys = [jax.random.key(1 + i) for i in range(seeds)]
+        self.rng = parallel.put_keys(jnp.stack(keys), self.mesh) if stacked else keys[0]
         self.dtype, self.host_wait, self.steps = np.dtype(dtype).name, 0.0, 0
         start = time.perf_counter()
         for _, batch in parallel.prefetch_to_mesh(iter(warmup), self.mesh):
@@ -161,7 +166,7 @@ class JaxForm:
             "compile_seconds": self.step.compile_seconds,
             "host_wait_ms_per_step": 1e3 * self.host_wait / self.steps,
             "dtype": self.dtype,
-            "final_loss": float(self.metrics["loss"]),
+            "final_loss": float(np.mean(self.metrics["loss"])),
         }
 
 
@@ -243,7 +248,7 @@ class TorchForm:
             "compile_seconds": max(0.0, self.warmup_seconds - self.warmup_steps * steady) if compiled else 0.0,
             "host_wait_ms_per_step": None,
             "dtype": self.precision,
-            "final_loss": float(self.metrics["loss"]),
+            "final_loss": float(np.mean(self.metrics["loss"])),
         }
 
 
@@ -284,7 +289,9 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: base on GPU, small on CPU")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per form")
-    parser.add_argument("--forms", default="jax,seed,eager,compile", help="comma list of jax, seed, eager, compile")
+    parser.add_argument(
+        "--forms", default="jax,seed,eager,compile", help="comma list of jax, jaxN (N seeds in one program), seed, eager, compile"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="forms take turns over this many slices of the steps")
     parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 4 steps, no append by default")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known GPUs: automatic)")
@@ -323,7 +330,12 @@ def main() -> None:
     names = {"jax": "sda-jax", "seed": "torch seed", "eager": "torch eager", "compile": "torch compile"}
     forms = {}
     for form in (f.strip() for f in args.forms.split(",") if f.strip()):
-        forms[form] = JaxForm(settings, bert, warmup) if form == "jax" else TorchForm(settings, bert, warmup, form)
+        if form.startswith("jax"):  # jax, or jaxN: N seeds in one program
+            seeds = int(form[3:] or 1)
+            names[form] = "sda-jax" if seeds == 1 else f"sda-jax, {seeds} seeds"
+            forms[form] = JaxForm(settings, bert, warmup, seeds)
+        else:
+            forms[form] = TorchForm(settings, bert, warmup, form)
         print(f"{names[form]}: ready ({forms[form].warmup_seconds:.1f} s of warm-up)", flush=True)
     # Forms take turns, a slice of the timed batches each, so that drift in the machine's speed
     # (±20% over minutes on shared CPUs) falls on every form alike.

@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 
 from benchmarks import hlo_stats
 from configs import default as default_config
-from sda_jax import bucket_policy, evaluate, splits, tokenization, train
+from sda_jax import bucket_policy, evaluate, parallel, splits, tokenization, train
 from sda_jax.bert_config import BertConfig
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
@@ -56,7 +56,7 @@ MODELS = {
 }
 
 
-def h100_mesh(target: pathlib.Path) -> Mesh:
+def h100_mesh(target: pathlib.Path, seeds: int = 1) -> Mesh:
     from jax.experimental import topologies
 
     try:
@@ -66,7 +66,9 @@ def h100_mesh(target: pathlib.Path) -> Mesh:
             f"error: cannot compile for a GPU here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "install jax-cuda13-plugin and jax-cuda13-pjrt of jaxlib's version (see this module's docstring)"
         )
-    return Mesh(np.array(topology.devices), ("data",))
+    if seeds > 1:
+        return Mesh(np.array(topology.devices).reshape(1, -1), (parallel.SEEDS_AXIS, parallel.DATA_AXIS))
+    return Mesh(np.array(topology.devices), (parallel.DATA_AXIS,))
 
 
 def _cpu_seconds() -> float:
@@ -98,29 +100,33 @@ def step_flops(config: BertConfig, batch_size: int, length: int, program: str) -
 
 
 def report_rows(
-    settings: Settings, config: BertConfig, lengths, programs, mesh, batch_size, eval_sets, verbose=False
+    settings: Settings, config: BertConfig, lengths, programs, mesh, batch_size, eval_sets, verbose=False, seeds=1
 ) -> list[dict]:
     scan = settings.model.scan_layers
     model = BertForSequenceClassification(config=config, dtype=jnp.bfloat16, scan_layers=scan)
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scan))
-    state = train.abstract_train_state(params, settings, 537, model.dtype, mesh)
+    stacked = seeds if seeds > 1 else 0
+    state_params = jax.tree.map(lambda p: jax.ShapeDtypeStruct((seeds, *p.shape), p.dtype), params) if stacked else params
+    state = train.abstract_train_state(state_params, settings, 537, model.dtype, mesh, stacked)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    rng_sharding = parallel.seeds_sharding(mesh) if stacked else replicated
+    rng = jax.ShapeDtypeStruct((seeds,) if stacked else (), jax.random.key(0).dtype, sharding=rng_sharding)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    eval_sets *= seeds
     rows = []
     for length in lengths:
-        batch = train.abstract_batch(batch_size, length, mesh)
+        batch = parallel.abstract_batch(batch_size, length, mesh)
         for program in programs:
             if program == "train":
-                jitted, args = train.jit_train_step(model, settings, mesh, state_sharding), (state, batch, rng)
+                jitted, args = train.jit_train_step(model, settings, mesh, state_sharding, stacked), (state, batch, rng)
             else:
                 members = jax.eval_shape(lambda p: evaluate.stack_members([p] * eval_sets, []), params)
                 members = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), members)
-                jitted, args = train.jit_eval_step(model, mesh), (members, batch)
+                jitted, args = evaluate.jit_eval_step(model, mesh), (members, batch)
             print(f"compiling {program} at length {length} ...", flush=True)
             row, compiled = compile_and_measure(jitted, args)
             stats = hlo_stats.program_stats(compiled.as_text())
-            flops = step_flops(config, batch_size, length, program) * (eval_sets if program == "eval" else 1)
+            flops = step_flops(config, batch_size, length, program) * (eval_sets if program == "eval" else seeds)
             compute_s, memory_s, launch_s = flops / PEAK_FLOPS, stats.bytes_moved / HBM_BYTES_PER_S, stats.kernels * LAUNCH_S
             row.update(
                 program=program, length=length, kernels=stats.kernels, kinds=stats.kernels_by_kind,
@@ -165,11 +171,12 @@ def main() -> None:
     parser.add_argument("--target", type=pathlib.Path, default=TARGET, help="the GPU target description (.txtpb)")
     parser.add_argument("--label", default="", help="a note for the table's heading (what this build is)")
     parser.add_argument("--unrolled", action="store_true", help="model.scan_layers=False: the encoder layers unrolled")
+    parser.add_argument("--seeds", type=int, default=1, help="train.seeds of this many: N models in one program")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="also list the kernels that move the most bytes")
     args = parser.parse_args()
 
-    mesh = h100_mesh(args.target)
+    mesh = h100_mesh(args.target, args.seeds)
     config_dict = default_config.get_config()
     config_dict.model.scan_layers = not args.unrolled
     settings = Settings.from_config(config_dict)
@@ -183,13 +190,14 @@ def main() -> None:
         lengths = list(choice.lengths)
     programs = [p.strip() for p in args.programs.split(",") if p.strip()]
     start_wall, start_cpu = time.perf_counter(), _cpu_seconds()
-    rows = report_rows(settings, config, lengths, programs, mesh, args.batch_size, args.eval_sets, args.verbose)
+    rows = report_rows(settings, config, lengths, programs, mesh, args.batch_size, args.eval_sets, args.verbose, args.seeds)
     total_wall, total_cpu = time.perf_counter() - start_wall, _cpu_seconds() - start_cpu
     reductions = hlo_stats.reduction_summary([name for r in rows for name in r["sixteen_bit_reductions"]])
     title = (
         f"## {datetime.date.today().isoformat()}: deviceless H100 compile{f' ({args.label})' if args.label else ''}, "
         f"model {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
         f"{'unrolled' if args.unrolled else 'scanned'}), bf16, batch {args.batch_size}"
+        f"{f', {args.seeds} seeds in one program' if args.seeds > 1 else ''}"
     )
     body = "\n".join(format_row(r) for r in rows)
     footer = (

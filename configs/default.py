@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.checkpoint_every = 200  # full train-state checkpoint for resume every this many steps
     train.keep_checkpoints = 2  # train checkpoints kept (the best-by-dev one is kept apart)
     train.predict_file = "afqmc_predict.json"  # CLUE submission written into the workdir
+    train.seeds = ()  # several, e.g. (2021, 2022, 2023): one model per seed in one program; data order from `seed`
+    train.per_seed_predictions = False  # with several seeds: also write each seed's predictions beside the ensemble's
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.learning_rate = 2e-5  # peak learning rate after warmup

@@ -64,12 +64,18 @@ class TrainCheckpoints:
         self._manager.close()
 
 
+def best_dir(workdir: pathlib.Path, seed: int | None = None) -> pathlib.Path:
+    """Where the best checkpoint lives: checkpoints/best, or checkpoints/best/seed_<S> for each
+    seed of a run of several."""
+    return workdir / BEST_DIR if seed is None else workdir / BEST_DIR / f"seed_{seed}"
+
+
 class BestCheckpoint:
     """Saves a step only when its dev accuracy beats every earlier one; keeps that one step."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, seed: int | None = None):
         self._manager = ocp.CheckpointManager(
-            (workdir / BEST_DIR).resolve(),
+            best_dir(workdir, seed).resolve(),
             options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
         )
         step = self._manager.latest_step()
@@ -106,22 +112,23 @@ def _read_metrics(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return dict(manager.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))["metrics"])
 
 
-def has_best(workdir: pathlib.Path) -> bool:
+def has_best(workdir: pathlib.Path, seed: int | None = None) -> bool:
     """Whether the workdir holds a complete best checkpoint (a cheap look at folder names only).
 
     Orbax names a finished step's folder by its number; unfinished writes carry a tmp suffix.
     """
-    best = workdir / BEST_DIR
+    best = best_dir(workdir, seed)
     return best.is_dir() and any(p.is_dir() and p.name.isdigit() for p in best.iterdir())
 
 
-def restore_best_params(workdir: pathlib.Path, name: str, like: Any) -> tuple[Any, dict[str, Any]]:
-    """One parameter set of the best checkpoint as host numpy arrays shaped as `like`, and its metrics.
+def restore_best_params(workdir: pathlib.Path, name: str, like: Any, seed: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """One parameter set of the best checkpoint (of `seed`, in a run of several) as host numpy
+    arrays shaped as `like`, and its metrics.
 
     Only that set is read from disk, whatever devices the run used. InputError if there is no
     complete best checkpoint, it lacks the set, or the set does not fit `like`.
     """
-    folder = (workdir / BEST_DIR).resolve()
+    folder = best_dir(workdir, seed).resolve()
     manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=False))
     try:
         step = manager.latest_step()

@@ -11,9 +11,10 @@ padded with zero-weight rows that are dropped again on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,38 +22,44 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sda_jax import atomic_write
+from sda_jax import atomic_write, input_pipeline, parallel
 from sda_jax.averaging import Average
 from sda_jax.bucketed_jit import BucketedJit
 
 
 @dataclasses.dataclass(frozen=True)
 class StackedSets:
-    """Named parameter averages as one stack on the device: set `name` owns members spans[name]."""
+    """Named parameter averages as one stack on the device: set `name` of seed i owns members
+    spans[name][i] (one seed, and one span per set, when the state has no seed axis)."""
 
     members: Any  # params with a leading axis: every distinct member once
-    spans: dict[str, tuple[int, int]]  # name -> [start, stop) along that axis
+    spans: dict[str, list[tuple[int, int]]]
 
 
-def stack_members(singles: Sequence[Any], ensembles: Sequence[Any]) -> Any:
-    """Parameter sets concatenated along a new leading axis (jit it: it copies each set once).
+def stack_members(singles: Sequence[Any], ensembles: Sequence[Any], *, seeded: bool = False) -> Any:
+    """Parameter sets concatenated along a leading member axis (jit it: it copies each set once).
 
-    `singles` are one model's params each; `ensembles` are members already stacked [m, ...]
-    (a vote teacher's snapshots). Singles come first.
+    `singles` are one model's params each ([seeds, ...] when `seeded`), `ensembles` members
+    already stacked ([m, ...]; [seeds, m, ...] when `seeded`). Singles come first, seed-major
+    within a set.
     """
-    leading = [jax.tree.map(lambda p: p[None], single) for single in singles] + list(ensembles)
+    lead = (lambda p: p) if seeded else (lambda p: p[None])
+    flat = (lambda p: p.reshape(-1, *p.shape[2:])) if seeded else (lambda p: p)
+    leading = [jax.tree.map(lead, single) for single in singles] + [jax.tree.map(flat, e) for e in ensembles]
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *leading)
 
 
-def set_parts(sets: Mapping[str, Average]) -> tuple[dict[str, tuple[int, int]], list[Any], list[Any]]:
-    """(spans, singles, ensembles) of `sets` as `stack_members` takes them.
+def set_parts(sets: Mapping[str, Average], num_seeds: int = 0) -> tuple[dict[str, list[tuple[int, int]]], list[Any], list[Any]]:
+    """(spans, singles, ensembles) of `sets` as `stack_members` takes them; `num_seeds` > 0 when
+    every leaf has a leading seed axis of that size.
 
     One model per set goes in as plain params, so the stacking program depends on the parameter
     shapes and on how many sets of each kind there are, not on the kind of average: a restored
     best checkpoint stacks with the same program as the live state. Sets that are the very same
-    parameters (the student, and an eval EMA that has not started) share one member.
+    parameters (the student, and an eval EMA that has not started) share their members.
     """
-    spans: dict[str, tuple[int, int]] = {}
+    seeds = max(num_seeds, 1)
+    spans: dict[str, list[tuple[int, int]]] = {}
     singles: list[Any] = []
     slot_of: dict[int, int] = {}
     for name in sorted(sets):
@@ -61,20 +68,15 @@ def set_parts(sets: Mapping[str, Average]) -> tuple[dict[str, tuple[int, int]], 
             slot = slot_of.setdefault(id(params), len(singles))
             if slot == len(singles):
                 singles.append(params)
-            spans[name] = (slot, slot + 1)
-    ensembles, start = [], len(singles)
+            spans[name] = [(slot * seeds + i, slot * seeds + i + 1) for i in range(seeds)]
+    ensembles, start = [], len(singles) * seeds
     for name in sorted(sets):
         if sets[name].is_ensemble:
             ensembles.append(sets[name].members())
-            stop = start + jax.tree.leaves(ensembles[-1])[0].shape[0]
-            spans[name], start = (start, stop), stop
+            size = jax.tree.leaves(ensembles[-1])[0].shape[1 if num_seeds else 0]
+            spans[name] = [(start + i * size, start + (i + 1) * size) for i in range(seeds)]
+            start += seeds * size
     return spans, singles, ensembles
-
-
-def stack_param_sets(stack: Callable[..., Any], sets: Mapping[str, Average]) -> StackedSets:
-    """`sets` stacked by `stack` (a jitted `stack_members`)."""
-    spans, singles, ensembles = set_parts(sets)
-    return StackedSets(members=stack(singles, ensembles), spans=spans)
 
 
 def eval_step(members: Any, batch: dict[str, jax.Array], *, model: Any) -> jax.Array:
@@ -97,8 +99,8 @@ def collect_logits(
 ) -> dict[str, np.ndarray]:
     """Runs `step` over (host, device) batch pairs that visit the examples in `order`.
 
-    Returns {set name: logits [examples, classes]} in file order; a set's logits are the mean of
-    its members' (`Average.combine`).
+    Returns {set name: logits [seeds, examples, classes]} in file order (seeds = 1 for a state
+    without a seed axis); a set's logits are the mean of its members' (`Average.combine`).
     """
     outputs = [(host["weights"] > 0, step(sets.members, device)) for host, device in batches]
     rows = []
@@ -108,7 +110,61 @@ def collect_logits(
         rows.append(multihost_utils.process_allgather(out, tiled=True)[real])
     member_logits = np.empty_like(np.concatenate(rows))
     member_logits[order] = np.concatenate(rows)
-    return {name: Average.combine(member_logits[:, a:b].swapaxes(0, 1)) for name, (a, b) in sets.spans.items()}
+    return {
+        name: np.stack([Average.combine(member_logits[:, a:b].swapaxes(0, 1)) for a, b in seed_spans])
+        for name, seed_spans in sets.spans.items()
+    }
+
+
+def jit_eval_step(model: Any, mesh: Any) -> Any:
+    """`eval_step` jitted for the mesh: outputs sharded like the batch rows."""
+    return jax.jit(functools.partial(eval_step, model=model), out_shardings=parallel.batch_sharding(mesh))
+
+
+class EvalPrograms:
+    """Dev and test evaluation of a run's parameter sets: a stacking program, and an eval program
+    per bucket length and member count, all compiled through `BucketedJit`s."""
+
+    def __init__(self, model: Any, mesh: Any, bucket_lengths: tuple[int, ...], batch_size: int, num_seeds: int, clock):
+        self.mesh, self.bucket_lengths, self.batch_size, self.num_seeds = mesh, bucket_lengths, batch_size, num_seeds
+        self.replicated = parallel.replicated(mesh)
+        stack = functools.partial(stack_members, seeded=num_seeds > 0)
+        self.stack = BucketedJit(
+            jax.jit(stack, out_shardings=self.replicated),
+            lambda singles, ensembles: (len(singles), *(jax.tree.leaves(e)[0].shape for e in ensembles)),
+            clock,
+        )
+        # One program per (member count, batch shape): dev evaluation and prediction may differ in the former.
+        member_count = lambda members, batch: (jax.tree.leaves(members)[0].shape[0], *batch["input_ids"].shape)
+        self.eval_fn = BucketedJit(jit_eval_step(model, mesh), member_count, clock)
+
+    def compile_tasks(self, *set_groups: Mapping[str, Average]) -> list[tuple[BucketedJit, tuple]]:
+        """What `compile_concurrently` needs to build every program that evaluating each group of
+        sets runs: the stacking and one eval program per bucket length (shared where they agree)."""
+        abstract = lambda tree, sharding=None: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree
+        )
+        seeded = functools.partial(stack_members, seeded=self.num_seeds > 0)
+        tasks = []
+        for sets in set_groups:  # concrete sets: their arrays' shardings are the ones the runs will see
+            _, singles, ensembles = set_parts(sets, self.num_seeds)
+            singles, ensembles = abstract(singles), abstract(ensembles)
+            members = abstract(jax.eval_shape(seeded, singles, ensembles), self.replicated)
+            tasks.append((self.stack, (singles, ensembles)))
+            batches = [parallel.abstract_batch(self.batch_size, n, self.mesh) for n in self.bucket_lengths]
+            tasks += [(self.eval_fn, (members, batch)) for batch in batches]
+        return tasks
+
+    def logits(self, sets: Mapping[str, Average], encoded: Any) -> dict[str, np.ndarray]:
+        """{name: logits [seeds, examples, classes]} of every set on every example of `encoded`,
+        in file order."""
+        spans, singles, ensembles = set_parts(sets, self.num_seeds)
+        stacked = StackedSets(members=self.stack(singles, ensembles), spans=spans)
+        order = input_pipeline.eval_order(encoded)
+        batches = input_pipeline.eval_batches(
+            encoded, batch_size=self.batch_size, bucket_lengths=self.bucket_lengths, order=order
+        )
+        return collect_logits(self.eval_fn, stacked, parallel.prefetch_to_mesh(batches, self.mesh), order)
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -137,6 +193,13 @@ def dev_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     metrics = classification_metrics(labels, logits.argmax(-1), logits.shape[-1])
     metrics["loss"] = float(cross_entropy(logits, labels).mean())
     return metrics
+
+
+def seed_summary(per_seed: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and (population) standard deviation over seeds of each metric."""
+    keys = per_seed[0].keys()
+    values = {key: np.asarray([m[key] for m in per_seed], np.float64) for key in keys}
+    return {k: float(v.mean()) for k, v in values.items()}, {k: float(v.std()) for k, v in values.items()}
 
 
 def write_predictions(path: pathlib.Path, ids: Sequence[Any], labels: Sequence[str]) -> None:

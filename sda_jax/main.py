@@ -118,6 +118,7 @@ def run_export(argv: list[str] | None = None) -> None:
         "params", "eval_ema", export.PARAM_SETS,
         "Which parameters of the best checkpoint: eval_ema (what dev scored), student, or teacher (not a vote teacher).",
     )  # fmt: skip
+    seed = flags.DEFINE_integer("seed", None, "Of a run of several seeds (train.seeds): the seed whose best model to export.")
     flags.mark_flags_as_required(["workdir", "out"])
 
     def main(args: list[str]) -> None:
@@ -125,11 +126,12 @@ def run_export(argv: list[str] | None = None) -> None:
             raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
         logging.set_verbosity(logging.WARNING)  # orbax logs every operation at INFO
         try:
-            info = export.export(pathlib.Path(workdir.value), pathlib.Path(out.value), params.value)
+            info = export.export(pathlib.Path(workdir.value), pathlib.Path(out.value), params.value, seed.value)
         except InputError as err:
             exit_with_error(err)
         checkpoint = info["checkpoint"]
         accuracy = f", dev accuracy {checkpoint['accuracy']:.4f}" if "accuracy" in checkpoint else ""
-        print(f"Exported the {info['params']} parameters of step {checkpoint['step']}{accuracy} to {out.value}")
+        of_seed = f" of seed {info['seed']}" if info["seed"] is not None else ""
+        print(f"Exported the {info['params']} parameters{of_seed} of step {checkpoint['step']}{accuracy} to {out.value}")
 
     app.run(main, argv=argv)

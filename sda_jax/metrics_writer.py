@@ -37,7 +37,7 @@ CURVES_FILE = "training_curves.png"
 # Train scalars that depend on wall time: TensorBoard only, never metrics.jsonl.
 TIMING_KEYS = ("steps_per_second",)
 # Line colours of the dev panels, per parameter set.
-_PARAMS_COLORS = {"student": "tab:blue", "teacher": "tab:orange", "eval_ema": "tab:green"}
+_PARAMS_COLORS = {"student": "tab:blue", "teacher": "tab:orange", "eval_ema": "tab:green", "ensemble": "black"}
 
 
 class MetricsWriter:
@@ -70,12 +70,18 @@ class MetricsWriter:
             filename_suffix=f".{time.time_ns() % 1_000_000_000:09d}",
         )
 
-    def write_train(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """One train record: the mean losses of a logging window, learning rate, counters."""
+    def write_train(self, step: int, scalars: Mapping[str, Any], seed: int | None = None) -> None:
+        """One train record: the mean losses of a logging window, learning rate, counters; of one
+        seed of a run of several when `seed` is given (the record without one is their mean)."""
         if not self.enabled:
             return
         step = int(step)
         values = {name: _number(name, value) for name, value in scalars.items()}
+        if seed is not None:
+            self._append({"step": step, "split": "train", "seed": seed, **values})
+            for name, value in values.items():
+                self._events.add_scalar(f"train/seed_{seed}/{name}", value, step)
+            return
         timing = {name: values.pop(name) for name in TIMING_KEYS if name in values}
         now = time.perf_counter()
         if "steps_per_second" not in timing and self._clock is not None and step > self._clock[0]:
@@ -85,17 +91,20 @@ class MetricsWriter:
         for name, value in {**values, **timing}.items():
             self._events.add_scalar(f"train/{name}", value, step)
 
-    def write_dev(self, step: int, params_name: str, scalars: Mapping[str, Any]) -> None:
-        """One dev evaluation of a parameter set ("student", "teacher" or "eval_ema")."""
+    def write_dev(self, step: int, params_name: str, scalars: Mapping[str, Any], seed: int | str | None = None) -> None:
+        """One dev evaluation of a parameter set ("student", "teacher", "eval_ema"; "ensemble" for
+        the seeds' mean logits), of one seed (or their "mean" / "std") in a run of several."""
         if not self.enabled:
             return
         if not isinstance(params_name, str) or not params_name or "/" in params_name:
             raise ValueError(f"params_name must be a non-empty name without '/', got {params_name!r}")
         step = int(step)
         values = {name: _number(name, value) for name, value in scalars.items()}
-        self._append({"step": step, "split": "dev", "params": params_name, **values})
+        where = {} if seed is None else {"seed": seed}
+        self._append({"step": step, "split": "dev", "params": params_name, **where, **values})
+        tag = params_name if seed is None else f"{params_name}/seed_{seed}"
         for name, value in values.items():
-            self._events.add_scalar(f"dev/{params_name}/{name}", value, step)
+            self._events.add_scalar(f"dev/{tag}/{name}", value, step)
         self._events.flush()
         self._clock = (step, time.perf_counter())  # evaluation time is not training speed
 
@@ -182,16 +191,26 @@ def plot_training_curves(workdir: str | Path) -> Path:
 
     Six panels: train loss and CE; KD (the MSE to the teacher); learning rate (and the fp16 loss
     scale when there is one); dev accuracy, F1 and loss, a line per parameter set, with the best
-    accuracy marked. Panels without data say so.
+    accuracy marked. A run of several seeds draws each seed's scored set faintly, their mean
+    boldly and the ensemble's line; train panels show the mean over seeds. Panels without data
+    say so.
     """
     from matplotlib.figure import Figure  # a figure without pyplot: no global state, no GUI backend
 
     workdir = Path(workdir)
     records = read_metrics(workdir)
-    train = _series(r for r in records if r["split"] == "train")
-    dev_by_params: dict[str, dict[str, np.ndarray]] = {}
-    for name in dict.fromkeys(r.get("params", "?") for r in records if r["split"] == "dev"):
-        dev_by_params[name] = _series(r for r in records if r["split"] == "dev" and r.get("params", "?") == name)
+    train = _series(r for r in records if r["split"] == "train" and "seed" not in r)
+    dev = [r for r in records if r["split"] == "dev"]
+    dev_by_params: dict[str, dict[str, np.ndarray]] = {}  # the lines of the dev panels
+    for name in dict.fromkeys(r.get("params", "?") for r in dev if "seed" not in r):
+        dev_by_params[name] = _series(r for r in dev if r.get("params", "?") == name and "seed" not in r)
+    for name in dict.fromkeys(r["params"] for r in dev if r.get("seed") == "mean"):
+        dev_by_params[f"{name} (mean of seeds)"] = _series(r for r in dev if r["params"] == name and r.get("seed") == "mean")
+    per_seed = {
+        f"{r['params']} seed {r['seed']}": _series(x for x in dev if x["params"] == r["params"] and x.get("seed") == r["seed"])
+        for r in dev
+        if isinstance(r.get("seed"), int) and any(m.get("seed") == "mean" and m["params"] == r["params"] for m in dev)
+    }
 
     fig = Figure(figsize=(15, 8.4), dpi=100, layout="constrained")
     axes = fig.subplots(2, 3)
@@ -224,6 +243,9 @@ def plot_training_curves(workdir: str | Path) -> Path:
     ax.yaxis.label.set_color("tab:red")
 
     for ax, key, title in zip(axes[1], ("accuracy", "f1", "loss"), ("Dev accuracy", "Dev F1", "Dev loss"), strict=True):
+        for series in per_seed.values():
+            if key in series:
+                ax.plot(series["step"], series[key], color="tab:gray", alpha=0.35, linewidth=0.8)
         for name, series in dev_by_params.items():
             if key in series:
                 color = _PARAMS_COLORS.get(name)

@@ -1,26 +1,32 @@
 """Data parallelism over a device Mesh: shardings, batch placement and host→device prefetch.
 
 One mesh axis, `data`, spans every device of every process. Batches are split along it; the
-train state is replicated, and XLA inserts the gradient all-reduce that `jax.jit` needs. Each
-process hands over only its own rows of a global batch (`make_array_from_process_local_data`),
-which is what lets the same code run on one CPU or across hosts.
+train state is replicated, and XLA inserts the gradient all-reduce that `jax.jit` needs. A run of
+several seeds (`train.seeds`) gets a second axis, `seeds`, in front: the seed-stacked train state
+is split along it (seeds on different devices need no all-reduce between them at all) and the
+batch is split along `data` within each seed group. Each process hands over only the rows of a
+global batch its devices hold (`make_array_from_process_local_data`), which is what lets the
+same code run on one CPU or across hosts.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sda_jax.errors import InputError
 
 DATA_AXIS = "data"
+SEEDS_AXIS = "seeds"
 
 
 def initialize_distributed() -> None:
@@ -53,13 +59,23 @@ def make_mesh() -> Mesh:
     return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
+def make_seeds_mesh(num_seeds: int) -> Mesh:
+    """A (`seeds`, `data`) mesh over all devices: as many seed groups as divide both the seed
+    count and the device count (seed states then sit whole on their group's devices), the rest
+    of the devices splitting the batch."""
+    groups = math.gcd(num_seeds, jax.device_count())
+    return jax.make_mesh(
+        (groups, jax.device_count() // groups), (SEEDS_AXIS, DATA_AXIS), axis_types=(AxisType.Auto, AxisType.Auto)
+    )
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """The global batch is split evenly over devices, and each process feeds whole rows."""
-    devices = mesh.devices.size
+    """The global batch is split evenly over the devices of the `data` axis."""
+    devices = mesh.shape[DATA_AXIS]
     if batch_size % devices:
         raise InputError(
             f"config key train.batch_size: {batch_size} does not divide by the {devices} devices "
-            f"in use; pick a multiple of {devices}"
+            f"that split each batch; pick a multiple of {devices}"
         )
 
 
@@ -71,17 +87,51 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def process_rows(batch_size: int) -> slice:
-    """This process's contiguous share of the rows of every global batch."""
-    per_process = batch_size // jax.process_count()
-    start = jax.process_index() * per_process
-    return slice(start, start + per_process)
+def seeds_sharding(mesh: Mesh) -> NamedSharding:
+    """Arrays with a leading seed axis (a seed-stacked train state), split over the seed groups."""
+    return NamedSharding(mesh, PartitionSpec(SEEDS_AXIS))
+
+
+def put_keys(keys: jax.Array, mesh: Mesh) -> jax.Array:
+    """Seed-stacked random keys (the same on every process) as one global array split over the
+    seed groups, also where the mesh spans processes (device_put cannot place those)."""
+    data = np.asarray(jax.random.key_data(keys))
+    sharding = seeds_sharding(mesh)
+    placed = jax.make_array_from_callback(data.shape, sharding, lambda index: data[index])
+    return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(keys))
+
+
+def fetch(tree: Any) -> Any:
+    """Device arrays as host numpy, also those split over several processes' devices (a seed-
+    stacked state's, whose seeds live on other hosts), which every process must then fetch."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def process_rows(batch_size: int, mesh: Mesh) -> slice:
+    """The rows of every global batch that this process's devices hold (contiguous)."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+    starts = [index[0].start or 0 for index in indices]
+    stops = [batch_size if index[0].stop is None else index[0].stop for index in indices]
+    return slice(min(starts), max(stops))
+
+
+def abstract_batch(batch_size: int, length: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes, dtypes and sharding of a device batch of `length` tokens, for compiling ahead."""
+    sharding = batch_sharding(mesh)
+    matrix = lambda dtype: jax.ShapeDtypeStruct((batch_size, length), dtype, sharding=sharding)
+    row = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype, sharding=sharding)
+    return {
+        "input_ids": matrix(np.int32), "token_type_ids": matrix(np.int32), "attention_mask": matrix(np.int32),
+        "labels": row(np.int32), "weights": row(np.float32),
+    }  # fmt: skip
 
 
 def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Places this process's rows of a global host batch as one sharded global array per key."""
     sharding = batch_sharding(mesh)
-    rows = process_rows(len(batch["weights"]))
+    rows = process_rows(len(batch["weights"]), mesh)
     return {
         key: jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
         for key, value in batch.items()

@@ -28,23 +28,51 @@ def dev_line(step: int, dev: dict[str, float], params_name: str, improved: bool)
     )
 
 
+def seeds_dev_line(step: int, mean: dict, std: dict, ensemble: dict, params_name: str, improved: int) -> str:
+    return (
+        f"step {step}: dev accuracy {mean['accuracy']:.4f} ± {std['accuracy']:.4f} f1 {mean['f1']:.4f} ± {std['f1']:.4f}"
+        f" ({params_name}, mean ± std over seeds), ensemble accuracy {ensemble['accuracy']:.4f} f1 {ensemble['f1']:.4f}"
+        f"{f' *best for {improved} seeds*' if improved else ''}"
+    )
+
+
 def build(
     *, settings, state, best_metrics, start_step, examples_seen, train_fn, eval_fn, compile_wall, buckets,
-    compute_dtype, predict_path, data, test_logits, stopwatch,
+    compute_dtype, predict_path, data, test_logits, stopwatch, seeds=(), ensemble_dev=None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The run's summary record (see the module docstring)."""
+    """The run's summary record (see the module docstring). `best_metrics`: one per seed;
+    `test_logits`: what the predictions came from; with several `seeds`, `ensemble_dev` holds the
+    dev metrics of the seeds' best parameters' mean logits."""
     times = stopwatch.breakdown()
     train_seconds = times.get("train loop", 0.0)
     label_names = settings.data.label_names
     predicted = np.bincount(np.argmax(test_logits, -1), minlength=len(label_names))
+    if seeds:
+        per_seed = [
+            {"seed": seed, "best_dev_accuracy": m["accuracy"], "best_dev_f1": m["f1"], "best_step": m["step"],
+             "best_params": m["params"]}
+            for seed, m in zip(seeds, best_metrics, strict=True)
+        ]  # fmt: skip
+        accuracy = np.asarray([m["accuracy"] for m in best_metrics])
+        f1 = np.asarray([m["f1"] for m in best_metrics])
+        headline = {
+            "seeds": list(seeds),
+            "best_dev_accuracy_mean": float(accuracy.mean()), "best_dev_accuracy_std": float(accuracy.std()),
+            "best_dev_f1_mean": float(f1.mean()), "best_dev_f1_std": float(f1.std()),
+            "ensemble_dev_accuracy": ensemble_dev["accuracy"], "ensemble_dev_f1": ensemble_dev["f1"],
+            "per_seed": per_seed,
+        }  # fmt: skip
+    else:
+        best = best_metrics[0]
+        headline = {
+            "best_dev_accuracy": best["accuracy"], "best_dev_f1": best["f1"], "best_step": best["step"],
+            "best_params": best["params"],
+        }  # fmt: skip
     summary = {
-        "best_dev_accuracy": best_metrics["accuracy"],
-        "best_dev_f1": best_metrics["f1"],
-        "best_step": best_metrics["step"],
-        "best_params": best_metrics["params"],
-        "steps": int(state.step),
+        **headline,
+        "steps": int(np.max(state["step"])),
         "resumed_from_step": start_step,
-        "skipped_steps": int(state.skipped_steps),
+        "skipped_steps": int(np.max(state["skipped_steps"])),
         "train_examples": examples_seen,
         "train_seconds": train_seconds,
         "train_samples_per_second": examples_seen / max(train_seconds, 1e-9),
@@ -98,9 +126,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     resumed = f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""
     phases = summary["seconds_by_phase"]
     breakdown = ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items() if seconds >= 0.05)
+    if "per_seed" in summary:
+        best_rows = [
+            *(
+                (f"seed {s['seed']}", f"best dev accuracy {s['best_dev_accuracy']:.4f} F1 {s['best_dev_f1']:.4f} at step {s['best_step']} ({s['best_params']})")
+                for s in summary["per_seed"]
+            ),
+            ("mean ± std", (f"accuracy {summary['best_dev_accuracy_mean']:.4f} ± {summary['best_dev_accuracy_std']:.4f}, "
+             f"F1 {summary['best_dev_f1_mean']:.4f} ± {summary['best_dev_f1_std']:.4f} over {len(summary['seeds'])} seeds")),
+            ("ensemble", f"dev accuracy {summary['ensemble_dev_accuracy']:.4f} F1 {summary['ensemble_dev_f1']:.4f} (mean logits of the seeds' best)"),
+        ]  # fmt: skip
+    else:
+        best_rows = [
+            ("best dev accuracy", f"{summary['best_dev_accuracy']:.4f} at step {summary['best_step']} ({summary['best_params']})"),
+            ("best dev F1", f"{summary['best_dev_f1']:.4f}"),
+        ]
     rows = [
-        ("best dev accuracy", f"{summary['best_dev_accuracy']:.4f} at step {summary['best_step']} ({summary['best_params']})"),
-        ("best dev F1", f"{summary['best_dev_f1']:.4f}"),
+        *best_rows,
         ("steps run", f"{summary['steps']} ({summary['skipped_steps']} skipped for fp16 overflow{resumed})"),
         ("wall time", f"{summary['wall_seconds']:.1f} s: {breakdown}"),
         (

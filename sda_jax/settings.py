@@ -61,6 +61,8 @@ class TrainSettings:
     checkpoint_every: int
     keep_checkpoints: int
     predict_file: str
+    seeds: tuple[int, ...]  # () or one seed: one run; several: one model per seed, trained side by side
+    per_seed_predictions: bool  # several seeds: also write each seed's predictions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,8 @@ class Settings:
             checkpoint_every=reader.integer("train.checkpoint_every", minimum=1),
             keep_checkpoints=reader.integer("train.keep_checkpoints", minimum=1),
             predict_file=reader.string("train.predict_file"),
+            seeds=reader.seeds("train.seeds"),
+            per_seed_predictions=reader.boolean("train.per_seed_predictions"),
         )
         optim = OptimSettings(
             learning_rate=reader.number("optim.learning_rate", minimum=0.0),
@@ -271,6 +275,16 @@ class _Reader:
         value = self.get(key)
         if isinstance(value, str) or not all(isinstance(v, str) for v in value):
             raise self._fail(key, "a list of strings", value)
+        return tuple(value)
+
+    def seeds(self, key: str) -> tuple[int, ...]:
+        value = self.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value,)
+        if isinstance(value, str) or not all(type(v) is int and v >= 0 for v in value):
+            raise self._fail(key, "a list of integers >= 0", value)
+        if len(set(value)) != len(value):
+            raise self._fail(key, "distinct seeds", value)
         return tuple(value)
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str:

@@ -36,10 +36,12 @@ from sda_jax import (
     optim,
     parallel,
     run_summary,
+    selection,
     splits,
 )
 from sda_jax.bucketed_jit import BucketedJit, batch_shape_key, compile_concurrently
-from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
+from sda_jax.checkpoints import TrainCheckpoints
+from sda_jax.errors import InputError
 from sda_jax.metrics_writer import MetricsWriter, plot_training_curves
 from sda_jax.model_loading import load_model
 from sda_jax.preemption import Preempted, PreemptionGuard
@@ -94,21 +96,6 @@ def create_train_state(
         ),
         skipped_steps=jnp.zeros([], jnp.int32),
     )
-
-
-def param_sets(state: TrainState) -> dict[str, averaging.Average]:
-    """The run's parameter sets by the names logs, checkpoints and export use."""
-    eval_ema = averaging.Current(state.params) if state.eval_ema is None else state.eval_ema
-    return {"eval_ema": eval_ema, "student": averaging.Current(state.params), "teacher": state.teacher}
-
-
-def single_models(sets: dict[str, averaging.Average]) -> dict[str, Params]:
-    """The sets that are one model each (all but a vote teacher), as parameters: what a best checkpoint holds."""
-    models = {}
-    for name, average in sets.items():
-        with contextlib.suppress(averaging.NotOneModel):
-            models[name] = average.single_params()
-    return models
 
 
 def train_step(
@@ -176,59 +163,75 @@ def train_step(
     return new_state, metrics
 
 
-def jit_train_step(model: Any, settings: Settings, mesh: jax.sharding.Mesh, state_sharding: Any) -> Any:
-    """`train_step` jitted for the mesh: batch rows split over devices, the state donated."""
-    replicated = parallel.replicated(mesh)
+def jit_train_step(model: Any, settings: Settings, mesh: jax.sharding.Mesh, state_sharding: Any, num_seeds: int = 0) -> Any:
+    """`train_step` jitted for the mesh: batch rows split over devices, the state donated.
+
+    With `num_seeds` > 0 the state has a leading seed axis and the step is `vmap`ped over it
+    (state and dropout key per seed, the batch shared): N runs in one program.
+    """
+    step = functools.partial(train_step, model=model, settings=settings)
+    if num_seeds:
+        step, per_seed = jax.vmap(step, in_axes=(0, None, 0)), parallel.seeds_sharding(mesh)
+    else:
+        per_seed = parallel.replicated(mesh)
     return jax.jit(
-        functools.partial(train_step, model=model, settings=settings),
-        in_shardings=(state_sharding, parallel.batch_sharding(mesh), replicated),
-        out_shardings=(state_sharding, replicated),
+        step,
+        in_shardings=(state_sharding, parallel.batch_sharding(mesh), per_seed),
+        out_shardings=(state_sharding, per_seed),
         donate_argnums=0,
     )
 
 
-def abstract_train_state(
-    param_shapes: Any, settings: Settings, total_steps: int, compute_dtype: Any, mesh: jax.sharding.Mesh
-) -> TrainState:
-    """The train state's shapes, dtypes and (replicated) shardings, derived with `jax.eval_shape`:
-    what compiling needs, with nothing allocated (also for a device that is not there)."""
+def _create(settings: Settings, total_steps: int, compute_dtype: Any, num_seeds: int):
     create = functools.partial(
         create_train_state, settings=settings, compute_dtype=compute_dtype,
         eval_ema_starts=total_steps > settings.sda.eval_ema_start_step,
     )  # fmt: skip
+    return jax.vmap(create, in_axes=(0, None)) if num_seeds else create
+
+
+def abstract_train_state(
+    param_shapes: Any, settings: Settings, total_steps: int, compute_dtype: Any, mesh: jax.sharding.Mesh, num_seeds: int = 0
+) -> TrainState:
+    """The train state's shapes, dtypes and shardings (replicated; split over seed groups with a
+    seed axis), derived with `jax.eval_shape`: what compiling needs, with nothing allocated (also
+    for a device that is not there). `param_shapes` are seed-stacked when `num_seeds` > 0."""
+    create = _create(settings, total_steps, compute_dtype, num_seeds)
     shapes = jax.eval_shape(create, param_shapes, optim.Schedule.create(settings.optim, total_steps))
-    replicated = parallel.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+    sharding = parallel.seeds_sharding(mesh) if num_seeds else parallel.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
 def place_state_and_step(
-    params: Params, model: Any, settings: Settings, total_steps: int, mesh: jax.sharding.Mesh, clock: Stopwatch | None = None
-) -> tuple[TrainState, BucketedJit]:
-    """The initial state, replicated on the mesh, and the train step compiled once per batch shape."""
-    abstract = abstract_train_state(params, settings, total_steps, model.dtype, mesh)
+    params: Params, model: Any, settings: Settings, total_steps: int, mesh: jax.sharding.Mesh,
+    clock: Stopwatch | None = None, num_seeds: int = 0,
+) -> tuple[TrainState, BucketedJit]:  # fmt: skip
+    """The initial state on the mesh and the train step compiled once per batch shape; `params`
+    are seed-stacked when `num_seeds` > 0."""
+    abstract = abstract_train_state(params, settings, total_steps, model.dtype, mesh, num_seeds)
     state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
-    create = functools.partial(
-        create_train_state, settings=settings, compute_dtype=model.dtype,
-        eval_ema_starts=total_steps > settings.sda.eval_ema_start_step,
-    )  # fmt: skip
+    create = _create(settings, total_steps, model.dtype, num_seeds)
     state = jax.jit(create, out_shardings=state_sharding)(params, optim.Schedule.create(settings.optim, total_steps))
-    return state, BucketedJit(jit_train_step(model, settings, mesh, state_sharding), batch_shape_key, clock)
+    return state, BucketedJit(jit_train_step(model, settings, mesh, state_sharding, num_seeds), batch_shape_key, clock)
 
 
-def jit_eval_step(model: Any, mesh: jax.sharding.Mesh) -> Any:
-    """`evaluate.eval_step` jitted for the mesh: outputs sharded like the batch rows."""
-    return jax.jit(functools.partial(evaluate.eval_step, model=model), out_shardings=parallel.batch_sharding(mesh))
-
-
-def abstract_batch(batch_size: int, length: int, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes, dtypes and sharding of a device batch of `length` tokens, for compiling ahead."""
-    sharding = parallel.batch_sharding(mesh)
-    matrix = lambda dtype: jax.ShapeDtypeStruct((batch_size, length), dtype, sharding=sharding)
-    row = lambda dtype: jax.ShapeDtypeStruct((batch_size,), dtype, sharding=sharding)
-    return {
-        "input_ids": matrix(jnp.int32), "token_type_ids": matrix(jnp.int32), "attention_mask": matrix(jnp.int32),
-        "labels": row(jnp.int32), "weights": row(jnp.float32),
-    }  # fmt: skip
+def check_state_fits(abstract_state: Any, mesh: jax.sharding.Mesh, num_seeds: int) -> None:
+    """A clear error before training when the train states of all seeds cannot fit in the
+    memory of a device (where JAX reports it; the estimate counts the state alone: activations
+    and compiled programs need room too, so 80% of the device is the limit)."""
+    local = [d for d in mesh.devices.flat if getattr(d, "process_index", jax.process_index()) == jax.process_index()]
+    stats = local[0].memory_stats() or {}  # only this process's devices answer
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return
+    per_device = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    per_device //= mesh.shape.get(parallel.SEEDS_AXIS, 1)
+    if per_device > 0.8 * limit:
+        what = f"{num_seeds} seeds' train states" if num_seeds else "the train state"
+        raise InputError(
+            f"config key train.seeds: {what} need {per_device / 2**30:.1f} GiB per device (from jax.eval_shape), "
+            f"more than 80% of the device's {limit / 2**30:.1f} GiB; train fewer seeds at once or on more devices"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,17 +269,28 @@ def train_and_evaluate(
     clock = stopwatch or Stopwatch()
     with clock.phase("data"):
         data = splits.load_splits(settings.data, settings.model.dir)
-    init_rng, dropout_rng = jax.random.split(jax.random.key(settings.seed))
+    # One model per seed of `train.seeds` (its initial weights and dropout stream), side by side
+    # on a leading axis when there are several; the data order comes from `seed` either way.
+    seeds = settings.train.seeds if len(settings.train.seeds) > 1 else ()
+    model_seeds = settings.train.seeds or (settings.seed,)
     dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
-    with clock.phase("model"):
-        model, params, load_note = load_model(settings, len(data.tokenizer), init_rng, dtype)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_seeds_mesh(len(seeds)) if seeds else parallel.make_mesh()
     parallel.check_batch_size(settings.train.batch_size, mesh)
     batch_size = settings.train.batch_size
     steps_per_epoch = input_pipeline.steps_per_epoch(len(data.train), batch_size)
     total_steps = settings.train.num_epochs * steps_per_epoch
     if settings.train.max_steps:
         total_steps = min(total_steps, settings.train.max_steps)
+    keys = [jax.random.split(jax.random.key(seed)) for seed in model_seeds]
+    with clock.phase("model"):
+        model, params, load_note = load_model(settings, len(data.tokenizer), keys[0][0], dtype)
+        if seeds:
+            stacked_shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct((len(seeds), *p.shape), p.dtype), params)
+            check_state_fits(abstract_train_state(stacked_shapes, settings, total_steps, dtype, mesh, len(seeds)), mesh, len(seeds))
+            others = [load_model(settings, len(data.tokenizer), key[0], dtype)[1] for key in keys[1:]]
+            params = jax.tree.map(lambda *leaves: jnp.stack(leaves), params, *others)
+            del others
+    dropout_rng = parallel.put_keys(jnp.stack([key[1] for key in keys]), mesh) if seeds else keys[0][1]
     # Every process reads the whole train set, so all of them choose the same lengths.
     buckets = bucket_policy.choose(
         settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch
@@ -286,18 +300,20 @@ def train_and_evaluate(
     if is_main:
         prepare_workdir(workdir, settings, settings.train.predict_file, fresh=fresh)
         write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
-        print(load_note)
+        print(load_note if not seeds else f"{load_note} ({len(seeds)} seeds: {', '.join(map(str, seeds))})")
         if buckets.note:
             print(buckets.note)
     multihost_utils.sync_global_devices("workdir ready")
-    state, train_fn = place_state_and_step(params, model, settings, total_steps, mesh, clock)
+    state, train_fn = place_state_and_step(params, model, settings, total_steps, mesh, clock, len(seeds))
     del params
-    dev_sets = _scored_sets(param_sets(state), settings, step=1)
-    programs = _EvalPrograms(model, mesh, bucket_lengths, batch_size, clock)
+    programs = evaluate.EvalPrograms(model, mesh, bucket_lengths, batch_size, len(seeds), clock)
     with clock.phase("compile"):
         # Every program of the run, up front and side by side: train and eval per bucket length.
-        tasks = [(train_fn, (state, abstract_batch(batch_size, n, mesh), dropout_rng)) for n in bucket_lengths]
-        tasks += programs.compile_tasks(dev_sets, _prediction_sets(state))
+        tasks = [(train_fn, (state, parallel.abstract_batch(batch_size, n, mesh), dropout_rng)) for n in bucket_lengths]
+        sets = selection.param_sets(state)
+        tasks += programs.compile_tasks(
+            selection.scored_sets(sets, settings, step=1), selection.prediction_sets(sets["eval_ema"].single_params())
+        )
         compile_wall = compile_concurrently(tasks)
 
     with contextlib.ExitStack() as stack:
@@ -310,7 +326,7 @@ def train_and_evaluate(
             if is_main:
                 truncate_metrics(workdir, start_step)
                 print(f"Resuming from the checkpoint of step {start_step}.")
-        best = BestCheckpoint(workdir)
+        best = selection.Selection(workdir, seeds)
         stack.callback(best.close)
         writer = stack.enter_context(MetricsWriter(workdir, enabled=is_main, resume_step=start_step))
         guard = stack.enter_context(PreemptionGuard())
@@ -324,6 +340,7 @@ def train_and_evaluate(
         device_batches = parallel.prefetch_to_mesh(itertools.islice(train_batches, total_steps - start_step), mesh)
         window: list[dict[str, jax.Array]] = []
         examples_seen = 0
+        schedule = optim.Schedule.create(settings.optim, total_steps)  # on the host, for the log
         with clock.phase("train loop"):
             for step, (host_batch, batch) in enumerate(device_batches, start=start_step + 1):
                 state, step_metrics = train_fn(state, batch, dropout_rng)
@@ -332,131 +349,78 @@ def train_and_evaluate(
                 due = Cadence.at(step, total_steps, settings.train)
                 if not due.any():
                     continue
-                report_train(jax.device_get(window), step, state.schedule, progress, writer)
+                report_train(parallel.fetch(window), step, schedule, progress, writer, seeds)
                 window = []
                 if due.evaluate:
                     with clock.phase("evaluation"):
-                        evaluate_and_keep_best(state, step, settings, programs, data.dev, best, writer, progress)
+                        best.evaluate(state, step, settings, programs, data.dev, writer, progress)
                 stop = guard.should_stop(multi_process=jax.process_count() > 1)
                 if due.checkpoint or stop:
                     with clock.phase("checkpointing"):
-                        save_train_state(checkpoints, state, step, settings.seed, steps_per_epoch)
+                        save_train_state(checkpoints, state, step, settings, steps_per_epoch)
                 if stop:
                     raise Preempted(guard.received or signal.SIGTERM, step)
 
         with clock.phase("prediction"):
-            best_params, best_metrics = best.restore(single_models(param_sets(state)))
-            test_logits = programs.logits(_prediction_sets(best_params), data.test)["eval_ema"]
+            best_params, best_metrics = best.restore_best(state)
+            test_logits = best.predict(best_params, programs, data.test)  # [seeds, examples, classes]
+            ensemble_dev = None
+            if seeds:
+                dev_logits = best.predict(best_params, programs, data.dev).mean(axis=0)
+                ensemble_dev = evaluate.dev_metrics(dev_logits, data.dev.labels)
     predict_path = workdir / settings.train.predict_file
     summary = run_summary.build(
-        settings=settings, state=state, best_metrics=best_metrics, start_step=start_step,
+        settings=settings, state=parallel.fetch({"step": state.step, "skipped_steps": state.skipped_steps}), best_metrics=best_metrics, start_step=start_step,
         examples_seen=examples_seen, train_fn=train_fn, eval_fn=programs.eval_fn, compile_wall=compile_wall,
         buckets=buckets, compute_dtype=dtype, predict_path=predict_path, data=data,
-        test_logits=test_logits, stopwatch=clock,
+        test_logits=test_logits.mean(axis=0), stopwatch=clock, seeds=seeds, ensemble_dev=ensemble_dev,
     )  # fmt: skip
     if is_main:
-        labels = evaluate.argmax_labels(test_logits, settings.data.label_names)
-        evaluate.write_predictions(predict_path, data.test.ids, labels)
+        selection.write_predictions(predict_path, test_logits, seeds, settings, data.test)
         run_summary.write(workdir, summary)
         plot_training_curves(workdir)
         print(run_summary.format_summary(summary))
     return summary
 
 
-def _scored_sets(sets: dict[str, averaging.Average], settings: Settings, step: int) -> dict[str, averaging.Average]:
-    """The sets dev evaluation scores, the one that counts for "best" first: the eval EMA once it
-    has started, else the student (as the reference); all three with `train.eval_all_params`."""
-    scored = "eval_ema" if step > settings.sda.eval_ema_start_step else "student"
-    others = sorted(set(sets) - {scored}) if settings.train.eval_all_params else []
-    return {name: sets[name] for name in (scored, *others)}
-
-
-def _prediction_sets(source: TrainState | dict[str, Params]) -> dict[str, averaging.Average]:
-    """What test prediction runs: the eval EMA of the best checkpoint (or, to compile for it, of
-    a train state), alone: one set's work per example, an eval program of its own."""
-    params = source["eval_ema"] if isinstance(source, dict) else param_sets(source)["eval_ema"].single_params()
-    return {"eval_ema": averaging.Current(params)}
-
-
-class _EvalPrograms:
-    """Dev and test evaluation of parameter sets: the stacking program and one eval program per bucket."""
-
-    def __init__(self, model: Any, mesh: jax.sharding.Mesh, bucket_lengths: tuple[int, ...], batch_size: int, clock):
-        self.mesh, self.bucket_lengths, self.batch_size = mesh, bucket_lengths, batch_size
-        self.replicated = parallel.replicated(mesh)
-        self.stack = BucketedJit(
-            jax.jit(evaluate.stack_members, out_shardings=self.replicated),
-            lambda singles, ensembles: (len(singles), *(jax.tree.leaves(e)[0].shape[0] for e in ensembles)),
-            clock,
-        )
-        # One program per (member count, batch shape): dev evaluation and prediction may differ in the former.
-        member_count = lambda members, batch: (jax.tree.leaves(members)[0].shape[0], *batch["input_ids"].shape)
-        self.eval_fn = BucketedJit(jit_eval_step(model, mesh), member_count, clock)
-
-    def compile_tasks(self, *set_groups: dict[str, averaging.Average]) -> list[tuple[BucketedJit, tuple]]:
-        """What `compile_concurrently` needs to build every program that evaluating each group of
-        sets runs: the stacking and one eval program per bucket length (shared where they agree)."""
-        placed = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), tree)
-        tasks = []
-        for sets in set_groups:
-            _, singles, ensembles = evaluate.set_parts(sets)
-            singles, ensembles = placed(singles), placed(ensembles)
-            members = placed(jax.eval_shape(evaluate.stack_members, singles, ensembles))
-            tasks.append((self.stack, (singles, ensembles)))
-            tasks += [(self.eval_fn, (members, abstract_batch(self.batch_size, n, self.mesh))) for n in self.bucket_lengths]
-        return tasks
-
-    def logits(self, sets: dict[str, averaging.Average], encoded: Any) -> dict[str, np.ndarray]:
-        """{name: logits} of every set on every example of `encoded`, in file order."""
-        stacked = evaluate.stack_param_sets(self.stack, sets)
-        order = input_pipeline.eval_order(encoded)
-        batches = input_pipeline.eval_batches(
-            encoded, batch_size=self.batch_size, bucket_lengths=self.bucket_lengths, order=order
-        )
-        return evaluate.collect_logits(self.eval_fn, stacked, parallel.prefetch_to_mesh(batches, self.mesh), order)
-
-
-def report_train(window: list[dict[str, np.ndarray]], step: int, schedule: optim.Schedule, progress, writer) -> None:
-    """Logs the mean losses of the steps since the last report; stops a diverged run."""
-    loss = float(np.mean([m["loss"] for m in window]))
-    if not np.isfinite(loss) and "loss_scale" not in window[-1]:
+def report_train(window: list[dict[str, np.ndarray]], step: int, schedule: optim.Schedule, progress, writer, seeds=()) -> None:
+    """Logs the mean losses of the steps since the last report (over seeds too, and per seed
+    when there are several); stops a diverged run."""
+    stacked = {key: np.stack([np.asarray(m[key]) for m in window]) for key in window[0]}  # [steps(, seeds)]
+    loss = float(stacked["loss"].mean())
+    if not np.all(np.isfinite(stacked["loss"])) and "loss_scale" not in stacked:
         raise FloatingPointError(
             f"training diverged: the loss is {loss} in the steps up to {step}; the last checkpoint "
             "was saved before that and is what a restart resumes from"
         )
-    record = {
-        "loss": loss,
-        "ce": float(np.mean([m["ce"] for m in window])),
-        "kd": float(np.mean([m["kd"] for m in window])),
-        "learning_rate": float(schedule(step - 1)),
-        "skipped_steps": int(window[-1]["skipped_steps"]),
-    }
-    if "loss_scale" in window[-1]:
-        record["loss_scale"] = float(window[-1]["loss_scale"])
-    writer.write_train(step, record)
+
+    def record(values: dict[str, np.ndarray]) -> dict[str, float | int]:
+        out = {
+            "loss": float(values["loss"].mean()),
+            "ce": float(values["ce"].mean()),
+            "kd": float(values["kd"].mean()),
+            "learning_rate": float(np.ravel(schedule(step - 1))[0]),
+            "skipped_steps": int(np.max(values["skipped_steps"][-1])),
+        }
+        if "loss_scale" in values:
+            out["loss_scale"] = float(np.ravel(values["loss_scale"][-1])[0])
+        return out
+
+    writer.write_train(step, record(stacked))
+    for i, seed in enumerate(seeds):
+        writer.write_train(step, record({key: value[:, i] for key, value in stacked.items()}), seed=seed)
     progress.set_postfix_str(f"loss {loss:.4f}", refresh=False)
     progress.update(len(window))
 
 
-def evaluate_and_keep_best(
-    state: TrainState, step: int, settings: Settings, programs: _EvalPrograms, dev: Any, best, writer, progress
-) -> None:
-    """Scores the run's parameter sets on dev, logs them, and checkpoints the step if it is the best."""
-    sets = _scored_sets(param_sets(state), settings, step)
-    scored = next(iter(sets))
-    logits = programs.logits(sets, dev)
-    results = {name: evaluate.dev_metrics(logits[name], dev.labels) for name in sets}  # the scored set first
-    for name, metrics in results.items():
-        writer.write_dev(step, name, metrics)
-    improved = best.offer(step, single_models(param_sets(state)), {**results[scored], "params": scored})
-    progress.write(run_summary.dev_line(step, results[scored], scored, improved))
-
-
-def save_train_state(checkpoints: TrainCheckpoints, state: TrainState, step: int, seed: int, steps_per_epoch: int) -> None:
+def save_train_state(checkpoints: TrainCheckpoints, state: TrainState, step: int, settings: Settings, steps_per_epoch: int) -> None:
     """A full train checkpoint, refused if any parameter is not finite (so none reaches disk)."""
     if not bool(_all_params_finite(state)):
         raise FloatingPointError(f"non-finite parameters at step {step}; the checkpoint was not saved")
-    position = {"step": step, "seed": seed, "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch}
+    position = {
+        "step": step, "seed": settings.seed, "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+        "model_seeds": list(settings.train.seeds or (settings.seed,)),
+    }  # fmt: skip
     checkpoints.save(step, state, position)
 
 

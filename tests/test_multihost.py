@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS, load_train_state
 
@@ -34,33 +35,36 @@ def _fake_python_first(env: dict, folder: pathlib.Path) -> dict:
     return {**env, "PATH": f"{folder}{os.pathsep}{env['PATH']}"}
 
 
-def _launch(workdir, *launch_args, env_extra=None):
+def _launch(workdir, *launch_args, env_extra=None, extra_flags=()):
     # PYTHON: the interpreter running the tests, so a virtualenv works without being activated.
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, **(env_extra or {}))
     env = _fake_python_first(env, pathlib.Path(workdir).parent / "fake-bin")
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(
-        ["bash", "launch.sh", *launch_args, "configs/afqmc_small.py", f"--workdir={workdir}", *FLAGS],
+        ["bash", "launch.sh", *launch_args, "configs/afqmc_small.py", f"--workdir={workdir}", *FLAGS, *extra_flags],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def test_two_processes_match_one(tmp_path):
-    single = _launch(tmp_path / "one")
+@pytest.mark.parametrize("seeds", [(), (2021, 2022)], ids=["one seed", "two seeds"])
+def test_two_processes_match_one(tmp_path, seeds):
+    """With two seeds, each process holds one seed's state and feeds every row of the batch."""
+    extra = [f"--config.train.seeds={seeds}"] if seeds else []
+    single = _launch(tmp_path / "one", extra_flags=extra)
     _out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err[-3000:]
 
     port = _free_port()
     workdir = tmp_path / "two"
     procs = [
-        _launch(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i))
+        _launch(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), extra_flags=extra)
         for i in range(2)
     ]
     results = [p.communicate(timeout=600) for p in procs]
     for proc, (_, err) in zip(procs, results):
         assert proc.returncode == 0, err[-3000:]
     assert "2 processes" in results[0][0]  # process 0 prints the summary
-    assert "best dev accuracy" not in results[1][0]  # process 1 writes and prints nothing of its own
+    assert "dev accuracy" not in results[1][0]  # process 1 writes and prints nothing of its own
 
     one, two = load_train_state(tmp_path / "one", 12), load_train_state(workdir, 12)
     assert one.keys() == two.keys()
