@@ -5,7 +5,8 @@
 #
 #   tests  pytest -m gpu (tests/test_gpu.py): bf16/fp16 steps vs the float32 CPU step, one
 #          compile per program, export parity
-#   bench  benchmarks/bench.py on BERT-base bf16 against the seed, eager and torch.compile forms
+#   bench  benchmarks/bench.py on BERT-base bf16 against the seed, eager and torch.compile forms,
+#          and 1, 2, 4, 8 seeds in one program
 #   epoch  one AFQMC epoch of BERT-base (from scratch: no weights travel), the reference recipe,
 #          with a cold compilation cache and again with a warm one; the run's time by phase
 #
@@ -48,6 +49,8 @@ for part in "${parts[@]}"; do
       ;;
     bench)
       "$PY" -m benchmarks.bench --model base --steps 30 --forms jax,seed,eager,compile 2>&1 | tee "$OUT/bench.log" || status=1
+      # Several seeds in one program (train.seeds): 1, 2, 4 and 8 BERT-base models side by side.
+      "$PY" -m benchmarks.bench --model base --steps 20 --forms jax,jax2,jax4,jax8 2>&1 | tee -a "$OUT/bench.log" || status=1
       cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
       ;;
     epoch)
