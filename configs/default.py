@@ -20,7 +20,7 @@ _SHARED = next((p for p in (_REPO / "shared", _REPO.parent / "shared") if (p / "
 def get_config() -> ml_collections.ConfigDict:
     """Returns the default configuration (one comment per field)."""
     config = ml_collections.ConfigDict()
-    config.seed = 2021  # the one seed: init, dropout, data order and fresh heads all derive from it
+    config.seed = 2021  # the one seed: init, dropout, data order and fresh heads (with several train.seeds: data order)
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "files"  # files (the three below) or tfds:NAME, e.g. tfds:clue_afqmc, tfds:glue/mrpc

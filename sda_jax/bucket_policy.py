@@ -4,8 +4,10 @@ Every bucket length is a train program and an eval program to compile; every pad
 work the step does for nothing. With `data.num_buckets = 0` (the default) the run takes the k
 that minimises
 
-    epochs × (padded tokens of the train set with k fitted lengths) × seconds per padded token
+    epochs × models × (padded tokens of the train set with k fitted lengths) × seconds per padded token
     + k × seconds to compile one length's programs
+
+(`models`: the seeds trained side by side, each of which pays for every padded token)
 
 and prints the choice. Seconds per padded token are the model's training FLOPs per token over an
 effective rate for the platform: on a CPU the step is compute-bound (the marginal rate measured
@@ -66,7 +68,7 @@ def padded_tokens(lengths: np.ndarray, bucket_lengths: tuple[int, ...]) -> int:
 
 
 def choose(
-    data: DataSettings, train_lengths: np.ndarray, config: BertConfig, platform: str, epochs: float
+    data: DataSettings, train_lengths: np.ndarray, config: BertConfig, platform: str, epochs: float, models: int = 1
 ) -> BucketChoice:
     """The run's bucket lengths: as configured, fitted to a configured count, or by the cost model."""
     if data.bucket_lengths:
@@ -83,14 +85,15 @@ def choose(
         lengths = input_pipeline.fit_bucket_lengths(train_lengths, k, data.max_seq_len)
         if options and len(lengths) == len(options[-1][0]):
             break  # no more distinct lengths to fit
-        options.append((lengths, *model.cost(padded_tokens(train_lengths, lengths), epochs, len(lengths))))
+        options.append((lengths, *model.cost(padded_tokens(train_lengths, lengths), epochs * models, len(lengths))))
     best = min(range(len(options)), key=lambda i: sum(options[i][1:]))
     lengths, work, compile_ = options[best]
     padding = input_pipeline.padded_fraction(train_lengths, lengths)
     shown = ", ".join(f"{len(o[0])}: {o[1] + o[2]:.0f} s" for o in options[: max(best + 2, 4)])
     note = (
         f"Bucket lengths for {platform} by the cost model ({model.seconds_per_token * 1e6:.2g} µs per padded token, "
-        f"{model.seconds_per_bucket:.0f} s to compile a length's programs, {epochs:.3g} epochs): {list(lengths)} "
+        f"{model.seconds_per_bucket:.0f} s to compile a length's programs, {epochs:.3g} epochs"
+        f"{f' × {models} models' if models > 1 else ''}): {list(lengths)} "
         f"({padding:.1%} padding tokens; est. {work:.1f} s of padded work + {compile_:.0f} s compiling; "
         f"by number of lengths: {shown})."
     )

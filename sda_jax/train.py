@@ -293,8 +293,9 @@ def train_and_evaluate(
     dropout_rng = parallel.put_keys(jnp.stack([key[1] for key in keys]), mesh) if seeds else keys[0][1]
     # Every process reads the whole train set, so all of them choose the same lengths.
     buckets = bucket_policy.choose(
-        settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch
-    )
+        settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch,
+        models=len(model_seeds),
+    )  # fmt: skip
     bucket_lengths = buckets.lengths
     is_main = jax.process_index() == 0
     if is_main:

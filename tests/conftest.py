@@ -39,6 +39,35 @@ def moved_by_rounding_alone(key: str) -> bool:
     return "['attention']['self']['key']['bias']" in key
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: OpenMP threads cost more than they bring, ~10x more on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shard_torch_state_dict(model, folder: pathlib.Path, tensors_per_shard: int) -> pathlib.Path:
+    """A sharded `pytorch_model.bin` (transformers v5 writes safetensors only), as older
+    `save_pretrained` wrote it; returns its index file."""
+    import json
+
+    import torch
+
+    state, weight_map = model.state_dict(), {}
+    names = list(state)
+    for i in range(0, len(names), tensors_per_shard):
+        shard = f"pytorch_model-{i // tensors_per_shard + 1:05d}.bin"
+        torch.save({n: state[n] for n in names[i : i + tensors_per_shard]}, folder / shard)
+        weight_map.update(dict.fromkeys(names[i : i + tensors_per_shard], shard))
+    index = folder / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
 @pytest.fixture(scope="session")
 def afqmc_dir() -> pathlib.Path:
     """The real CLUE AFQMC split: train.json, dev.json, test.json (JSON lines)."""

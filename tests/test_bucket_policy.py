@@ -50,3 +50,9 @@ def test_padding_is_cheap_on_a_gpu_and_dear_on_a_cpu():
 
 def test_all_examples_of_one_length_need_one_bucket():
     assert choose(config=SMALL, platform="cpu", lengths=np.full(1000, 64)).lengths == (64,)
+
+
+def test_several_models_pay_for_padding_each():
+    one = choose(config=SMALL, platform="cpu")
+    eight = bucket_policy.choose(DATA, LENGTHS, SMALL, "cpu", 1.0, models=8)
+    assert len(eight.lengths) > len(one.lengths) and "× 8 models" in eight.note

@@ -38,7 +38,7 @@ from sda_jax.hf_checkpoint import (
 )
 from sda_jax.models import BertForSequenceClassification, BertModel
 from sda_jax.settings import Settings
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, shard_torch_state_dict
 
 ARCH = {
     "vocab_size": 21128,  # the real bert-base-chinese vocabulary
@@ -59,13 +59,7 @@ EXPORT_LOGITS_ATOL = 1e-4
 KEY = jax.random.key(0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: OpenMP threads cost more than they bring on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ernie_model(cls: type = transformers.ErnieForSequenceClassification, use_task_id: bool = True, seed: int = 0, **kw):
@@ -244,19 +238,6 @@ def test_task_type_row_0_is_the_one_transformers_adds(saved_ernie, dev_batches) 
     np.testing.assert_array_equal(explicit, theirs[:32])
 
 
-def _shard_bin(model, folder: Path) -> Path:
-    """transformers v5 writes safetensors only: shard a state dict the old way by hand."""
-    state, weight_map = model.state_dict(), {}
-    names = list(state)
-    for i in range(0, len(names), 12):
-        shard = f"pytorch_model-{i // 12 + 1:05d}.bin"
-        torch.save({n: state[n] for n in names[i : i + 12]}, folder / shard)
-        weight_map.update(dict.fromkeys(names[i : i + 12], shard))
-    index = folder / "pytorch_model.bin.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return index
-
-
 @pytest.mark.parametrize("layout", ["bin", "sharded_safetensors", "sharded_bin"])
 def test_other_file_layouts_load_the_same_params(tmp_path: Path, saved_ernie, layout: str) -> None:
     path, model = saved_ernie[True]
@@ -269,7 +250,7 @@ def test_other_file_layouts_load_the_same_params(tmp_path: Path, saved_ernie, la
         model.save_pretrained(tmp_path, max_shard_size="1MB")
         expected = tmp_path / "model.safetensors.index.json"
     else:
-        expected = _shard_bin(model, tmp_path)
+        expected = shard_torch_state_dict(model, tmp_path, tensors_per_shard=12)
     if layout != "bin":
         assert len(set(json.loads(expected.read_text())["weight_map"].values())) > 1
     assert find_weights_file(tmp_path) == expected

@@ -43,6 +43,7 @@ from sda_jax.models import (
     flops_per_token,
     init_params,
 )
+from tests.conftest import shard_torch_state_dict
 
 TINY = {
     "vocab_size": 100,
@@ -195,15 +196,8 @@ def test_sharded_checkpoint_loads(tmp_path: Path, classifier, shard_format: str)
     if shard_format == "safetensors":
         model.save_pretrained(tmp_path, max_shard_size="20KB")
         index = tmp_path / "model.safetensors.index.json"
-    else:  # transformers v5 writes safetensors only: shard a state dict the old way by hand
-        state, weight_map = model.state_dict(), {}
-        names = list(state)
-        for i in range(0, len(names), 10):
-            shard = f"pytorch_model-{i // 10 + 1:05d}.bin"
-            torch.save({n: state[n] for n in names[i : i + 10]}, tmp_path / shard)
-            weight_map.update(dict.fromkeys(names[i : i + 10], shard))
-        index = tmp_path / "pytorch_model.bin.index.json"
-        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        index = shard_torch_state_dict(model, tmp_path, tensors_per_shard=10)
     shards = set(json.loads(index.read_text())["weight_map"].values())
     assert len(shards) > 1 and find_weights_file(tmp_path) == index
     loaded, report = load_pretrained(tmp_path, config, KEY)

@@ -87,13 +87,7 @@ TRAJECTORY_TOL = {"dense": (1e-4, 3e-5), "word_embeddings": (2e-3, 2e-3)}
 EXPORT_LOGITS_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: OpenMP threads cost more than they bring, ~10x more on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

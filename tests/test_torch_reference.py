@@ -40,12 +40,7 @@ EPS32 = float(np.finfo(np.float32).eps)  # 2^-23: the gap between 1 and the next
 KEY_BIAS = "attention.self.key.bias"  # zero exact gradient: Adam moves it on rounding noise alone
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model() -> transformers.BertForSequenceClassification:
