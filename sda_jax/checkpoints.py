@@ -82,9 +82,12 @@ class BestCheckpoint:
         # A resumed run competes with the best its earlier part already saved.
         self.best_metrics: dict[str, Any] | None = None if step is None else _read_metrics(self._manager, step)
 
+    def improves(self, accuracy: float) -> bool:
+        return self.best_metrics is None or accuracy > self.best_metrics["accuracy"]
+
     def offer(self, step: int, param_sets: dict[str, Any], metrics: dict[str, Any]) -> bool:
         """Saves `param_sets` ({name: params}) if `metrics["accuracy"]` is a new best."""
-        if self.best_metrics is not None and metrics["accuracy"] <= self.best_metrics["accuracy"]:
+        if not self.improves(metrics["accuracy"]):
             return False
         self.best_metrics = {"step": step, **metrics, "param_sets": sorted(param_sets)}
         self._manager.save(

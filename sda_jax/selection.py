@@ -88,8 +88,10 @@ class Selection:
             seed = self.seeds[i] if self.seeds else None
             for name, metrics in results.items():  # the scored set first
                 writer.write_dev(step, name, metrics, seed=seed)
-            kept = models if seed is None else take_seed(models, i)
-            improved.append(self.best[i].offer(step, kept, {**results[scored], "params": scored}))
+            improved.append(self.best[i].improves(results[scored]["accuracy"]))
+            if improved[-1]:  # a seed's slice of the stacked sets is copied only when it is kept
+                kept = models if seed is None else take_seed(models, i)
+                self.best[i].offer(step, kept, {**results[scored], "params": scored})
         if not writer.enabled:
             return  # only process 0 writes and prints
         if not self.seeds:
