@@ -24,6 +24,9 @@ Forms, all on the same AFQMC batches (the host bucket sampler, seed 2021):
   warm-up runs each bucket length twice (CUDA graph trees record a graph on its second call). Its
   compilations count every graph (per bucket: forward; once: optimizer, averages).
 
+sda-jax compiles through the runs' persistent compilation cache (and, on a GPU, XLA's autotuning
+cache beside it), as training does; `--cold` compiles into an empty one.
+
 Every form is built and compiled (warmed up on each bucket shape) first; then the forms take turns
 over `--rounds` slices of the timed batches, so that drift in the machine's speed falls on all of
 them alike. Each prints samples/s, non-padding tokens/s, ms/step, the ratio to the seed form, peak device
@@ -45,6 +48,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -53,6 +57,7 @@ import numpy as np
 
 from configs import default as default_config
 from sda_jax import bucket_policy, input_pipeline, mixed_precision, parallel, splits, tokenization
+from sda_jax import main as sda_main
 from sda_jax.bert_config import BertConfig
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
@@ -298,8 +303,11 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true", help="print the table only")
     parser.add_argument("--bucket-lengths", default=None, help="e.g. 16,32,48,64 (default: what a run would use, bucket_policy)")
     parser.add_argument("--num-buckets", type=int, default=None, help="lengths to fit when --bucket-lengths is not given")
+    parser.add_argument("--cold", action="store_true", help="compile into an empty cache (default: the runs' persistent cache)")
     parser.add_argument("--pipeline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # As training does: compiled programs (and a GPU's autotuning) come from the persistent cache.
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp() if args.cold else sda_main.compilation_cache_dir())
     # Read when JAX creates its GPU client (below, not at import): by default it would take 75% of
     # the GPU's memory up front and leave the PyTorch forms too little.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

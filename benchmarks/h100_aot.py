@@ -3,7 +3,7 @@
     python -m venv .venv-aot && . .venv-aot/bin/activate && pip install -e . \\
         "jax-cuda13-plugin==$(python -c 'import jaxlib; print(jaxlib.__version__)')" \\
         "jax-cuda13-pjrt==$(python -c 'import jaxlib; print(jaxlib.__version__)')"
-    python -m benchmarks.h100_aot                         # BERT-base bf16, the afqmc config's programs
+    python -m benchmarks.h100_aot                         # BERT-base bf16, configs/afqmc.py's programs
     python -m benchmarks.h100_aot --lengths 32,64 --programs train --no-append
 
 Nothing runs: XLA:GPU compiles for the H100 described in ../shared/tools/h100-aot/h100_sxm.txtpb
@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from benchmarks import hlo_stats
-from configs import default as default_config
+from configs import afqmc as recipe_config
 from sda_jax import bucket_policy, evaluate, parallel, splits, tokenization, train
 from sda_jax.bert_config import BertConfig
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
@@ -177,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
 
     mesh = h100_mesh(args.target, args.seeds)
-    config_dict = default_config.get_config()
+    config_dict = recipe_config.get_config()  # the reference recipe: its eval EMA starts after one epoch
     config_dict.model.scan_layers = not args.unrolled
     settings = Settings.from_config(config_dict)
     config = BertConfig.from_json_file(settings.model.dir / "config.json", num_labels=2, **MODELS[args.model])

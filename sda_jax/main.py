@@ -87,7 +87,7 @@ def _train(config, workdir: pathlib.Path, fresh: bool) -> None:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     # Resumed and repeated runs load their compiled programs instead of compiling them again.
-    jax.config.update("jax_compilation_cache_dir", _compilation_cache_dir())
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
     clock = Stopwatch(start=sda_jax.IMPORTED_AT)
     clock.add("startup", clock.wall())  # Python, JAX and the other imports
     try:
@@ -104,7 +104,9 @@ def _train(config, workdir: pathlib.Path, fresh: bool) -> None:
         sys.exit(err.exit_code)
 
 
-def _compilation_cache_dir() -> str:
+def compilation_cache_dir() -> str:
+    """Where compiled programs are cached across runs (and, on a GPU, XLA's autotuning results,
+    which JAX keeps beside them): $JAX_COMPILATION_CACHE_DIR, else ~/.cache/sda_jax/xla."""
     return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "sda_jax" / "xla")
 
 
