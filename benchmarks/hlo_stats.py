@@ -134,9 +134,6 @@ class ProgramStats:
     sixteen_bit_reductions: list[str]  # op names (from metadata) of bf16/f16 reductions
     top_kernels: list[tuple[str, float]]  # (op name, bytes per step) of the kernels that move the most
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def program_stats(text: str) -> ProgramStats:
     computations, entry = parse_module(text)

@@ -82,14 +82,15 @@ class Selection:
         scored = next(iter(sets))
         logits = programs.logits(sets, dev)  # {name: [seeds, examples, classes]}
         per_seed = [{name: evaluate.dev_metrics(logits[name][i], dev.labels) for name in sets} for i in range(len(self.best))]
-        models = single_models(param_sets(state))
+        models = None  # the parameter sets to checkpoint: gathered (and sliced per seed) only when kept
         improved = []
         for i, results in enumerate(per_seed):
             seed = self.seeds[i] if self.seeds else None
             for name, metrics in results.items():  # the scored set first
                 writer.write_dev(step, name, metrics, seed=seed)
             improved.append(self.best[i].improves(results[scored]["accuracy"]))
-            if improved[-1]:  # a seed's slice of the stacked sets is copied only when it is kept
+            if improved[-1]:
+                models = single_models(param_sets(state)) if models is None else models
                 kept = models if seed is None else take_seed(models, i)
                 self.best[i].offer(step, kept, {**results[scored], "params": scored})
         if not writer.enabled:
