@@ -125,13 +125,25 @@ def model_flops(config: BertConfig, batches) -> float:
     return total
 
 
+def parse_form(name: str) -> tuple[str, int, bool]:
+    """A `--forms` entry as (kind, seeds, scan_layers): `jax` (layers scanned, the default),
+    `jax-unrolled` (model.scan_layers=False), `jaxN` (N seeds in one program); `seed`, `eager`,
+    `compile` (the PyTorch forms)."""
+    if name in ("seed", "eager", "compile"):
+        return name, 1, True
+    if name == "jax-unrolled":
+        return "jax", 1, False
+    if name.startswith("jax") and (name[3:] == "" or (name[3:].isdigit() and int(name[3:]) >= 1)):
+        return "jax", int(name[3:] or 1), True
+    raise ValueError(f"unknown form {name!r}: jax, jax-unrolled, jaxN, seed, eager or compile")
+
+
 class JaxForm:
     """sda-jax's train step: compiled for every bucket shape up front, then timed on demand; with
     `seeds` > 1, the step of that many seeds trained side by side (`train.seeds`)."""
 
-    def __init__(self, settings: Settings, config: BertConfig, warmup, seeds: int = 1) -> None:
+    def __init__(self, settings: Settings, config: BertConfig, warmup, seeds: int = 1, scan: bool = True) -> None:
         dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
-        scan = settings.model.scan_layers
         model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
         stacked = seeds if seeds > 1 else 0
         self.mesh = parallel.make_seeds_mesh(seeds) if stacked else parallel.make_mesh()
@@ -289,13 +301,14 @@ def format_table(rows: list[dict], peak_tflops: float | None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default: base on GPU, small on CPU")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per form")
     parser.add_argument(
-        "--forms", default="jax,seed,eager,compile", help="comma list of jax, jaxN (N seeds in one program), seed, eager, compile"
+        "--forms", default="jax,seed,eager,compile",
+        help="comma list of jax, jax-unrolled (model.scan_layers=False), jaxN (N seeds in one program), seed, eager, compile",
     )
     parser.add_argument("--rounds", type=int, default=5, help="forms take turns over this many slices of the steps")
     parser.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 4 steps, no append by default")
@@ -304,8 +317,30 @@ def main() -> None:
     parser.add_argument("--bucket-lengths", default=None, help="e.g. 16,32,48,64 (default: what a run would use, bucket_policy)")
     parser.add_argument("--num-buckets", type=int, default=None, help="lengths to fit when --bucket-lengths is not given")
     parser.add_argument("--cold", action="store_true", help="compile into an empty cache (default: the runs' persistent cache)")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     parser.add_argument("--pipeline-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        args.form_specs = {f.strip(): parse_form(f.strip()) for f in args.forms.split(",") if f.strip()}
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def json_row(row: dict, peak_tflops: float | None, rows: list[dict]) -> dict:
+    """One form's figures as numbers (what the table shows), for scripts."""
+    seed = next((r for r in rows if r["form"] == "torch seed"), None)
+    return {
+        "form": row["form"], "dtype": row["dtype"], "ms_per_step": 1e3 * row["seconds"] / row["steps"],
+        "samples_per_second": row["samples"] / row["seconds"], "x_seed": seed["seconds"] / row["seconds"] if seed else None,
+        "mfu": row["flops"] / row["seconds"] / (peak_tflops * 1e12) if peak_tflops else None,
+        "peak_bytes": row["peak_bytes"], "compilations": row["compilations"], "compile_seconds": row["compile_seconds"],
+        "host_wait_ms_per_step": row["host_wait_ms_per_step"],
+    }  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
     # As training does: compiled programs (and a GPU's autotuning) come from the persistent cache.
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp() if args.cold else sda_main.compilation_cache_dir())
     # Read when JAX creates its GPU client (below, not at import): by default it would take 75% of
@@ -335,13 +370,12 @@ def main() -> None:
 
     timed = batches[64 : 64 + steps]
     warmup = warmup_batches(batches[:64], timed)
-    names = {"jax": "sda-jax", "seed": "torch seed", "eager": "torch eager", "compile": "torch compile"}
+    names = {"seed": "torch seed", "eager": "torch eager", "compile": "torch compile"}
     forms = {}
-    for form in (f.strip() for f in args.forms.split(",") if f.strip()):
-        if form.startswith("jax"):  # jax, or jaxN: N seeds in one program
-            seeds = int(form[3:] or 1)
-            names[form] = "sda-jax" if seeds == 1 else f"sda-jax, {seeds} seeds"
-            forms[form] = JaxForm(settings, bert, warmup, seeds)
+    for form, (kind, seeds, scan) in args.form_specs.items():
+        if kind == "jax":
+            names[form] = "sda-jax" + ("" if scan else ", unrolled") + ("" if seeds == 1 else f", {seeds} seeds")
+            forms[form] = JaxForm(settings, bert, warmup, seeds, scan)
         else:
             forms[form] = TorchForm(settings, bert, warmup, form)
         print(f"{names[form]}: ready ({forms[form].warmup_seconds:.1f} s of warm-up)", flush=True)
@@ -371,6 +405,8 @@ def main() -> None:
     )
     table = format_table(rows, peak)
     print("\n" + header + "\n" + table)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps([json_row(r, peak, rows) for r in rows], indent=2) + "\n")
     if not (args.no_append or args.quick):
         with RESULTS.open("a", encoding="utf-8") as results:
             results.write("\n" + header + "\n" + table + "\n")

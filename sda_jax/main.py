@@ -33,13 +33,16 @@ def resolve_config_path(value: str) -> str:
 
 
 def _resolve_config_flag(argv: list[str]) -> list[str]:
+    """`--config NAME` resolved (`resolve_config_path`), and of a `--config.KEY=VALUE` given more
+    than once only the last: ml_collections would join repeated tuple values into one tuple."""
     out = list(argv)
     for i, arg in enumerate(out):
         if arg.startswith("--config="):
             out[i] = "--config=" + resolve_config_path(arg.removeprefix("--config="))
         elif arg == "--config" and i + 1 < len(out):
             out[i + 1] = resolve_config_path(out[i + 1])
-    return out
+    last = {arg.partition("=")[0]: i for i, arg in enumerate(out) if arg.startswith("--config.") and "=" in arg}
+    return [arg for i, arg in enumerate(out) if not (arg.startswith("--config.") and "=" in arg) or last[arg.partition("=")[0]] == i]
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

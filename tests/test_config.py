@@ -85,3 +85,16 @@ def test_missing_config_file_fails(tmp_path):
     result = _train_cli("--config", str(tmp_path / "nope.py"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.py'}: no such config file"]
+
+
+def test_an_override_given_twice_counts_once_the_last(tmp_path):
+    # ml_collections joins repeated tuple overrides into one tuple: (16, 64) then (16, 80) would be
+    # (16, 64, 16, 80). The command line keeps the last, as it does for every other flag.
+    result = _train_cli(
+        "--config", "configs/afqmc_small.py", "--config.data.bucket_lengths=(16,64)", "--config.data.bucket_lengths=(16,80)",
+        f"--workdir={tmp_path / 'w'}",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config key data.bucket_lengths: the largest bucket must equal data.max_seq_len=64, got (16, 80)"
+    )
