@@ -52,13 +52,13 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import default as default_config
 from sda_jax import bucket_policy, input_pipeline, mixed_precision, parallel, splits, tokenization
 from sda_jax import main as sda_main
 from sda_jax.bert_config import BertConfig
+from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
 from sda_jax.train import place_state_and_step
@@ -145,15 +145,14 @@ class JaxForm:
     def __init__(self, settings: Settings, config: BertConfig, warmup, seeds: int = 1, scan: bool = True) -> None:
         dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
         model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
-        stacked = seeds if seeds > 1 else 0
-        self.mesh = parallel.make_seeds_mesh(seeds) if stacked else parallel.make_mesh()
+        models = Models(tuple(range(1, seeds + 1)))  # the model axis of `train.seeds` of this size
+        self.mesh = parallel.make_mesh(models.count)
         # The eval EMA averages from step 1, so that the timed steps do all the recipe's work.
         settings = dataclasses.replace(settings, sda=dataclasses.replace(settings.sda, eval_ema_start_step=1))
-        params = [init_params(config, jax.random.key(i), scan) for i in range(seeds)]
-        params = jax.tree.map(lambda *p: jnp.stack(p), *params) if stacked else params[0]
-        self.state, self.step = place_state_and_step(params, model, settings, 10_000, self.mesh, num_seeds=stacked)
-        keys = [jax.random.key(1 + i) for i in range(seeds)]
-        self.rng = parallel.put_keys(jnp.stack(keys), self.mesh) if stacked else keys[0]
+        init_keys, dropout_keys = models.keys()
+        params = models.stack([init_params(config, key, scan) for key in init_keys])
+        self.state, self.step = place_state_and_step(params, model, settings, 10_000, self.mesh, models)
+        self.rng = models.put(dropout_keys, self.mesh)
         self.dtype, self.host_wait, self.steps = np.dtype(dtype).name, 0.0, 0
         start = time.perf_counter()
         for _, batch in parallel.prefetch_to_mesh(iter(warmup), self.mesh):
@@ -194,19 +193,14 @@ class TorchForm:
         import torch
         import transformers
 
-        from benchmarks.torch_reference import RecipeConfig, SdaTrainer
+        from tests.torch_reference import RecipeConfig, SdaTrainer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.on_gpu, self.form = device == "cuda", form
         self.precision = {"seed": "fp16", "eager": "bf16", "compile": "bf16"}[form] if self.on_gpu else "fp32"
-        recipe = RecipeConfig(
-            learning_rate=settings.optim.learning_rate, warmup_ratio=settings.optim.warmup_ratio,
-            weight_decay=settings.optim.weight_decay, adam_eps=settings.optim.adam_eps,
-            lookahead_k=settings.optim.lookahead_k, lookahead_alpha=settings.optim.lookahead_alpha,
-            teacher_decay=settings.sda.teacher_decay, kd_coeff=settings.sda.kd_coeff,
-            eval_ema_decay=settings.sda.eval_ema_decay, eval_ema_start_step=1, precision=self.precision,
-            ema_impl="loop" if form == "seed" else "lerp", optimizer_impl="loop" if form == "seed" else "foreach",
-            compile=form == "compile",
+        recipe = RecipeConfig.from_settings(
+            settings, eval_ema_start_step=1, precision=self.precision, ema_impl="loop" if form == "seed" else "lerp",
+            optimizer_impl="loop" if form == "seed" else "foreach", compile=form == "compile",
         )  # fmt: skip
         self.cuda = torch.cuda if self.on_gpu else None
         # All forms stay alive side by side, so torch's global peak would count the other forms'

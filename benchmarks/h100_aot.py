@@ -40,8 +40,9 @@ from jax.sharding import Mesh
 
 from benchmarks import hlo_stats
 from configs import afqmc as recipe_config
-from sda_jax import bucket_policy, evaluate, parallel, splits, tokenization, train
+from sda_jax import averaging, bucket_policy, evaluate, parallel, splits, tokenization, train
 from sda_jax.bert_config import BertConfig
+from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
 
@@ -56,7 +57,7 @@ MODELS = {
 }
 
 
-def h100_mesh(target: pathlib.Path, seeds: int = 1) -> Mesh:
+def h100_mesh(target: pathlib.Path) -> Mesh:
     from jax.experimental import topologies
 
     try:
@@ -66,9 +67,7 @@ def h100_mesh(target: pathlib.Path, seeds: int = 1) -> Mesh:
             f"error: cannot compile for a GPU here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "install jax-cuda13-plugin and jax-cuda13-pjrt of jaxlib's version (see this module's docstring)"
         )
-    if seeds > 1:
-        return Mesh(np.array(topology.devices).reshape(1, -1), (parallel.SEEDS_AXIS, parallel.DATA_AXIS))
-    return Mesh(np.array(topology.devices), (parallel.DATA_AXIS,))
+    return Mesh(np.array(topology.devices).reshape(1, -1), (parallel.MODELS_AXIS, parallel.DATA_AXIS))
 
 
 def _cpu_seconds() -> float:
@@ -100,29 +99,26 @@ def step_flops(config: BertConfig, batch_size: int, length: int, program: str) -
 
 
 def report_rows(
-    settings: Settings, config: BertConfig, lengths, programs, mesh, batch_size, eval_sets, verbose=False, seeds=1
+    settings: Settings, config: BertConfig, lengths, programs_to_compile, mesh, batch_size, eval_sets, verbose=False, seeds=1
 ) -> list[dict]:
     scan = settings.model.scan_layers
     model = BertForSequenceClassification(config=config, dtype=jnp.bfloat16, scan_layers=scan)
+    models = Models(tuple(range(seeds)))  # the model axis of `train.seeds` of this size
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scan))
-    stacked = seeds if seeds > 1 else 0
-    state_params = jax.tree.map(lambda p: jax.ShapeDtypeStruct((seeds, *p.shape), p.dtype), params) if stacked else params
-    state = train.abstract_train_state(state_params, settings, 537, model.dtype, mesh, stacked)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rng_sharding = parallel.seeds_sharding(mesh) if stacked else replicated
-    rng = jax.ShapeDtypeStruct((seeds,) if stacked else (), jax.random.key(0).dtype, sharding=rng_sharding)
+    state = train.abstract_train_state(models.shapes(params), settings, 537, model.dtype, mesh, models)
+    rng = models.abstract(models.shapes(jax.ShapeDtypeStruct((), jax.random.key(0).dtype)), mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    programs = evaluate.EvalPrograms(model, mesh, models, tuple(lengths), batch_size, None)
+    sets = models.abstract(tuple(averaging.Current(models.shapes(params)) for _ in range(eval_sets)), mesh)
     eval_sets *= seeds
     rows = []
     for length in lengths:
         batch = parallel.abstract_batch(batch_size, length, mesh)
-        for program in programs:
+        for program in programs_to_compile:
             if program == "train":
-                jitted, args = train.jit_train_step(model, settings, mesh, state_sharding, stacked), (state, batch, rng)
+                jitted, args = train.jit_train_step(model, settings, mesh, state_sharding, models), (state, batch, rng)
             else:
-                members = jax.eval_shape(lambda p: evaluate.stack_members([p] * eval_sets, []), params)
-                members = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), members)
-                jitted, args = evaluate.jit_eval_step(model, mesh), (members, batch)
+                jitted, args = programs.eval_fn.jitted, (sets, batch)
             print(f"compiling {program} at length {length} ...", flush=True)
             row, compiled = compile_and_measure(jitted, args)
             stats = hlo_stats.program_stats(compiled.as_text())
@@ -176,7 +172,7 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="also list the kernels that move the most bytes")
     args = parser.parse_args()
 
-    mesh = h100_mesh(args.target, args.seeds)
+    mesh = h100_mesh(args.target)
     config_dict = recipe_config.get_config()  # the reference recipe: its eval EMA starts after one epoch
     config_dict.model.scan_layers = not args.unrolled
     settings = Settings.from_config(config_dict)

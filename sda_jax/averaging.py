@@ -4,6 +4,7 @@ As Levanter's `ModelAveraging`: the train state holds these objects, `train_step
 `update(student_params, step)` on each after the optimizer update, and asks the teacher for its
 `logits(forward)`, never for its kind. `forward(params) -> logits` is the model's deterministic
 forward pass on the current batch (the reference's `kd_model.eval()`: no dropout, no gradient).
+Evaluation scores an average through the same `logits`.
 
 * `EmaTeacher`: the reference's teacher, EMA with decay min(cap, (1 + t) / (10 + t)) after update t.
 * `WindowTeacher`: the SDA paper's teacher, the mean parameters of the last K students.
@@ -11,16 +12,15 @@ forward pass on the current batch (the reference's `kd_model.eval()`: no dropout
 * `EvalEma`: the reference's evaluation EMA, a copy of the student until its start step.
 * `Current`: the student itself, so that evaluation treats every parameter set alike.
 
-For evaluation, an average is `members()` (one or more parameter sets stacked on a leading axis)
-whose logits `combine` into its own: the mean over members. `evaluate` scores every set of a run
-in one pass over that stack. `single_params()` is the one model an average stands for, for
-checkpoints and export; the vote has none and raises `NotOneModel`.
+`one_model()` is the one parameter set an average stands for (what a best checkpoint keeps and
+export writes); the vote has none. `plain(average)` is an average as evaluation runs it: every
+one-model average as `Current` of its parameters, so that all of them share one program.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.struct
 import jax
@@ -31,33 +31,19 @@ Params = Any
 Forward = Callable[[Params], jax.Array]  # params -> float32 logits [batch, classes]
 
 
-class NotOneModel(ValueError):
-    """The average is an ensemble of several models (the vote teacher): no single parameter set."""
-
-
 class Average(flax.struct.PyTreeNode):
     """Interface of a parameter average (see the module docstring); subclasses are pytrees."""
-
-    is_ensemble: ClassVar[bool] = False  # True: several models whose logits are averaged, no single_params
 
     def update(self, params: Params, step: jax.Array) -> Average:
         """The average after the student's `step`-th update (step >= 1) gave `params`."""
         raise NotImplementedError
 
-    def members(self) -> Params:
-        """The parameter sets whose mean logits are this average's logits, stacked: [m, ...]."""
-        return jax.tree.map(lambda p: p[None], self.single_params())
-
-    def single_params(self) -> Params:
+    def one_model(self) -> Params | None:
+        """The parameters of the one model this average is; None for an ensemble (the vote)."""
         raise NotImplementedError
 
     def logits(self, forward: Forward) -> jax.Array:
-        return forward(self.single_params())
-
-    @staticmethod
-    def combine(member_logits: jax.Array) -> jax.Array:
-        """[m, batch, classes] logits of the members -> [batch, classes] logits of the average."""
-        return member_logits.mean(axis=0)
+        return forward(self.one_model())
 
 
 class Current(Average):
@@ -69,7 +55,7 @@ class Current(Average):
         del step
         return self.replace(params=params)
 
-    def single_params(self) -> Params:
+    def one_model(self) -> Params:
         return self.params
 
 
@@ -90,7 +76,7 @@ class EmaTeacher(Average):
     def update(self, params: Params, step: jax.Array) -> EmaTeacher:
         return self.replace(params=ema_update(params, self.params, self.decay(step, self.decay_cap)))
 
-    def single_params(self) -> Params:
+    def one_model(self) -> Params:
         return self.params
 
 
@@ -111,7 +97,7 @@ class EvalEma(Average):
     def update(self, params: Params, step: jax.Array) -> EvalEma:
         return self.replace(params=ema_update(params, self.params, self.decay_at(step)))
 
-    def single_params(self) -> Params:
+    def one_model(self) -> Params:
         return self.params
 
 
@@ -128,25 +114,25 @@ class WindowTeacher(Average):
     def update(self, params: Params, step: jax.Array) -> WindowTeacher:
         return self.replace(snapshots=jax.tree.map(lambda s, p: s.at[step % s.shape[0]].set(p), self.snapshots, params))
 
-    def single_params(self) -> Params:
+    def one_model(self) -> Params:
         return jax.tree.map(lambda s: jnp.mean(s, axis=0), self.snapshots)
 
 
 class VoteTeacher(WindowTeacher):
     """The mean logits of the last K students (the SDA paper's SDV): K forward passes, one ensemble."""
 
-    is_ensemble: ClassVar[bool] = True
-
-    def members(self) -> Params:
-        return self.snapshots
-
-    def single_params(self) -> Params:
-        raise NotOneModel(
-            "the vote teacher averages the logits of its student snapshots and is not one model"
-        )
+    def one_model(self) -> None:
+        return None
 
     def logits(self, forward: Forward) -> jax.Array:
-        return self.combine(jax.vmap(forward)(self.snapshots))
+        return jax.vmap(forward)(self.snapshots).mean(axis=0)
+
+
+def plain(average: Average) -> Average:
+    """`average` as evaluation runs it: `Current` of its parameters when it is one model (whatever
+    kind of average it is, so that they all share one program), the ensemble itself otherwise."""
+    params = average.one_model()
+    return average if params is None else Current(params)
 
 
 def ema_update(new_params: Params, ema_params: Params, decay: jax.Array) -> Params:

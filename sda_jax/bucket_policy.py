@@ -1,7 +1,7 @@
 """How many padded lengths (buckets) a run gets: the fewest that cost least, by a stated cost model.
 
 Every bucket length is a train program and an eval program to compile; every padded token is
-work the step does for nothing. With `data.num_buckets = 0` (the default) the run takes the k
+work the step does for nothing. With `data.num_buckets = None` (the default) the run takes the k
 that minimises
 
     epochs × models × (padded tokens of the train set with k fitted lengths) × seconds per padded token
@@ -17,7 +17,7 @@ the step at these lengths is bound by memory traffic and kernel launches, so pad
 (the marginal rate of the deviceless H100 estimates between 16 and 64 tokens: ~300 TFLOP/s) and
 programs are dear (BERT-base's train and eval programs: ~18 CPU-s to compile). So AFQMC gets
 five or six lengths on a CPU and one on a GPU.
-`data.num_buckets > 0` fits that many lengths; `data.bucket_lengths` names them outright.
+`data.num_buckets` fits that many lengths; `data.bucket_lengths` names them outright.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def choose(
     data: DataSettings, train_lengths: np.ndarray, config: BertConfig, platform: str, epochs: float, models: int = 1
 ) -> BucketChoice:
     """The run's bucket lengths: as configured, fitted to a configured count, or by the cost model."""
-    if data.bucket_lengths:
+    if data.bucket_lengths is not None:
         lengths = data.bucket_lengths
         return BucketChoice(lengths, "configured", input_pipeline.padded_fraction(train_lengths, lengths), "")
-    if data.num_buckets:
+    if data.num_buckets is not None:
         lengths = input_pipeline.fit_bucket_lengths(train_lengths, data.num_buckets, data.max_seq_len)
         padding = input_pipeline.padded_fraction(train_lengths, lengths)
         note = f"Bucket lengths fitted to the train set: {list(lengths)} ({padding:.1%} padding tokens)."

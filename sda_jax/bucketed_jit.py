@@ -35,6 +35,11 @@ class BucketedJit:
         self.compile_seconds = 0.0  # summed over programs (CPU-side work, whatever ran in parallel)
 
     @property
+    def jitted(self) -> Any:
+        """The `jax.jit` function it compiles, for inspection (lowering, the optimized HLO)."""
+        return self._jitted
+
+    @property
     def num_compilations(self) -> int:
         return len(self._executables)
 

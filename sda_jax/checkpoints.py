@@ -1,16 +1,16 @@
-"""Checkpoints with orbax, and the one module that knows their layout in a workdir.
+"""Checkpoints with orbax: what a step's folder holds, written and read back (folders from `Workdir`).
 
-    workdir/checkpoints/train/<step>/state      the whole train state (for resume)
-    workdir/checkpoints/train/<step>/position   JSON: step, seed, epoch, batch in epoch
-    workdir/checkpoints/best/<step>/params      {name: params} of the best dev step's parameter sets
-    workdir/checkpoints/best/<step>/metrics     JSON: its dev metrics, step and which sets it holds
+    checkpoints/train/<step>/state            the whole train state, every model of the model axis
+    checkpoints/train/<step>/position         JSON: step, seed, epoch, batch in epoch, the models' seeds
+    checkpoints/best/model_<i>/<step>/params  {name: params} of model i's best dev step's parameter sets
+    checkpoints/best/model_<i>/<step>/metrics JSON: its dev metrics, step and which sets it holds
 
 Train checkpoints hold the whole `TrainState` (student, teacher, eval EMA, optimizer and
-Lookahead state, schedule, loss scale, step); the dropout key and the input position are
-functions of (seed, step), which the JSON records alongside. The best checkpoint holds every
-parameter set that is one model (the vote teacher is not: see `averaging`). Orbax writes each
-step into a temporary folder and renames it when complete, so a write cut short by a kill is
-never picked up. Training, export and the tests all read checkpoints through this module.
+Lookahead state, schedule, loss scale, step); the dropout keys and the input position are
+functions of the seeds and the step, which the JSON records alongside. A best checkpoint holds
+every parameter set of its model that is one model (the vote teacher is not: see `averaging`).
+Orbax writes each step into a temporary folder and renames it when complete, so a write cut short
+by a kill is never picked up. Training, export and the tests all read checkpoints through here.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ import orbax.checkpoint as ocp
 
 from sda_jax.errors import InputError
 
-TRAIN_DIR = "checkpoints/train"
-BEST_DIR = "checkpoints/best"
-
 
 def _abstract(tree: Any) -> Any:
     """Shapes, dtypes and shardings to restore into: the current run's, whatever the saved ones."""
@@ -36,15 +33,15 @@ def _abstract(tree: Any) -> Any:
 class TrainCheckpoints:
     """The last `keep` train states; a restart in the same workdir resumes from the latest."""
 
-    def __init__(self, workdir: pathlib.Path, keep: int):
+    def __init__(self, folder: pathlib.Path, keep: int):
         self._manager = ocp.CheckpointManager(
-            (workdir / TRAIN_DIR).resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            folder.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, position: dict[str, int]) -> None:
+    def save(self, step: int, state: Any, position: dict[str, Any]) -> None:
         """Saves asynchronously; returns once the arrays are copied off the device."""
         self._manager.save(
             step,
@@ -64,18 +61,12 @@ class TrainCheckpoints:
         self._manager.close()
 
 
-def best_dir(workdir: pathlib.Path, seed: int | None = None) -> pathlib.Path:
-    """Where the best checkpoint lives: checkpoints/best, or checkpoints/best/seed_<S> for each
-    seed of a run of several."""
-    return workdir / BEST_DIR if seed is None else workdir / BEST_DIR / f"seed_{seed}"
-
-
 class BestCheckpoint:
     """Saves a step only when its dev accuracy beats every earlier one; keeps that one step."""
 
-    def __init__(self, workdir: pathlib.Path, seed: int | None = None):
+    def __init__(self, folder: pathlib.Path):
         self._manager = ocp.CheckpointManager(
-            best_dir(workdir, seed).resolve(),
+            folder.resolve(),
             options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
         )
         step = self._manager.latest_step()
@@ -115,28 +106,27 @@ def _read_metrics(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return dict(manager.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))["metrics"])
 
 
-def has_best(workdir: pathlib.Path, seed: int | None = None) -> bool:
-    """Whether the workdir holds a complete best checkpoint (a cheap look at folder names only).
+def has_best(folder: pathlib.Path) -> bool:
+    """Whether `folder` holds a complete best checkpoint (a cheap look at folder names only).
 
     Orbax names a finished step's folder by its number; unfinished writes carry a tmp suffix.
     """
-    best = best_dir(workdir, seed)
-    return best.is_dir() and any(p.is_dir() and p.name.isdigit() for p in best.iterdir())
+    return folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
 
 
-def restore_best_params(workdir: pathlib.Path, name: str, like: Any, seed: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """One parameter set of the best checkpoint (of `seed`, in a run of several) as host numpy
-    arrays shaped as `like`, and its metrics.
+def restore_best_params(folder: pathlib.Path, name: str, like: Any) -> tuple[Any, dict[str, Any]]:
+    """One parameter set of the best checkpoint in `folder`, as host numpy arrays shaped as
+    `like`, and its metrics.
 
     Only that set is read from disk, whatever devices the run used. InputError if there is no
     complete best checkpoint, it lacks the set, or the set does not fit `like`.
     """
-    folder = best_dir(workdir, seed).resolve()
+    folder = folder.resolve()
     manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=False))
     try:
         step = manager.latest_step()
         if step is None:
-            raise InputError(f"{workdir}: no complete best checkpoint in {BEST_DIR}/")
+            raise InputError(f"{folder}: no complete best checkpoint")
         metrics = {"step": step, **_read_metrics(manager, step)}
     finally:
         manager.close()
@@ -164,10 +154,11 @@ def restore_best_params(workdir: pathlib.Path, name: str, like: Any, seed: int |
     return params, metrics
 
 
-def read_train_state(workdir: pathlib.Path, step: int) -> dict[str, Any]:
-    """A train checkpoint as nested dicts of numpy arrays (the state's fields by name), whatever
-    process or device count saved it; needs no train state to restore into."""
-    path = (workdir / TRAIN_DIR / str(step) / "state").resolve()
+def read_train_state(folder: pathlib.Path, step: int) -> dict[str, Any]:
+    """A train checkpoint of `folder` (`Workdir.train_checkpoints`) as nested dicts of numpy arrays
+    (the state's fields by name), whatever process or device count saved it; needs no train state
+    to restore into."""
+    path = (folder / str(step) / "state").resolve()
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.metadata(path).item_metadata
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -1,11 +1,13 @@
-"""Evaluation and prediction: every parameter set of a run scored in one pass, dev metrics, the submission file.
+"""Evaluation and prediction: parameter averages scored on every example, dev metrics, the submission file.
 
-The parameter sets (eval EMA, student, teacher; see `averaging`) are stacked along a leading
-axis once per evaluation (`stack_param_sets`), and `eval_step` runs the model over that axis in
-one program, so an evaluation is one pass over the dev set however many sets it scores; a vote
-teacher contributes its K snapshots, whose mean logits are its logits. Examples are visited by
-length, in the train step's batch shapes, and every example is scored exactly once: batches are
-padded with zero-weight rows that are dropped again on the host.
+`eval_step(averages, batch)` asks each average for its logits through `Average.logits(forward)`,
+the very call the train step makes of its teacher, for one model; `model_axis.over_models` lifts
+it to the model axis. Evaluation passes plain averages (`averaging.plain`): the parameters of a
+one-model average, or a vote teacher's snapshots, so that a program depends on how many sets are
+scored and whether one is a vote, not on their kinds: dev evaluation and test prediction compile
+at most two programs per bucket length. Examples are visited by length, in the train step's batch
+shapes, and every example is scored exactly once: batches are padded with zero-weight rows that are
+dropped again on the host.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import dataclasses
 import functools
 import json
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -27,144 +28,78 @@ from sda_jax.averaging import Average
 from sda_jax.bucketed_jit import BucketedJit
 
 
-@dataclasses.dataclass(frozen=True)
-class StackedSets:
-    """Named parameter averages as one stack on the device: set `name` of seed i owns members
-    spans[name][i] (one seed, and one span per set, when the state has no seed axis)."""
-
-    members: Any  # params with a leading axis: every distinct member once
-    spans: dict[str, list[tuple[int, int]]]
-
-
-def stack_members(singles: Sequence[Any], ensembles: Sequence[Any], *, seeded: bool = False) -> Any:
-    """Parameter sets concatenated along a leading member axis (jit it: it copies each set once).
-
-    `singles` are one model's params each ([seeds, ...] when `seeded`), `ensembles` members
-    already stacked ([m, ...]; [seeds, m, ...] when `seeded`). Singles come first, seed-major
-    within a set.
-    """
-    lead = (lambda p: p) if seeded else (lambda p: p[None])
-    flat = (lambda p: p.reshape(-1, *p.shape[2:])) if seeded else (lambda p: p)
-    leading = [jax.tree.map(lead, single) for single in singles] + [jax.tree.map(flat, e) for e in ensembles]
-    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *leading)
-
-
-def set_parts(sets: Mapping[str, Average], num_seeds: int = 0) -> tuple[dict[str, list[tuple[int, int]]], list[Any], list[Any]]:
-    """(spans, singles, ensembles) of `sets` as `stack_members` takes them; `num_seeds` > 0 when
-    every leaf has a leading seed axis of that size.
-
-    One model per set goes in as plain params, so the stacking program depends on the parameter
-    shapes and on how many sets of each kind there are, not on the kind of average: a restored
-    best checkpoint stacks with the same program as the live state. Sets that are the very same
-    parameters (the student, and an eval EMA that has not started) share their members.
-    """
-    seeds = max(num_seeds, 1)
-    spans: dict[str, list[tuple[int, int]]] = {}
-    singles: list[Any] = []
-    slot_of: dict[int, int] = {}
-    for name in sorted(sets):
-        if not sets[name].is_ensemble:
-            params = sets[name].single_params()
-            slot = slot_of.setdefault(id(params), len(singles))
-            if slot == len(singles):
-                singles.append(params)
-            spans[name] = [(slot * seeds + i, slot * seeds + i + 1) for i in range(seeds)]
-    ensembles, start = [], len(singles) * seeds
-    for name in sorted(sets):
-        if sets[name].is_ensemble:
-            ensembles.append(sets[name].members())
-            size = jax.tree.leaves(ensembles[-1])[0].shape[1 if num_seeds else 0]
-            spans[name] = [(start + i * size, start + (i + 1) * size) for i in range(seeds)]
-            start += seeds * size
-    return spans, singles, ensembles
-
-
-def eval_step(members: Any, batch: dict[str, jax.Array], *, model: Any) -> jax.Array:
-    """Deterministic forward passes of every member: float32 logits [batch, members, classes].
-
-    Batch-major, so the output shards like the batch. The program depends on the number of
-    members and the batch shape only, not on which sets they belong to.
-    """
+def eval_step(averages: tuple[Average, ...], batch: dict[str, jax.Array], *, model: Any) -> tuple[jax.Array, ...]:
+    """Float32 logits [batch, classes] of each average of one model: its `logits` of the deterministic forward."""
 
     def forward(params):
         return model.apply(
             {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], deterministic=True
         )
 
-    return jnp.moveaxis(jax.vmap(forward)(members), 0, 1)
-
-
-def collect_logits(
-    step: BucketedJit, sets: StackedSets, batches: Iterable[tuple[dict[str, np.ndarray], Any]], order: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Runs `step` over (host, device) batch pairs that visit the examples in `order`.
-
-    Returns {set name: logits [seeds, examples, classes]} in file order (seeds = 1 for a state
-    without a seed axis); a set's logits are the mean of its members' (`Average.combine`).
-    """
-    outputs = [(host["weights"] > 0, step(sets.members, device)) for host, device in batches]
-    rows = []
-    for real, out in outputs:  # fetched after all steps were dispatched, so the device never idles
-        # Row-sharded outputs are gathered here rather than replicated inside the step: several
-        # in-flight programs that each end in an all-gather can deadlock XLA's CPU runtime.
-        rows.append(multihost_utils.process_allgather(out, tiled=True)[real])
-    member_logits = np.empty_like(np.concatenate(rows))
-    member_logits[order] = np.concatenate(rows)
-    return {
-        name: np.stack([Average.combine(member_logits[:, a:b].swapaxes(0, 1)) for a, b in seed_spans])
-        for name, seed_spans in sets.spans.items()
-    }
-
-
-def jit_eval_step(model: Any, mesh: Any) -> Any:
-    """`eval_step` jitted for the mesh: outputs sharded like the batch rows."""
-    return jax.jit(functools.partial(eval_step, model=model), out_shardings=parallel.batch_sharding(mesh))
+    return tuple(average.logits(forward) for average in averages)
 
 
 class EvalPrograms:
-    """Dev and test evaluation of a run's parameter sets: a stacking program, and an eval program
-    per bucket length and member count, all compiled through `BucketedJit`s."""
+    """The compiled eval programs of a run: one per bucket length and structure of the averages scored."""
 
-    def __init__(self, model: Any, mesh: Any, bucket_lengths: tuple[int, ...], batch_size: int, num_seeds: int, clock):
-        self.mesh, self.bucket_lengths, self.batch_size, self.num_seeds = mesh, bucket_lengths, batch_size, num_seeds
-        self.replicated = parallel.replicated(mesh)
-        stack = functools.partial(stack_members, seeded=num_seeds > 0)
-        self.stack = BucketedJit(
-            jax.jit(stack, out_shardings=self.replicated),
-            lambda singles, ensembles: (len(singles), *(jax.tree.leaves(e)[0].shape for e in ensembles)),
-            clock,
-        )
-        # One program per (member count, batch shape): dev evaluation and prediction may differ in the former.
-        member_count = lambda members, batch: (jax.tree.leaves(members)[0].shape[0], *batch["input_ids"].shape)
-        self.eval_fn = BucketedJit(jit_eval_step(model, mesh), member_count, clock)
+    def __init__(self, model: Any, mesh: Any, models: Any, bucket_lengths: tuple[int, ...], batch_size: int, clock):
+        self.mesh, self.models, self.bucket_lengths, self.batch_size = mesh, models, bucket_lengths, batch_size
+        step = models.lift(functools.partial(eval_step, model=model), in_axes=(0, None))
+        # Logits [models, batch, classes]: split like the models and the batch rows.
+        out = models.sharding(mesh, parallel.DATA_AXIS)
+        key = lambda averages, batch: (jax.tree.structure(averages), *batch["input_ids"].shape)
+        self.eval_fn = BucketedJit(jax.jit(step, out_shardings=out), key, clock)
 
-    def compile_tasks(self, *set_groups: Mapping[str, Average]) -> list[tuple[BucketedJit, tuple]]:
-        """What `compile_concurrently` needs to build every program that evaluating each group of
-        sets runs: the stacking and one eval program per bucket length (shared where they agree)."""
-        abstract = lambda tree, sharding=None: jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding), tree
-        )
-        seeded = functools.partial(stack_members, seeded=self.num_seeds > 0)
-        tasks = []
-        for sets in set_groups:  # concrete sets: their arrays' shardings are the ones the runs will see
-            _, singles, ensembles = set_parts(sets, self.num_seeds)
-            singles, ensembles = abstract(singles), abstract(ensembles)
-            members = abstract(jax.eval_shape(seeded, singles, ensembles), self.replicated)
-            tasks.append((self.stack, (singles, ensembles)))
-            batches = [parallel.abstract_batch(self.batch_size, n, self.mesh) for n in self.bucket_lengths]
-            tasks += [(self.eval_fn, (members, batch)) for batch in batches]
-        return tasks
+    def compile_tasks(self, *groups: tuple[Average, ...]) -> list[tuple[BucketedJit, tuple]]:
+        """What `compile_concurrently` needs to build the programs that scoring each group of plain
+        averages runs, at every bucket length (shared where groups agree in structure)."""
+        abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        batches = [parallel.abstract_batch(self.batch_size, n, self.mesh) for n in self.bucket_lengths]
+        return [(self.eval_fn, (abstract(group), batch)) for group in groups for batch in batches]
 
-    def logits(self, sets: Mapping[str, Average], encoded: Any) -> dict[str, np.ndarray]:
-        """{name: logits [seeds, examples, classes]} of every set on every example of `encoded`,
-        in file order."""
-        spans, singles, ensembles = set_parts(sets, self.num_seeds)
-        stacked = StackedSets(members=self.stack(singles, ensembles), spans=spans)
+    def logits(self, averages: tuple[Average, ...], encoded: Any) -> list[np.ndarray]:
+        """Logits [models, examples, classes] of each plain average on every example, in file order."""
         order = input_pipeline.eval_order(encoded)
-        batches = input_pipeline.eval_batches(
-            encoded, batch_size=self.batch_size, bucket_lengths=self.bucket_lengths, order=order
-        )
-        return collect_logits(self.eval_fn, stacked, parallel.prefetch_to_mesh(batches, self.mesh), order)
+        batches = input_pipeline.eval_batches(encoded, batch_size=self.batch_size, bucket_lengths=self.bucket_lengths, order=order)
+        # Every step is dispatched before any result is fetched, so the device never idles.
+        outputs = [(host["weights"] > 0, self.eval_fn(averages, device)) for host, device in parallel.prefetch_to_mesh(batches, self.mesh)]
+        per_set: list[list[np.ndarray]] = [[] for _ in averages]
+        for real, out in outputs:
+            # Sharded outputs are gathered here rather than replicated inside the step: several
+            # in-flight programs that each end in an all-gather can deadlock XLA's CPU runtime.
+            for rows, logits in zip(per_set, self.models.expand(multihost_utils.process_allgather(out, tiled=True)), strict=True):
+                rows.append(logits[:, real])
+        result = []
+        for rows in per_set:
+            stacked = np.concatenate(rows, axis=1)
+            in_file_order = np.empty_like(stacked)
+            in_file_order[:, order] = stacked
+            result.append(in_file_order)
+        return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """Dev metrics of one parameter set: each model's, their mean and standard deviation, and the
+    ensemble's (the mean of the models' logits)."""
+
+    models: list[dict[str, float]]
+    mean: dict[str, float]
+    std: dict[str, float]
+    ensemble: dict[str, float]
+
+    @classmethod
+    def of(cls, logits: np.ndarray, labels: np.ndarray) -> Scores:
+        """From logits [models, examples, classes]."""
+        models = [dev_metrics(model_logits, labels) for model_logits in logits]
+        values = {key: np.asarray([m[key] for m in models], np.float64) for key in models[0]}
+        mean = {key: float(v.mean()) for key, v in values.items()}
+        std = {key: float(v.std()) for key, v in values.items()}  # population std over the models
+        return cls(models, mean, std, dev_metrics(logits.mean(axis=0), labels))
+
+    def record(self) -> dict[str, Any]:
+        """As metrics.jsonl holds it: the mean at the top, the details beside it."""
+        return {**self.mean, "std": self.std, "ensemble": self.ensemble, "models": self.models}
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -195,14 +130,7 @@ def dev_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def seed_summary(per_seed: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and (population) standard deviation over seeds of each metric."""
-    keys = per_seed[0].keys()
-    values = {key: np.asarray([m[key] for m in per_seed], np.float64) for key in keys}
-    return {k: float(v.mean()) for k, v in values.items()}, {k: float(v.std()) for k, v in values.items()}
-
-
-def write_predictions(path: pathlib.Path, ids: Sequence[Any], labels: Sequence[str]) -> None:
+def write_predictions(path: pathlib.Path, ids: Sequence[Any], labels: Iterable[str]) -> None:
     """Writes the CLUE submission (`{"id": ..., "label": ...}` per line) atomically."""
     lines = [json.dumps({"id": id_, "label": label}, ensure_ascii=False) for id_, label in zip(ids, labels)]
     atomic_write.write_text(path, "\n".join(lines) + "\n")

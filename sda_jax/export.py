@@ -15,10 +15,11 @@ The folder holds `config.json` (with the run's label names as id2label/label2id)
 `--params` picks one of the parameter sets of the best checkpoint: `eval_ema` (default: the
 parameters dev evaluation scored, which equal the student until the eval EMA starts), `teacher`
 (the SDA teacher; not a vote teacher, which is an ensemble of snapshots, not one model) or
-`student`. A run of several seeds (`train.seeds`) exports one seed's best model, `--seed S`; their
-ensemble is not one model. The export is written into a temporary sibling folder that is renamed into place once
-complete, so an interrupted export leaves no half-written `--out`. An unusable workdir or `--out`
-stops with a one-line `error:` and exit status 2. The command line is in `sda_jax.main`.
+`student`. A run of several models (`train.seeds`) exports one model's best, chosen with `--seed S`
+or `--model I`; their ensemble is not one model. The export is written into a temporary sibling
+folder that is renamed into place once complete, so an interrupted export leaves no half-written
+`--out`. An unusable workdir or `--out` stops with a one-line `error:` and exit status 2. The
+command line is in `sda_jax.main`.
 """
 
 from __future__ import annotations
@@ -29,53 +30,54 @@ import shutil
 from typing import Any
 
 from sda_jax import atomic_write, checkpoints
-from sda_jax.checkpoints import BEST_DIR
 from sda_jax.errors import InputError
-from sda_jax.run_record import MODEL_DIR, SETTINGS_FILE, read_model_record, read_settings_record
+from sda_jax.settings import Settings
+from sda_jax.workdir import Workdir
 
 PARAM_SETS = ("eval_ema", "teacher", "student")
 WEIGHTS_FILE = "model.safetensors"
 EXPORT_INFO_FILE = "sda_jax_export.json"  # provenance: run, step, parameter set, dev metrics
 
 
-def check_workdir(workdir: pathlib.Path, params_name: str, seed: int | None = None) -> int | None:
-    """Raises InputError unless `workdir` is an sda-jax run folder whose best checkpoint holds
-    `params_name` as one model (of `seed`, for a run of several seeds, which must name one).
-    Cheap file-system checks only, so the command fails fast. Returns the seed whose best
-    checkpoint to read (None: the run's only one)."""
+def check_workdir(workdir: Workdir, params_name: str, seed: int | None = None, model: int | None = None) -> tuple[Settings, int]:
+    """The run's settings and the model whose best checkpoint to read; InputError unless `workdir`
+    is an sda-jax run folder whose best checkpoint of that model holds `params_name` as one model.
+    Cheap file-system checks only, so the command fails fast."""
     if params_name not in PARAM_SETS:
         raise InputError(f"--params: {params_name!r} is not one of {', '.join(PARAM_SETS)}")
-    if not (workdir / MODEL_DIR / "config.json").is_file():
-        raise InputError(f"{workdir}: not an sda-jax run folder (no {MODEL_DIR}/config.json)")
-    if params_name == "teacher" and read_settings_record(workdir).get("sda", {}).get("teacher") == "vote":
+    workdir.check_is_run()
+    settings = workdir.read_settings()
+    if params_name == "teacher" and settings.sda.teacher == "vote":
         raise InputError(
-            f"{workdir}: its vote teacher averages the logits of several student snapshots and is not one model; "
+            f"{workdir.path}: its vote teacher averages the logits of several student snapshots and is not one model; "
             "export --params eval_ema or --params student, or train with sda.teacher=window (mean parameters)"
         )
-    folder_seed = _seed_folder(workdir, seed)
-    if not checkpoints.has_best(workdir, folder_seed):
-        raise InputError(f"{workdir}: no best checkpoint in {BEST_DIR}/ (did the run reach its first dev evaluation?)")
-    return folder_seed
+    index = _model_index(workdir, settings, seed, model)
+    if not checkpoints.has_best(workdir.best_checkpoint(index)):
+        raise InputError(f"{workdir.path}: no best checkpoint of model {index} (did the run reach its first dev evaluation?)")
+    return settings, index
 
 
-def _seed_folder(workdir: pathlib.Path, seed: int | None) -> int | None:
-    """The seed of the best checkpoint to export: None for a run of one seed (which `seed`, if
-    given, must be), else `seed`, which a run of several must be given."""
-    if not (workdir / SETTINGS_FILE).is_file():
-        return None  # an incomplete folder: the best-checkpoint check says what is missing
-    settings = read_settings_record(workdir)
-    seeds = settings.get("train", {}).get("seeds") or [settings.get("seed")]
+def _model_index(workdir: Workdir, settings: Settings, seed: int | None, model: int | None) -> int:
+    """The model to export: the run's only one, or the one `--seed` or `--model` names."""
+    seeds = settings.train.seeds or (settings.seed,)
     listed = ", ".join(map(str, seeds))
-    if seed is not None and seed not in seeds:
-        raise InputError(f"--seed: {workdir} trained seed(s) {listed}, not {seed}")
-    if len(seeds) == 1:
-        return None
-    if seed is None:
+    if seed is not None and model is not None:
+        raise InputError("--seed and --model: give one of them")
+    if seed is not None:
+        if seed not in seeds:
+            raise InputError(f"--seed: {workdir.path} trained seed(s) {listed}, not {seed}")
+        return seeds.index(seed)
+    if model is not None:
+        if not 0 <= model < len(seeds):
+            raise InputError(f"--model: {workdir.path} trained models 0 to {len(seeds) - 1}, not {model}")
+        return model
+    if len(seeds) > 1:
         raise InputError(
-            f"{workdir}: trained {len(seeds)} seeds ({listed}); their ensemble (the mean of their logits) is not "
-            "one model: export one of them with --seed S"
+            f"{workdir.path}: trained {len(seeds)} models (seeds {listed}); their ensemble (the mean of their logits) is "
+            "not one model: export one of them with --seed S or --model I"
         )
-    return seed
+    return 0
 
 
 def check_out(out: pathlib.Path) -> None:
@@ -88,45 +90,50 @@ def check_out(out: pathlib.Path) -> None:
 
 
 def restore_best(
-    workdir: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None
+    workdir: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None, model: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One parameter set of the run's best checkpoint (of `seed` in a run of several), as float32
-    numpy arrays, and its metrics.
+    """One parameter set of a model's best checkpoint, as float32 numpy arrays, and its metrics.
 
     Needs no train state: the tree to restore into comes from the run's model config, traced with
     `jax.eval_shape`. Only the requested set is read from disk.
     """
+    run = Workdir(workdir)
+    settings, index = check_workdir(run, params_name, seed, model)
+    return _restore(run, settings, index, params_name)
+
+
+def _restore(run: Workdir, settings: Settings, index: int, params_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     import jax
 
     from sda_jax.models import init_params
 
-    folder_seed = check_workdir(workdir, params_name, seed)
-    config, _ = read_model_record(workdir)
-    # Runs from before model.scan_layers existed kept their layers unrolled.
-    scan_layers = read_settings_record(workdir).get("model", {}).get("scan_layers", False)
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scan_layers))
-    return checkpoints.restore_best_params(workdir, params_name, shapes, folder_seed)
+    config, _ = run.read_model()
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), settings.model.scan_layers))
+    return checkpoints.restore_best_params(run.best_checkpoint(index), params_name, shapes)
 
 
-def export(workdir: pathlib.Path, out: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None) -> dict[str, Any]:
+def export(
+    workdir: pathlib.Path, out: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None, model: int | None = None
+) -> dict[str, Any]:
     """Writes the Hugging Face folder `out` from the run in `workdir`; returns the export info.
 
     Raises InputError for a workdir that is not a run folder or has no such checkpoint, and for
     an `out` that exists and is not an empty folder.
     """
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    check_workdir(workdir, params_name, seed)
+    run, out = Workdir(workdir), pathlib.Path(out)
+    settings, index = check_workdir(run, params_name, seed, model)
     check_out(out)
     import safetensors.numpy
 
     from sda_jax.hf_checkpoint import state_dict_from_params
 
-    config, label_names = read_model_record(workdir)
-    params, metrics = restore_best(workdir, params_name, seed)
-    info = {"workdir": str(workdir.resolve()), "params": params_name, "seed": seed, "checkpoint": metrics}
+    config, label_names = run.read_model()
+    params, metrics = _restore(run, settings, index, params_name)
+    seed = (settings.train.seeds or (settings.seed,))[index]
+    info = {"workdir": str(run.path.resolve()), "params": params_name, "model": index, "seed": seed, "checkpoint": metrics}
     try:
         with atomic_write.new_folder(out) as tmp:
-            for source in sorted((workdir / MODEL_DIR).iterdir()):  # the tokenizer files
+            for source in sorted(run.model_dir.iterdir()):  # the tokenizer files
                 if source.is_file() and source.name != "config.json":
                     shutil.copy2(source, tmp / source.name)
             hf_config = config.to_hf_dict(label_names)
@@ -143,4 +150,4 @@ def export(workdir: pathlib.Path, out: pathlib.Path, params_name: str = "eval_em
 if __name__ == "__main__":
     from sda_jax import main
 
-    main.run_export()
+    main.run_export(export, PARAM_SETS)

@@ -67,6 +67,7 @@ class LoadReport:
     unused: tuple[str, ...]
     initialized: tuple[str, ...]
     notes: tuple[str, ...] = ()  # why each head was initialised fresh
+    fresh_heads: tuple[str, ...] = ()  # "pooler"/"classifier": initialised from the rng, not the file
 
     def summary(self) -> str:
         parts = [f"Loaded {len(self.loaded)} tensors from {self.source}."]
@@ -300,20 +301,15 @@ def params_from_state_dict(
         raise InputError(f"{source}: not {name} checkpoint for this config, missing {shown}")
     fresh = _fresh_heads(state_dict, by_name, config, source)
 
-    # The model defines the shapes; eval_shape traces init without computing anything.
-    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda key: init_params(config, key, scan_layers), rng))
-    keys = dict(zip(fresh, jax.random.split(rng, max(len(fresh), 1))))
-    params: dict[tuple[str, ...], Any] = {}
+    params = _fresh_head_params(config, tuple(fresh), rng, scan_layers)
     slices: dict[tuple[str, ...], list[np.ndarray]] = {}  # stacked leaves, one array per layer
     loaded: list[str] = []
-    initialized: list[str] = []
+    initialized = [t.hf_name for t in specs if t.head in fresh]
+    shapes = _leaf_shapes(config, scan_layers)
     for t in specs:
-        shape = shapes[t.path].shape[1:] if t.index is not None else shapes[t.path].shape
         if t.head in fresh:
-            init = hf_normal_init(config) if t.is_linear_weight else jax.nn.initializers.zeros
-            params[t.path] = init(keys[t.head], shape, jnp.float32)
-            initialized.append(t.hf_name)
             continue
+        shape = shapes[t.path][1:] if t.index is not None else shapes[t.path]
         original = by_name.pop(t.canonical)
         array = np.asarray(state_dict[original], dtype=np.float32)
         hf_shape = shape[::-1] if t.is_linear_weight else shape
@@ -336,8 +332,27 @@ def params_from_state_dict(
         unused=tuple(sorted(by_name.values())),
         initialized=tuple(initialized),
         notes=tuple(f"Fresh {head}: {why}." for head, why in fresh.items()),
+        fresh_heads=tuple(fresh),
     )
     return traverse_util.unflatten_dict(params), report
+
+
+def _leaf_shapes(config: BertConfig, scan_layers: bool) -> dict[tuple[str, ...], tuple[int, ...]]:
+    # The model defines the shapes; eval_shape traces init without computing anything.
+    shapes = jax.eval_shape(lambda key: init_params(config, key, scan_layers), jax.random.key(0))
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
+
+
+def _fresh_head_params(config: BertConfig, heads: tuple[str, ...], rng: jax.Array, scan_layers: bool) -> dict:
+    """HF's initialisation of the `heads` ("pooler", "classifier") from `rng`: {tree path: array}."""
+    keys = dict(zip(heads, jax.random.split(rng, max(len(heads), 1))))
+    shapes = _leaf_shapes(config, scan_layers)
+    out = {}
+    for t in _tensors(config.num_hidden_layers, scan_layers, config.model_type, config.use_task_id):
+        if t.head in heads:
+            init = hf_normal_init(config) if t.is_linear_weight else jax.nn.initializers.zeros
+            out[t.path] = init(keys[t.head], shapes[t.path], jnp.float32)
+    return out
 
 
 def state_dict_from_params(params: Mapping[str, Any], model_type: str = "bert") -> dict[str, np.ndarray]:
@@ -368,7 +383,16 @@ def state_dict_from_params(params: Mapping[str, Any], model_type: str = "bert") 
 def load_pretrained(
     model_dir: Path, config: BertConfig, rng: jax.Array, scan_layers: bool = True
 ) -> tuple[dict[str, Any], LoadReport]:
-    """Find, read and convert the weights in an HF model folder."""
+    """Find, read and convert the weights in an HF model folder; `rng` seeds the fresh heads."""
+    models, report = load_pretrained_models(model_dir, config, [rng], scan_layers)
+    return models[0], report
+
+
+def load_pretrained_models(
+    model_dir: Path, config: BertConfig, rngs: list[jax.Array], scan_layers: bool = True
+) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Find, read and convert the weights in an HF model folder, once, for as many models as `rngs`:
+    each model gets the file's weights and its own fresh heads (from its rng), where the file has none."""
     model_dir = Path(model_dir)
     path = find_weights_file(model_dir)
     if path is None:
@@ -376,4 +400,10 @@ def load_pretrained(
             f"{model_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME} (whole or sharded) found; to train from scratch "
             "on purpose, set model.from_scratch=True"
         )
-    return params_from_state_dict(read_state_dict(path), config, rng, source=str(path), scan_layers=scan_layers)
+    params, report = params_from_state_dict(read_state_dict(path), config, rngs[0], source=str(path), scan_layers=scan_layers)
+    models = [params]
+    for rng in rngs[1:]:
+        flat = traverse_util.flatten_dict(params)
+        flat.update(_fresh_head_params(config, report.fresh_heads, rng, scan_layers))
+        models.append(traverse_util.unflatten_dict(flat))
+    return models, report

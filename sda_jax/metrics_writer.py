@@ -1,15 +1,21 @@
 """Training metrics in the forms people look at: JSON lines, TensorBoard, and a PNG of the curves.
 
-    workdir/metrics.jsonl        one JSON object per line, appended:
-                                 {"step", "split": "train", "loss", "ce", "kd", "learning_rate", "skipped_steps"[, "loss_scale"]}
-                                 {"step", "split": "dev", "params": "student"|"teacher"|"eval_ema", "loss", "accuracy", "f1"}
-    workdir/tensorboard/         event files (tensorboardX; no TensorFlow or PyTorch needed):
-                                 train/<name> for every train scalar, train/steps_per_second,
-                                 dev/<params>/<name> for every dev scalar
-    workdir/training_curves.png  `plot_training_curves(workdir)`, from metrics.jsonl
+One schema whatever the number of models (N = 1 included): each record holds the mean over the
+models at its top level, and the details beside it:
+
+    metrics.jsonl        one JSON object per line, appended:
+                         {"step", "split": "train", "loss", "ce", "kd", "learning_rate", "skipped_steps"[, "loss_scale"],
+                          "models": [{"loss", "ce", "kd", "skipped_steps"[, "loss_scale"]}, ...]}
+                         {"step", "split": "dev", "params": "student"|"teacher"|"eval_ema", "loss", "accuracy", "f1",
+                          "std": {...}, "ensemble": {...}, "models": [{"loss", "accuracy", "f1"}, ...]}
+    tensorboard/         event files (tensorboardX; no TensorFlow or PyTorch needed): every number of a
+                         record under its path, `train/loss`, `train/model_0/loss`, `dev/eval_ema/accuracy`,
+                         `dev/eval_ema/std/accuracy`, `dev/eval_ema/ensemble/accuracy`, `dev/eval_ema/model_1/f1`;
+                         and `train/steps_per_second`
+    training_curves.png  `plot_training_curves(workdir)`, from metrics.jsonl
 
 metrics.jsonl holds exactly what the caller passes, so a resumed run reproduces it byte for byte.
-Wall-clock figures (`steps_per_second`) go to TensorBoard only.
+Wall-clock figures (`steps_per_second`) go to TensorBoard only. The file names come from `Workdir`.
 
 In a multi-process run only process 0 writes: pass `enabled=jax.process_index() == 0`; a
 disabled writer accepts every call and touches no file.
@@ -22,7 +28,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +36,36 @@ import numpy as np
 
 from sda_jax import atomic_write
 from sda_jax.errors import InputError
+from sda_jax.workdir import Workdir
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-CURVES_FILE = "training_curves.png"
 # Train scalars that depend on wall time: TensorBoard only, never metrics.jsonl.
 TIMING_KEYS = ("steps_per_second",)
 # Line colours of the dev panels, per parameter set.
-_PARAMS_COLORS = {"student": "tab:blue", "teacher": "tab:orange", "eval_ema": "tab:green", "ensemble": "black"}
+_PARAMS_COLORS = {"student": "tab:blue", "teacher": "tab:orange", "eval_ema": "tab:green"}
 
 
 class MetricsWriter:
     """Appends train/dev records to metrics.jsonl and writes the same scalars as TensorBoard events.
 
     `resume_step`: the step a resumed run restarts after (its checkpoint's step). TensorBoard then
-    hides what an earlier attempt logged after that step, as `run_record.truncate_metrics` drops
+    hides what an earlier attempt logged after that step, as `Workdir.truncate_metrics` drops
     it from metrics.jsonl. `steps_per_second` of a train record is measured from the previous
     train record (or dev record, so evaluation time is not counted) unless the caller passes it.
     """
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int = 0, flush_secs: int = 30):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: Workdir, *, enabled: bool = True, resume_step: int = 0, flush_secs: int = 30):
+        self.workdir = workdir
         self.enabled = enabled
         self._log = None
         self._events = None
         self._clock: tuple[int, float] | None = None  # (step, perf_counter) of the last record
         if not enabled:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = (self.workdir / METRICS_FILE).open("a", encoding="utf-8")
+        workdir.path.mkdir(parents=True, exist_ok=True)
+        self._log = workdir.metrics_file.open("a", encoding="utf-8")
         summary_writer = _summary_writer_class()
         self._events = summary_writer(
-            logdir=str(self.workdir / TENSORBOARD_DIR),
+            logdir=str(workdir.tensorboard_dir),
             purge_step=resume_step + 1 if resume_step > 0 else None,
             flush_secs=flush_secs,
             # tensorboardX names event files by the second and opens them with "wb": without a
@@ -70,43 +74,45 @@ class MetricsWriter:
             filename_suffix=f".{time.time_ns() % 1_000_000_000:09d}",
         )
 
-    def write_train(self, step: int, scalars: Mapping[str, Any], seed: int | None = None) -> None:
-        """One train record: the mean losses of a logging window, learning rate, counters; of one
-        seed of a run of several when `seed` is given (the record without one is their mean)."""
+    def write_train(self, step: int, scalars: Mapping[str, Any], models: Sequence[Mapping[str, Any]] = ()) -> None:
+        """One train record: the mean losses of a logging window over the models, the learning
+        rate, counters (`scalars`), and each model's own (`models`)."""
         if not self.enabled:
             return
         step = int(step)
-        values = {name: _number(name, value) for name, value in scalars.items()}
-        if seed is not None:
-            self._append({"step": step, "split": "train", "seed": seed, **values})
-            for name, value in values.items():
-                self._events.add_scalar(f"train/seed_{seed}/{name}", value, step)
-            return
+        values = _numbers(scalars)
         timing = {name: values.pop(name) for name in TIMING_KEYS if name in values}
         now = time.perf_counter()
         if "steps_per_second" not in timing and self._clock is not None and step > self._clock[0]:
             timing["steps_per_second"] = (step - self._clock[0]) / max(now - self._clock[1], 1e-9)
         self._clock = (step, now)
-        self._append({"step": step, "split": "train", **values})
-        for name, value in {**values, **timing}.items():
-            self._events.add_scalar(f"train/{name}", value, step)
+        record = {**values, **({"models": [_numbers(m) for m in models]} if models else {})}
+        self._append({"step": step, "split": "train", **record})
+        self._add_scalars("train", {**record, **timing}, step)
 
-    def write_dev(self, step: int, params_name: str, scalars: Mapping[str, Any], seed: int | str | None = None) -> None:
-        """One dev evaluation of a parameter set ("student", "teacher", "eval_ema"; "ensemble" for
-        the seeds' mean logits), of one seed (or their "mean" / "std") in a run of several."""
+    def write_dev(self, step: int, params_name: str, record: Mapping[str, Any]) -> None:
+        """One dev evaluation of a parameter set ("student", "teacher", "eval_ema"): its metrics
+        (the mean over the models) and their "std", "ensemble" and per-"models" details."""
         if not self.enabled:
             return
         if not isinstance(params_name, str) or not params_name or "/" in params_name:
             raise ValueError(f"params_name must be a non-empty name without '/', got {params_name!r}")
         step = int(step)
-        values = {name: _number(name, value) for name, value in scalars.items()}
-        where = {} if seed is None else {"seed": seed}
-        self._append({"step": step, "split": "dev", "params": params_name, **where, **values})
-        tag = params_name if seed is None else f"{params_name}/seed_{seed}"
-        for name, value in values.items():
-            self._events.add_scalar(f"dev/{tag}/{name}", value, step)
+        values = _numbers(record)
+        self._append({"step": step, "split": "dev", "params": params_name, **values})
+        self._add_scalars(f"dev/{params_name}", values, step)
         self._events.flush()
         self._clock = (step, time.perf_counter())  # evaluation time is not training speed
+
+    def _add_scalars(self, prefix: str, values: Mapping[str, Any], step: int) -> None:
+        for name, value in values.items():
+            if isinstance(value, Mapping):
+                self._add_scalars(f"{prefix}/{name}", value, step)
+            elif isinstance(value, list):  # "models": one group per model
+                for i, item in enumerate(value):
+                    self._add_scalars(f"{prefix}/{name.removesuffix('s')}_{i}", item, step)
+            else:
+                self._events.add_scalar(f"{prefix}/{name}", value, step)
 
     def flush(self) -> None:
         if self._log is not None:
@@ -134,6 +140,19 @@ class MetricsWriter:
             raise ValueError("MetricsWriter is closed")
         self._log.write(json.dumps(record) + "\n")
         self._log.flush()
+
+
+def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's values as Python numbers, nested mappings and lists of them kept as they are."""
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, Mapping):
+            out[name] = _numbers(value)
+        elif isinstance(value, (list, tuple)):
+            out[name] = [_numbers(v) for v in value]
+        else:
+            out[name] = _number(name, value)
+    return out
 
 
 def _number(name: str, value: Any) -> int | float:
@@ -167,9 +186,9 @@ def _summary_writer_class() -> type:
     return SummaryWriter
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """The records of workdir/metrics.jsonl; InputError names the file and line of a bad one."""
-    path = Path(workdir) / METRICS_FILE
+def read_metrics(workdir: Workdir) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; InputError names the file and line of a bad one."""
+    path = workdir.metrics_file
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     records = []
@@ -186,31 +205,27 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_training_curves(workdir: str | Path) -> Path:
-    """Draws workdir/training_curves.png from metrics.jsonl and returns its path.
+def plot_training_curves(workdir: Workdir) -> Path:
+    """Draws training_curves.png from metrics.jsonl and returns its path.
 
     Six panels: train loss and CE; KD (the MSE to the teacher); learning rate (and the fp16 loss
     scale when there is one); dev accuracy, F1 and loss, a line per parameter set, with the best
-    accuracy marked. A run of several seeds draws each seed's scored set faintly, their mean
-    boldly and the ensemble's line; train panels show the mean over seeds. Panels without data
-    say so.
+    accuracy marked. The lines are means over the models; a run of several models also draws each
+    model faintly and each set's ensemble dashed. Panels without data say so.
     """
     from matplotlib.figure import Figure  # a figure without pyplot: no global state, no GUI backend
 
-    workdir = Path(workdir)
     records = read_metrics(workdir)
-    train = _series(r for r in records if r["split"] == "train" and "seed" not in r)
+    train = _series(r for r in records if r["split"] == "train")
     dev = [r for r in records if r["split"] == "dev"]
-    dev_by_params: dict[str, dict[str, np.ndarray]] = {}  # the lines of the dev panels
-    for name in dict.fromkeys(r.get("params", "?") for r in dev if "seed" not in r):
-        dev_by_params[name] = _series(r for r in dev if r.get("params", "?") == name and "seed" not in r)
-    for name in dict.fromkeys(r["params"] for r in dev if r.get("seed") == "mean"):
-        dev_by_params[f"{name} (mean of seeds)"] = _series(r for r in dev if r["params"] == name and r.get("seed") == "mean")
-    per_seed = {
-        f"{r['params']} seed {r['seed']}": _series(x for x in dev if x["params"] == r["params"] and x.get("seed") == r["seed"])
-        for r in dev
-        if isinstance(r.get("seed"), int) and any(m.get("seed") == "mean" and m["params"] == r["params"] for m in dev)
-    }
+    dev_by_params = {name: _series(r for r in dev if r["params"] == name) for name in dict.fromkeys(r["params"] for r in dev)}
+    several = any(len(r.get("models", ())) > 1 for r in dev)
+    per_model = {
+        (name, i): _series({"step": r["step"], **m} for r in dev if r["params"] == name for m in r["models"][i : i + 1])
+        for name in dev_by_params for i in range(max(len(r.get("models", ())) for r in dev)) if several
+    }  # fmt: skip
+    ensembles = {name: _series({"step": r["step"], **r["ensemble"]} for r in dev if r["params"] == name and "ensemble" in r)
+                 for name in dev_by_params} if several else {}  # fmt: skip
 
     fig = Figure(figsize=(15, 8.4), dpi=100, layout="constrained")
     axes = fig.subplots(2, 3)
@@ -218,7 +233,7 @@ def plot_training_curves(workdir: str | Path) -> Path:
     last_step = int(
         max([*(steps if steps is not None else []), *(s for d in dev_by_params.values() for s in d["step"])], default=0)
     )
-    fig.suptitle(f"{workdir.name or workdir}: training curves ({last_step} steps)", fontsize=14)
+    fig.suptitle(f"{workdir.path.name or workdir.path}: training curves ({last_step} steps)", fontsize=14)
 
     ax = axes[0, 0]
     _lines(ax, train, [("loss", "total loss", "black"), ("ce", "CE", "tab:blue")])
@@ -243,13 +258,17 @@ def plot_training_curves(workdir: str | Path) -> Path:
     ax.yaxis.label.set_color("tab:red")
 
     for ax, key, title in zip(axes[1], ("accuracy", "f1", "loss"), ("Dev accuracy", "Dev F1", "Dev loss"), strict=True):
-        for series in per_seed.values():
+        for (name, _), series in per_model.items():
             if key in series:
-                ax.plot(series["step"], series[key], color="tab:gray", alpha=0.35, linewidth=0.8)
+                ax.plot(series["step"], series[key], color=_PARAMS_COLORS.get(name), alpha=0.3, linewidth=0.8)
         for name, series in dev_by_params.items():
             if key in series:
                 color = _PARAMS_COLORS.get(name)
-                ax.plot(series["step"], series[key], marker="o", markersize=4, label=name, color=color)
+                label = f"{name} (mean of models)" if several else name
+                ax.plot(series["step"], series[key], marker="o", markersize=4, label=label, color=color)
+        for name, series in ensembles.items():
+            if key in series:
+                ax.plot(series["step"], series[key], linestyle="--", color=_PARAMS_COLORS.get(name), label=f"{name} ensemble")
         if key == "accuracy":
             _mark_best(ax, dev_by_params)
         _decorate(ax, title, key, has_data=any(key in s for s in dev_by_params.values()), empty="no dev evaluation yet")
@@ -258,7 +277,7 @@ def plot_training_curves(workdir: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.set_xlim(left=0, right=max(last_step, 1) * 1.03)
 
-    path = workdir / CURVES_FILE
+    path = workdir.curves_file
     png = io.BytesIO()
     fig.savefig(png, format="png")
     atomic_write.write_bytes(path, png.getvalue())

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from sda_jax import hf_checkpoint
 from sda_jax.bert_config import BertConfig
 from sda_jax.errors import InputError
+from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
 
@@ -39,10 +40,12 @@ def bert_config(settings: Settings, vocab_size: int) -> BertConfig:
     return config
 
 
-def load_model(
-    settings: Settings, vocab_size: int, rng: jax.Array, dtype: jnp.dtype
+def load_models(
+    settings: Settings, vocab_size: int, models: Models, init_keys: list[jax.Array], dtype: jnp.dtype
 ) -> tuple[BertForSequenceClassification, dict[str, Any], str]:
-    """Returns (model, float32 params, a one-paragraph note of where the params came from)."""
+    """Returns (model, float32 params of every model stacked on the model axis, a one-paragraph
+    note of where they came from). A checkpoint is read and converted once for all models; each
+    model's own key initialises its fresh heads, or all of its weights when training from scratch."""
     config = bert_config(settings, vocab_size)
     scan = settings.model.scan_layers
     model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
@@ -51,6 +54,6 @@ def load_model(
             f"Initialised a {config.num_hidden_layers}-layer, {config.hidden_size}-wide {config.model_type.upper()} from "
             f"scratch (model.from_scratch=True); architecture from {settings.model.dir / 'config.json'}."
         )
-        return model, init_params(config, rng, scan), note
-    params, report = hf_checkpoint.load_pretrained(settings.model.dir, config, rng, scan)
-    return model, params, report.summary()
+        return model, models.stack([init_params(config, key, scan) for key in init_keys]), note
+    params, report = hf_checkpoint.load_pretrained_models(settings.model.dir, config, init_keys, scan)
+    return model, models.stack(params), report.summary()

@@ -113,7 +113,7 @@ def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtra
     already-updated one: the two differ by lr²·wd·update, about 1e-14 relative here.
     """
     chain = []
-    if settings.max_grad_norm > 0:
+    if settings.max_grad_norm is not None:
         chain.append(optax.clip_by_global_norm(settings.max_grad_norm))
     chain += [
         scale_by_adam(
@@ -146,7 +146,7 @@ def uses_lookahead(settings: OptimSettings) -> bool:
     slow + (fast - slow), which is exact whenever the two are within a factor of two), so
     no slow weights are kept and no sync runs.
     """
-    return settings.lookahead_k > 0 and settings.lookahead_alpha != 1.0
+    return settings.lookahead_k is not None and settings.lookahead_alpha != 1.0
 
 
 def lookahead_sync(params: Params, slow_params: Params, num_updates: jax.Array, k: int, alpha: float):

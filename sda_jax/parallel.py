@@ -1,12 +1,12 @@
-"""Data parallelism over a device Mesh: shardings, batch placement and host→device prefetch.
+"""Data parallelism over a device Mesh: the mesh, batch shardings, host→device prefetch, processes.
 
-One mesh axis, `data`, spans every device of every process. Batches are split along it; the
-train state is replicated, and XLA inserts the gradient all-reduce that `jax.jit` needs. A run of
-several seeds (`train.seeds`) gets a second axis, `seeds`, in front: the seed-stacked train state
-is split along it (seeds on different devices need no all-reduce between them at all) and the
-batch is split along `data` within each seed group. Each process hands over only the rows of a
-global batch its devices hold (`make_array_from_process_local_data`), which is what lets the
-same code run on one CPU or across hosts.
+The mesh has two axes, `models` × `data`, over every device of every process. The train state
+carries N models on a leading axis (`model_axis`) split over the `models` axis: as many model
+groups as divide both N and the device count, so models on different devices need no gradient
+all-reduce between them at all; the `data` axis splits each batch within a group, and XLA inserts
+the gradient all-reduce that `jax.jit` needs. One model on D devices is a 1 × D mesh. Each process
+hands over only the rows of a global batch its devices hold (`make_array_from_process_local_data`),
+which is what lets the same code run on one CPU or across hosts.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sda_jax.errors import InputError
 
+MODELS_AXIS = "models"
 DATA_AXIS = "data"
-SEEDS_AXIS = "seeds"
 
 
 def initialize_distributed() -> None:
@@ -50,22 +50,16 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices (global across processes).
+def make_mesh(num_models: int = 1) -> Mesh:
+    """A (`models`, `data`) mesh over all devices (global across processes): as many model groups
+    as divide both the model count and the device count, the rest of the devices splitting the batch.
 
-    Auto axis: the compiler propagates shardings from the inputs (the gather of the embedding
+    Auto axes: the compiler propagates shardings from the inputs (the gather of the embedding
     lookup included), instead of requiring them spelled out in every op's type.
     """
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
-
-
-def make_seeds_mesh(num_seeds: int) -> Mesh:
-    """A (`seeds`, `data`) mesh over all devices: as many seed groups as divide both the seed
-    count and the device count (seed states then sit whole on their group's devices), the rest
-    of the devices splitting the batch."""
-    groups = math.gcd(num_seeds, jax.device_count())
+    groups = math.gcd(num_models, jax.device_count())
     return jax.make_mesh(
-        (groups, jax.device_count() // groups), (SEEDS_AXIS, DATA_AXIS), axis_types=(AxisType.Auto, AxisType.Auto)
+        (groups, jax.device_count() // groups), (MODELS_AXIS, DATA_AXIS), axis_types=(AxisType.Auto, AxisType.Auto)
     )
 
 
@@ -87,23 +81,9 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def seeds_sharding(mesh: Mesh) -> NamedSharding:
-    """Arrays with a leading seed axis (a seed-stacked train state), split over the seed groups."""
-    return NamedSharding(mesh, PartitionSpec(SEEDS_AXIS))
-
-
-def put_keys(keys: jax.Array, mesh: Mesh) -> jax.Array:
-    """Seed-stacked random keys (the same on every process) as one global array split over the
-    seed groups, also where the mesh spans processes (device_put cannot place those)."""
-    data = np.asarray(jax.random.key_data(keys))
-    sharding = seeds_sharding(mesh)
-    placed = jax.make_array_from_callback(data.shape, sharding, lambda index: data[index])
-    return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(keys))
-
-
 def fetch(tree: Any) -> Any:
-    """Device arrays as host numpy, also those split over several processes' devices (a seed-
-    stacked state's, whose seeds live on other hosts), which every process must then fetch."""
+    """Device arrays as host numpy, also those split over several processes' devices (models whose
+    group lives on other hosts), which every process must then fetch."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)

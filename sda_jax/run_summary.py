@@ -1,15 +1,15 @@
 """What a run reports: the dev line after each evaluation, the summary at the end, and what to make of it.
 
-The summary (`summary.json` and one screen of text) holds the best dev figures, the counts of
-steps and compiled programs, where the wall time went (`Stopwatch` phases), and notes a newcomer
-needs to tell a working run from a broken one: a run whose test predictions are all one class is
-flagged, and a from-scratch run says that it is expected to stay at the class prior.
+The summary (`summary.json` and one screen of text) holds each model's best dev figures and step,
+their mean ± std and their ensemble's (one schema for one model or several), the counts of steps
+and compiled programs, where the wall time went (`Stopwatch` phases), and notes a newcomer needs to
+tell a working run from a broken one: a run whose test predictions are all one class is flagged,
+and a from-scratch run says that it is expected to stay at the class prior.
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import jax
@@ -18,68 +18,54 @@ import numpy as np
 
 from sda_jax import atomic_write, splits
 
-SUMMARY_FILE = "summary.json"
 
-
-def dev_line(step: int, dev: dict[str, float], params_name: str, improved: bool) -> str:
-    return (
-        f"step {step}: dev loss {dev['loss']:.4f} accuracy {dev['accuracy']:.4f} f1 {dev['f1']:.4f}"
-        f" ({params_name}){' *best*' if improved else ''}"
-    )
-
-
-def seeds_dev_line(step: int, mean: dict, std: dict, ensemble: dict, params_name: str, improved: int) -> str:
-    return (
-        f"step {step}: dev accuracy {mean['accuracy']:.4f} ± {std['accuracy']:.4f} f1 {mean['f1']:.4f} ± {std['f1']:.4f}"
-        f" ({params_name}, mean ± std over seeds), ensemble accuracy {ensemble['accuracy']:.4f} f1 {ensemble['f1']:.4f}"
-        f"{f' *best for {improved} seeds*' if improved else ''}"
-    )
+def dev_line(step: int, params_name: str, scores: Any, improved: list[bool]) -> str:
+    """After each evaluation: the scored set's dev metrics (the mean over the models, their spread
+    and their ensemble when there are several), and which models reached a new best."""
+    mean = scores.mean
+    line = f"step {step}: dev loss {mean['loss']:.4f} accuracy {mean['accuracy']:.4f} f1 {mean['f1']:.4f} ({params_name})"
+    if len(scores.models) > 1:
+        std, ensemble = scores.std, scores.ensemble
+        line += (
+            f", ± {std['accuracy']:.4f} / {std['f1']:.4f} over {len(scores.models)} models, ensemble accuracy "
+            f"{ensemble['accuracy']:.4f} f1 {ensemble['f1']:.4f}"
+        )
+    if any(improved):
+        line += " *best*" if len(improved) == 1 else f" *best for {sum(improved)} models*"
+    return line
 
 
 def build(
-    *, settings, state, best_metrics, start_step, examples_seen, train_fn, eval_fn, compile_wall, buckets,
-    compute_dtype, predict_path, data, test_logits, stopwatch, seeds=(), ensemble_dev=None,
+    run, programs, *, counts, best_metrics, ensemble_dev, test_logits, start_step, examples_seen, stopwatch
 ) -> dict[str, Any]:  # fmt: skip
-    """The run's summary record (see the module docstring). `best_metrics`: one per seed;
-    `test_logits`: what the predictions came from; with several `seeds`, `ensemble_dev` holds the
-    dev metrics of the seeds' best parameters' mean logits."""
+    """The run's summary record (see the module docstring): `best_metrics` per model, the dev
+    metrics of their best eval EMAs' ensemble, and the test logits [models, examples, classes]."""
+    settings, data, buckets = run.settings, run.data, run.buckets
     times = stopwatch.breakdown()
     train_seconds = times.get("train loop", 0.0)
     label_names = settings.data.label_names
-    predicted = np.bincount(np.argmax(test_logits, -1), minlength=len(label_names))
-    if seeds:
-        per_seed = [
-            {"seed": seed, "best_dev_accuracy": m["accuracy"], "best_dev_f1": m["f1"], "best_step": m["step"],
-             "best_params": m["params"]}
-            for seed, m in zip(seeds, best_metrics, strict=True)
-        ]  # fmt: skip
-        accuracy = np.asarray([m["accuracy"] for m in best_metrics])
-        f1 = np.asarray([m["f1"] for m in best_metrics])
-        headline = {
-            "seeds": list(seeds),
-            "best_dev_accuracy_mean": float(accuracy.mean()), "best_dev_accuracy_std": float(accuracy.std()),
-            "best_dev_f1_mean": float(f1.mean()), "best_dev_f1_std": float(f1.std()),
-            "ensemble_dev_accuracy": ensemble_dev["accuracy"], "ensemble_dev_f1": ensemble_dev["f1"],
-            "per_seed": per_seed,
-        }  # fmt: skip
-    else:
-        best = best_metrics[0]
-        headline = {
-            "best_dev_accuracy": best["accuracy"], "best_dev_f1": best["f1"], "best_step": best["step"],
-            "best_params": best["params"],
-        }  # fmt: skip
+    predicted = np.bincount(np.argmax(test_logits.mean(axis=0), -1), minlength=len(label_names))
+    models = [
+        {**described, "best_dev_accuracy": m["accuracy"], "best_dev_f1": m["f1"], "best_step": m["step"], "best_params": m["params"]}
+        for described, m in zip(run.models.describe(), best_metrics, strict=True)
+    ]  # fmt: skip
+    accuracy = np.asarray([m["accuracy"] for m in best_metrics])
+    f1 = np.asarray([m["f1"] for m in best_metrics])
     summary = {
-        **headline,
-        "steps": int(np.max(state["step"])),
+        "best_dev_accuracy": float(accuracy.mean()), "best_dev_accuracy_std": float(accuracy.std()),
+        "best_dev_f1": float(f1.mean()), "best_dev_f1_std": float(f1.std()),
+        "ensemble_dev_accuracy": ensemble_dev["accuracy"], "ensemble_dev_f1": ensemble_dev["f1"],
+        "models": models,
+        "steps": int(np.max(counts["step"])),
         "resumed_from_step": start_step,
-        "skipped_steps": int(np.max(state["skipped_steps"])),
+        "skipped_steps": int(np.max(counts["skipped_steps"])),
         "train_examples": examples_seen,
         "train_seconds": train_seconds,
         "train_samples_per_second": examples_seen / max(train_seconds, 1e-9),
-        "train_step_compilations": train_fn.num_compilations,
-        "train_step_compile_seconds": train_fn.compile_seconds,
-        "eval_step_compilations": eval_fn.num_compilations,
-        "compile_wall_seconds": compile_wall,
+        "train_step_compilations": programs.train_fn.num_compilations,
+        "train_step_compile_seconds": programs.train_fn.compile_seconds,
+        "eval_step_compilations": programs.eval.eval_fn.num_compilations,
+        "compile_wall_seconds": programs.compile_wall,
         "num_buckets": len(buckets.lengths),
         "bucket_lengths": list(buckets.lengths),
         "bucket_choice": buckets.how,
@@ -87,11 +73,11 @@ def build(
         "wall_seconds": times["wall"],
         "seconds_by_phase": {name: round(seconds, 3) for name, seconds in times.items() if name != "wall"},
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} processes)",
-        "compute_dtype": jnp.dtype(compute_dtype).name,
-        "predictions": str(predict_path),
+        "compute_dtype": jnp.dtype(run.dtype).name,
+        "predictions": str(run.workdir.predictions(settings)),
         "test_rows": len(data.test),
         "test_predictions_by_label": {name: int(n) for name, n in zip(label_names, predicted, strict=True)},
-    }
+    }  # fmt: skip
     summary["notes"] = notes(summary, settings, data)
     return summary
 
@@ -118,29 +104,25 @@ def notes(summary: dict[str, Any], settings, data: splits.Splits) -> list[str]:
     return out
 
 
-def write(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
-    atomic_write.write_text(workdir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+def write(workdir, summary: dict[str, Any]) -> None:
+    atomic_write.write_text(workdir.summary_file, json.dumps(summary, indent=2) + "\n")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     resumed = f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""
     phases = summary["seconds_by_phase"]
     breakdown = ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items() if seconds >= 0.05)
-    if "per_seed" in summary:
-        best_rows = [
-            *(
-                (f"seed {s['seed']}", f"best dev accuracy {s['best_dev_accuracy']:.4f} F1 {s['best_dev_f1']:.4f} at step {s['best_step']} ({s['best_params']})")
-                for s in summary["per_seed"]
-            ),
-            ("mean ± std", (f"accuracy {summary['best_dev_accuracy_mean']:.4f} ± {summary['best_dev_accuracy_std']:.4f}, "
-             f"F1 {summary['best_dev_f1_mean']:.4f} ± {summary['best_dev_f1_std']:.4f} over {len(summary['seeds'])} seeds")),
-            ("ensemble", f"dev accuracy {summary['ensemble_dev_accuracy']:.4f} F1 {summary['ensemble_dev_f1']:.4f} (mean logits of the seeds' best)"),
-        ]  # fmt: skip
-    else:
-        best_rows = [
-            ("best dev accuracy", f"{summary['best_dev_accuracy']:.4f} at step {summary['best_step']} ({summary['best_params']})"),
-            ("best dev F1", f"{summary['best_dev_f1']:.4f}"),
-        ]
+    count = len(summary["models"])
+    best_rows = [
+        *(
+            (f"model {m['model']} (seed {m['seed']})",
+             f"best dev accuracy {m['best_dev_accuracy']:.4f} F1 {m['best_dev_f1']:.4f} at step {m['best_step']} ({m['best_params']})")
+            for m in summary["models"]
+        ),
+        ("mean ± std", (f"accuracy {summary['best_dev_accuracy']:.4f} ± {summary['best_dev_accuracy_std']:.4f}, "
+         f"F1 {summary['best_dev_f1']:.4f} ± {summary['best_dev_f1_std']:.4f} over {count} model(s)")),
+        ("ensemble", f"dev accuracy {summary['ensemble_dev_accuracy']:.4f} F1 {summary['ensemble_dev_f1']:.4f} (mean logits of the models' best)"),
+    ]  # fmt: skip
     rows = [
         *best_rows,
         ("steps run", f"{summary['steps']} ({summary['skipped_steps']} skipped for fp16 overflow{resumed})"),

@@ -1,303 +1,354 @@
-"""The run's configuration, read once from the ml_collections ConfigDict into typed, frozen values.
+"""Every config key, once: its type, default, check and one-line comment, read into frozen settings.
 
-`Settings.from_config` is the only place that reads the ConfigDict: it checks every value and
-raises `InputError` naming the offending key, so the rest of the code takes plain attributes and
-never re-validates. Dataclasses are frozen (hashable), so they can be static arguments of `jax.jit`.
+The sections below are frozen dataclasses whose fields are the config keys (`optim.learning_rate`
+is `OptimSettings.learning_rate`). Each field's `key(...)` holds the default, the one-line comment
+and the bounds its value is checked against; `None` means "off" or "auto" where the comment says
+so. From these:
+
+* `default_config()` is the ml_collections ConfigDict that `configs/default.py` returns (a key with
+  a `None` default is a typed placeholder, so `--config.train.max_steps=200` parses as an int);
+* `Settings.from_config(config)` checks every value and returns the frozen settings; a bad value
+  is an `InputError` naming its key (`config key optim.learning_rate: expected ...`);
+* `Settings.from_record(path)` reads a run's `settings.json` back through the same checks.
+
+Dataclasses are frozen (hashable), so the train step can close over them. This is the config
+layer: it imports no data or model module (they import it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import re
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
-from sda_jax import tfds_source
 from sda_jax.errors import InputError
-from sda_jax.tokenization import TRUNCATIONS
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# The project's shared/ folder: beside the repository, or inside it (a copy, as on a lent GPU machine).
+SHARED = next((p for p in (_REPO / "shared", _REPO.parent / "shared") if (p / "data").is_dir()), _REPO.parent / "shared")
+
+TRUNCATIONS = ("longest_first", "reference")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHERS = ("ema", "window", "vote")
+ADVERSARIAL_METHODS = ("none", "fgm", "pgd")
+TFDS_PREFIX = "tfds:"
+ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+
+
+def key(default: Any, comment: str, *, minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+        choices: tuple[str, ...] | None = None, distinct: bool = False) -> Any:  # fmt: skip
+    """A config key: its default, its one-line comment and the checks of `_convert` (`minimum`,
+    `maximum` inclusive, `above` exclusive)."""
+    metadata = {
+        "comment": comment, "minimum": minimum, "maximum": maximum, "above": above, "choices": choices, "distinct": distinct,
+    }  # fmt: skip
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
-    source: str  # "files" or "tfds:NAME"
-    tfds_splits: tuple[str, ...]
-    tfds_data_dir: pathlib.Path | None
-    tfds_manual_dir: pathlib.Path | None
-    train_file: pathlib.Path
-    dev_file: pathlib.Path
-    test_file: pathlib.Path
-    label_names: tuple[str, ...]
-    text_a_key: str
-    text_b_key: str
-    label_key: str
-    id_key: str
-    max_seq_len: int
-    truncation: str  # tokenization.TRUNCATIONS: longest_first or reference (the seed's Collator)
-    bucket_lengths: tuple[int, ...]  # () = fitted to the train set (input_pipeline.fit_bucket_lengths)
-    num_buckets: int  # how many lengths to fit when bucket_lengths is (); 0: as many as bucket_policy's cost model says
-    bucket_multiplier: int
+    source: str = key("files", "files (the three below) or tfds:NAME, e.g. tfds:clue_afqmc, tfds:glue/mrpc")
+    tfds_splits: tuple[str, ...] = key(("train", "validation", "test"), "TFDS split names read as train, dev, test")
+    tfds_data_dir: pathlib.Path | None = key(None, "TFDS data_dir (None: TFDS's default, ~/tensorflow_datasets)")
+    tfds_manual_dir: pathlib.Path | None = key(None, "folder with the raw files, for building a TFDS set offline")
+    train_file: pathlib.Path = key(SHARED / "data/afqmc/train.json", "CLUE JSON lines with labels")
+    dev_file: pathlib.Path = key(SHARED / "data/afqmc/dev.json", "CLUE JSON lines with labels, for eval")
+    test_file: pathlib.Path = key(SHARED / "data/afqmc/test.json", "CLUE JSON lines with `id`, no labels")
+    label_names: tuple[str, ...] = key(("0", "1"), "the label strings of the data set; index = class id", distinct=True)
+    text_a_key: str = key("sentence1", "JSON field of the first sentence")
+    text_b_key: str = key("sentence2", "JSON field of the second sentence (absent: single-sentence)")
+    label_key: str = key("label", "JSON field of the label string")
+    id_key: str = key("id", "JSON field of the test-row id written to the prediction file")
+    max_seq_len: int = key(64, "tokens per example after truncation, [CLS]/[SEP] included", minimum=3)
+    truncation: str = key("longest_first", "longest_first (both sentences keep tokens) or reference (the seed's tail cut)",
+                          choices=TRUNCATIONS)  # fmt: skip
+    bucket_lengths: tuple[int, ...] | None = key(None, "padded lengths a batch may have, one compile each; None: fitted to the train set", minimum=1)
+    num_buckets: int | None = key(None, "with bucket_lengths None: fit this many lengths; None: bucket_policy's cost model picks", minimum=1)
+    bucket_multiplier: int = key(200, "bucket sampler chunk = batch_size * this, sorted by length", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-    dir: pathlib.Path
-    from_scratch: bool
-    overrides: tuple[tuple[str, int], ...]  # (BertConfig field, value) pairs set in the config
-    dtype: str
-    scan_layers: bool  # encoder layers under nn.scan (stacked params) rather than unrolled
+    dir: pathlib.Path = key(SHARED / "data/bert-base-chinese", "HF folder: config.json, vocab.txt, weights")
+    from_scratch: bool = key(False, "True: random init from config.json; False: the folder needs weights")
+    num_hidden_layers: int | None = key(None, "overrides config.json (from scratch only); None: config.json's", minimum=1)
+    hidden_size: int | None = key(None, "overrides config.json (from scratch only)", minimum=1)
+    num_attention_heads: int | None = key(None, "overrides config.json (from scratch only)", minimum=1)
+    intermediate_size: int | None = key(None, "overrides config.json (from scratch only)", minimum=1)
+    dtype: str = key("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16", choices=DTYPES)
+    scan_layers: bool = key(True, "nn.scan (+remat) over the encoder layers: ~2x faster GPU compiles; False: unrolled")
+
+    @property
+    def overrides(self) -> tuple[tuple[str, int], ...]:
+        """The (config.json field, value) pairs the config sets."""
+        return tuple((name, getattr(self, name)) for name in ARCHITECTURE_KEYS if getattr(self, name) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    batch_size: int
-    num_epochs: int
-    max_steps: int
-    eval_every: int
-    eval_all_params: bool
-    log_every: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    predict_file: str
-    seeds: tuple[int, ...]  # () or one seed: one run; several: one model per seed, trained side by side
-    per_seed_predictions: bool  # several seeds: also write each seed's predictions
+    batch_size: int = key(64, "global batch size, split over all devices of all hosts", minimum=1)
+    num_epochs: int = key(1, "passes over the training set", minimum=1)
+    max_steps: int | None = key(None, "stops after this many steps (short runs, tests); None: num_epochs decide", minimum=1)
+    eval_every: int = key(400, "dev evaluation every this many steps, and always at the end", minimum=1)
+    eval_all_params: bool = key(True, "also score the student and the teacher on dev (logged, not for \"best\")")
+    log_every: int = key(20, "steps between host reads of the running loss (each read syncs)", minimum=1)
+    checkpoint_every: int = key(200, "full train-state checkpoint for resume every this many steps", minimum=1)
+    keep_checkpoints: int = key(2, "train checkpoints kept (the best-by-dev one is kept apart)", minimum=1)
+    predict_file: str = key("afqmc_predict.json", "CLUE submission written into the workdir")
+    seeds: tuple[int, ...] | None = key(None, "several, e.g. (2021, 2022): one model per seed in one program; None: `seed`",
+                                        minimum=0, distinct=True)  # fmt: skip
+    per_seed_predictions: bool = key(False, "with several seeds: also write each seed's predictions beside the ensemble's")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimSettings:
-    learning_rate: float
-    warmup_ratio: float
-    weight_decay: float
-    adam_b1: float
-    adam_b2: float
-    adam_eps: float
-    adam_bias_correction: bool
-    lookahead_k: int
-    lookahead_alpha: float
-    max_grad_norm: float
+    learning_rate: float = key(2e-5, "peak learning rate after warmup", minimum=0.0)
+    warmup_ratio: float = key(0.05, "fraction of all steps with linear warmup from 0, then linear decay to 0", minimum=0.0, maximum=1.0)
+    weight_decay: float = key(0.01, "AdamW decoupled decay; never on biases and LayerNorm", minimum=0.0)
+    adam_b1: float = key(0.9, "Adam first-moment decay", minimum=0.0, maximum=1.0)
+    adam_b2: float = key(0.999, "Adam second-moment decay", minimum=0.0, maximum=1.0)
+    adam_eps: float = key(1e-8, "Adam epsilon, added to sqrt(v)", minimum=0.0)
+    adam_bias_correction: bool = key(False, "the reference uses AdamW(correct_bias=False)")
+    lookahead_k: int | None = key(5, "Lookahead sync period in steps; None: no Lookahead", minimum=1)
+    lookahead_alpha: float = key(1.0, "Lookahead slow-weight step size (the reference's Lookahead(opt, 5, 1))", minimum=0.0, maximum=1.0)
+    max_grad_norm: float | None = key(None, "clips the global gradient norm to this; None: no clipping (the reference)", above=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class SdaSettings:
-    teacher_decay: float
-    kd_coeff: float
-    eval_ema_decay: float
-    eval_ema_start_step: int
-    teacher: str
-    teacher_window: int
+    teacher_decay: float = key(0.995, "teacher EMA decay cap: min(this, (1 + t) / (10 + t)) at step t", minimum=0.0, maximum=1.0)
+    kd_coeff: float = key(1.0, "loss = CE + kd_coeff * MSE(student logits, teacher logits)", minimum=0.0)
+    eval_ema_decay: float = key(0.999, "decay of the separate EMA used for dev evaluation and export", minimum=0.0, maximum=1.0)
+    eval_ema_start_step: int = key(500, "the eval EMA copies the student until this step, averages after", minimum=0)
+    teacher: str = key("ema", "ema (reference), window (mean params of last K students: SDA), vote (mean logits: SDV)",
+                       choices=TEACHERS)  # fmt: skip
+    teacher_window: int = key(5, "K, the number of student snapshots of the window/vote teachers", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class AdversarialSettings:
-    method: str
-    epsilon: float
-    alpha: float
-    steps: int
+    method: str = key("none", "none, fgm or pgd: perturb the word embeddings along the loss gradient", choices=ADVERSARIAL_METHODS)
+    epsilon: float = key(1.0, "norm of the FGM perturbation; radius of the PGD ball", minimum=0.0)
+    alpha: float = key(0.3, "norm of each PGD step", minimum=0.0)
+    steps: int = key(3, "PGD attack steps (each one more forward and backward pass)", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp16Settings:
-    initial_loss_scale: float
-    growth_interval: int
+    initial_loss_scale: float = key(2.0**16, "dynamic loss scale start (torch GradScaler default)", minimum=1.0)
+    growth_interval: int = key(2000, "finite steps before the loss scale doubles", minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    seed: int
-    data: DataSettings
-    model: ModelSettings
-    train: TrainSettings
-    optim: OptimSettings
-    sda: SdaSettings
-    adversarial: AdversarialSettings
-    fp16: Fp16Settings
+    seed: int = key(2021, "the one seed: init, dropout, data order and fresh heads (with several train.seeds: data order)", minimum=0)
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    optim: OptimSettings = OptimSettings()
+    sda: SdaSettings = SdaSettings()
+    adversarial: AdversarialSettings = AdversarialSettings()
+    fp16: Fp16Settings = Fp16Settings()
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
         """Checks every key of `config` and returns the frozen settings; InputError names the key."""
-        reader = _Reader(config)
-        data = DataSettings(
-            source=reader.string("data.source"),
-            tfds_splits=reader.strings("data.tfds_splits"),
-            tfds_data_dir=reader.optional_path("data.tfds_data_dir"),
-            tfds_manual_dir=reader.optional_path("data.tfds_manual_dir"),
-            train_file=reader.path("data.train_file"),
-            dev_file=reader.path("data.dev_file"),
-            test_file=reader.path("data.test_file"),
-            label_names=reader.strings("data.label_names"),
-            text_a_key=reader.string("data.text_a_key"),
-            text_b_key=reader.string("data.text_b_key"),
-            label_key=reader.string("data.label_key"),
-            id_key=reader.string("data.id_key"),
-            max_seq_len=reader.integer("data.max_seq_len", minimum=3),
-            truncation=reader.choice("data.truncation", TRUNCATIONS),
-            bucket_lengths=tuple(reader.get("data.bucket_lengths")),
-            num_buckets=reader.integer("data.num_buckets", minimum=0),
-            bucket_multiplier=reader.integer("data.bucket_multiplier", minimum=1),
-        )
-        _check_buckets(data.bucket_lengths, data.max_seq_len)
-        if data.source != "files":
-            tfds_source.dataset_name(data.source)  # checks the spec; TensorFlow is not imported
-        if len(data.tfds_splits) != 3:
-            raise InputError("config key data.tfds_splits: expected three split names (train, dev, test)")
-        if len(data.label_names) < 2 or len(set(data.label_names)) != len(data.label_names):
-            raise InputError("config key data.label_names: needs at least two distinct labels")
-        overrides = tuple(
-            (name, value)
-            for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-            if (value := reader.integer(f"model.{name}", minimum=0)) > 0
-        )
-        model = ModelSettings(
-            dir=reader.path("model.dir"),
-            from_scratch=reader.boolean("model.from_scratch"),
-            overrides=overrides,
-            dtype=reader.choice("model.dtype", _DTYPES),
-            scan_layers=reader.boolean("model.scan_layers"),
-        )
-        if overrides and not model.from_scratch:
-            raise InputError(
-                "config keys model.num_hidden_layers/hidden_size/num_attention_heads/"
-                "intermediate_size change the architecture: only allowed with model.from_scratch=True"
-            )
-        train = TrainSettings(
-            batch_size=reader.integer("train.batch_size", minimum=1),
-            num_epochs=reader.integer("train.num_epochs", minimum=1),
-            max_steps=reader.integer("train.max_steps", minimum=0),
-            eval_every=reader.integer("train.eval_every", minimum=1),
-            eval_all_params=reader.boolean("train.eval_all_params"),
-            log_every=reader.integer("train.log_every", minimum=1),
-            checkpoint_every=reader.integer("train.checkpoint_every", minimum=1),
-            keep_checkpoints=reader.integer("train.keep_checkpoints", minimum=1),
-            predict_file=reader.string("train.predict_file"),
-            seeds=reader.seeds("train.seeds"),
-            per_seed_predictions=reader.boolean("train.per_seed_predictions"),
-        )
-        optim = OptimSettings(
-            learning_rate=reader.number("optim.learning_rate", minimum=0.0),
-            warmup_ratio=reader.number("optim.warmup_ratio", minimum=0.0, maximum=1.0),
-            weight_decay=reader.number("optim.weight_decay", minimum=0.0),
-            adam_b1=reader.number("optim.adam_b1", minimum=0.0, maximum=1.0),
-            adam_b2=reader.number("optim.adam_b2", minimum=0.0, maximum=1.0),
-            adam_eps=reader.number("optim.adam_eps", minimum=0.0),
-            adam_bias_correction=reader.boolean("optim.adam_bias_correction"),
-            lookahead_k=reader.integer("optim.lookahead_k", minimum=0),
-            lookahead_alpha=reader.number("optim.lookahead_alpha", minimum=0.0, maximum=1.0),
-            max_grad_norm=reader.number("optim.max_grad_norm", minimum=0.0),
-        )
-        sda = SdaSettings(
-            teacher_decay=reader.number("sda.teacher_decay", minimum=0.0, maximum=1.0),
-            kd_coeff=reader.number("sda.kd_coeff", minimum=0.0),
-            eval_ema_decay=reader.number("sda.eval_ema_decay", minimum=0.0, maximum=1.0),
-            eval_ema_start_step=reader.integer("sda.eval_ema_start_step", minimum=0),
-            teacher=reader.choice("sda.teacher", ("ema", "window", "vote")),
-            teacher_window=reader.integer("sda.teacher_window", minimum=1),
-        )
-        adversarial = AdversarialSettings(
-            method=reader.choice("adversarial.method", ("none", "fgm", "pgd")),
-            epsilon=reader.number("adversarial.epsilon", minimum=0.0),
-            alpha=reader.number("adversarial.alpha", minimum=0.0),
-            steps=reader.integer("adversarial.steps", minimum=1),
-        )
-        fp16 = Fp16Settings(
-            initial_loss_scale=reader.number("fp16.initial_loss_scale", minimum=1.0),
-            growth_interval=reader.integer("fp16.growth_interval", minimum=1),
-        )
-        return cls(
-            seed=reader.integer("seed", minimum=0),
-            data=data,
-            model=model,
-            train=train,
-            optim=optim,
-            sda=sda,
-            adversarial=adversarial,
-            fp16=fp16,
-        )
+        settings = _convert_section(cls, config.to_dict(), "", lambda name: f"config key {name}")
+        _check_together(settings)
+        return settings
+
+    @classmethod
+    def from_record(cls, path: pathlib.Path) -> Settings:
+        """A run's settings.json (`to_record`), checked as a config is; InputError names the file."""
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{path.parent}: not an sda-jax run folder (no {path.name})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path}: not readable as the run's settings ({err})") from None
+        settings = _convert_section(cls, record, "", lambda name: f"{path}: key {name}")
+        _check_together(settings)
+        return settings
+
+    def to_record(self) -> str:
+        """settings.json: every key and its value (paths as strings, tuples as lists)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
 
 
-def _check_buckets(bucket_lengths: tuple[Any, ...], max_seq_len: int) -> None:
-    key = "config key data.bucket_lengths"
-    if not bucket_lengths:
-        return  # fitted to the train set once it is read
-    if not all(type(n) is int and n > 0 for n in bucket_lengths):
-        raise InputError(f"{key}: must be positive integers, got {bucket_lengths!r}")
-    if list(bucket_lengths) != sorted(set(bucket_lengths)):
-        raise InputError(f"{key}: must be strictly increasing, got {bucket_lengths!r}")
-    if bucket_lengths[-1] != max_seq_len:
-        raise InputError(
-            f"{key}: the largest bucket must equal data.max_seq_len={max_seq_len}, got {bucket_lengths!r}"
-        )
+def sections() -> list[tuple[str, type]]:
+    """(config prefix, dataclass) of the top level ("") and of each section ("optim.", ...)."""
+    hints = typing.get_type_hints(Settings)
+    return [("", Settings)] + [
+        (f.name + ".", hints[f.name]) for f in dataclasses.fields(Settings) if dataclasses.is_dataclass(hints[f.name])
+    ]
 
 
-class _Reader:
-    """Reads dotted keys from a ConfigDict with type checks that name the key."""
+def describe() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, one-line comment) of every config key, in config order."""
+    out = []
+    for prefix, cls in sections():
+        for f in _scalar_fields(cls):
+            out.append((prefix + f.name, f.default, f.metadata["comment"]))
+    return out
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        self._config = config
 
-    def get(self, key: str) -> Any:
-        node: Any = self._config
-        for part in key.split("."):
-            if part not in node:
-                raise InputError(f"config key {key}: missing")
-            node = node[part]
-        return node
+def default_config() -> ml_collections.ConfigDict:
+    """Every key with its default: the ConfigDict of configs/default.py (placeholders where None)."""
+    config = ml_collections.ConfigDict()
+    for prefix, cls in sections():
+        node = config
+        if prefix:
+            node = config[prefix.rstrip(".")] = ml_collections.ConfigDict()
+        hints = typing.get_type_hints(cls)
+        for f in _scalar_fields(cls):
+            base, _ = _unwrap(hints[f.name])
+            if f.default is None:
+                node[f.name] = config_dict.placeholder(str if base is pathlib.Path else _origin(base))
+            else:
+                node[f.name] = str(f.default) if base is pathlib.Path else f.default
+    return config
 
-    def _fail(self, key: str, expected: str, value: Any) -> InputError:
-        return InputError(f"config key {key}: expected {expected}, got {value!r}")
 
-    def integer(self, key: str, *, minimum: int) -> int:
-        value = self.get(key)
-        if type(value) is not int or value < minimum:
-            raise self._fail(key, f"an integer >= {minimum}", value)
-        return value
+def _scalar_fields(cls: type) -> list[dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    return [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
 
-    def number(self, key: str, *, minimum: float, maximum: float = float("inf")) -> float:
-        value = self.get(key)
-        if type(value) not in (int, float) or not minimum <= value <= maximum:
-            raise self._fail(key, f"a number in [{minimum}, {maximum}]", value)
-        return float(value)
 
-    def boolean(self, key: str) -> bool:
-        value = self.get(key)
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _origin(hint: Any) -> type:
+    return typing.get_origin(hint) or hint
+
+
+def _convert_section(cls: type, values: Mapping[str, Any], prefix: str, where) -> Any:
+    if not isinstance(values, Mapping):
+        raise InputError(f"{where(prefix.rstrip('.'))}: expected a section of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise InputError(f"{where(prefix + unknown[0])}: not a config key of this version of sda-jax")
+    out = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if f.name not in values:
+            raise InputError(f"{where(name)}: missing")
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _convert_section(hints[f.name], values[f.name], name + ".", where)
+        else:
+            out[f.name] = _convert(values[f.name], hints[f.name], f.metadata, lambda what, v, n=name: InputError(
+                f"{where(n)}: expected {what}, got {v!r}"))  # fmt: skip
+    return cls(**out)
+
+
+def _convert(value: Any, hint: Any, meta: Mapping[str, Any], fail) -> Any:
+    """`value` as the type `hint` names, checked against the key's bounds; `fail(what, value)` is the error."""
+    base, optional = _unwrap(hint)
+    low, high, choices = meta["minimum"], meta["maximum"], meta["choices"]
+    if value is None:
+        if optional:
+            return None
+        raise fail(_describe(base, meta), value)
+    if base is bool:
         if type(value) is not bool:
-            raise self._fail(key, "True or False", value)
+            raise fail("True or False", value)
         return value
-
-    def string(self, key: str) -> str:
-        value = self.get(key)
-        if not isinstance(value, str) or not value:
-            raise self._fail(key, "a non-empty string", value)
+    if base is int:
+        if type(value) is not int or (low is not None and value < low):
+            raise fail(_describe(base, meta), value)
         return value
-
-    def strings(self, key: str) -> tuple[str, ...]:
-        value = self.get(key)
-        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-            raise self._fail(key, "a list of strings", value)
-        return tuple(value)
-
-    def seeds(self, key: str) -> tuple[int, ...]:
-        value = self.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = (value,)
-        if isinstance(value, str) or not all(type(v) is int and v >= 0 for v in value):
-            raise self._fail(key, "a list of integers >= 0", value)
-        if len(set(value)) != len(value):
-            raise self._fail(key, "distinct seeds", value)
-        return tuple(value)
-
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key)
-        if value not in choices:
-            raise self._fail(key, f"one of {', '.join(choices)}", value)
+    if base is float:
+        above = meta["above"]
+        in_range = (low is None or value >= low) and (high is None or value <= high) and (above is None or value > above)
+        if type(value) not in (int, float) or not in_range:
+            raise fail(_describe(base, meta), value)
+        return float(value)
+    if base is str:
+        if not isinstance(value, str) or not value or (choices and value not in choices):
+            raise fail(_describe(base, meta), value)
         return value
+    if base is pathlib.Path:
+        if not isinstance(value, (str, pathlib.PurePath)) or not str(value):
+            raise fail("a path", value)
+        return pathlib.Path(value).expanduser()
+    item = typing.get_args(base)[0]  # tuple[X, ...]
+    if item is int and type(value) is int:
+        value = (value,)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise fail(_describe(base, meta), value)
+    if item is int and not all(type(v) is int and (low is None or v >= low) for v in value):
+        raise fail(_describe(base, meta), value)
+    if item is str and not all(isinstance(v, str) for v in value):
+        raise fail(_describe(base, meta), value)
+    if meta["distinct"] and len(set(value)) != len(value):
+        raise fail("distinct values", tuple(value))
+    return tuple(value)
 
-    def path(self, key: str) -> pathlib.Path:
-        return pathlib.Path(self.string(key)).expanduser()
 
-    def optional_path(self, key: str) -> pathlib.Path | None:
-        value = self.get(key)
-        if not isinstance(value, str):
-            raise self._fail(key, "a path or an empty string", value)
-        return pathlib.Path(value).expanduser() if value else None
+def _describe(base: Any, meta: Mapping[str, Any]) -> str:
+    low, high, choices = meta["minimum"], meta["maximum"], meta["choices"]
+    if base is int:
+        return f"an integer >= {low:g}" if low is not None else "an integer"
+    if base is float:
+        if meta["above"] is not None:
+            return f"a number > {meta['above']:g}"
+        return f"a number in [{low:g}, {high if high is not None else 'inf'}]"
+    if base is str:
+        return f"one of {', '.join(choices)}" if choices else "a non-empty string"
+    item = typing.get_args(base)[0]
+    if item is int:
+        return f"a list of integers >= {low:g}" if low is not None else "a list of integers"
+    return "a list of strings"
+
+
+def _check_together(settings: Settings) -> None:
+    """The checks that involve more than one key, or a key's syntax."""
+    data, model = settings.data, settings.model
+    if data.bucket_lengths is not None:
+        lengths, where = data.bucket_lengths, "config key data.bucket_lengths"
+        if not lengths:
+            raise InputError(f"{where}: give at least one length, or None to fit them to the train set")
+        if list(lengths) != sorted(set(lengths)):
+            raise InputError(f"{where}: must be strictly increasing, got {lengths!r}")
+        if lengths[-1] != data.max_seq_len:
+            raise InputError(f"{where}: the largest bucket must equal data.max_seq_len={data.max_seq_len}, got {lengths!r}")
+    if data.source != "files":
+        tfds_dataset_name(data.source)
+    if len(data.tfds_splits) != 3:
+        raise InputError("config key data.tfds_splits: expected three split names (train, dev, test)")
+    if len(data.label_names) < 2:
+        raise InputError("config key data.label_names: needs at least two distinct labels")
+    if model.overrides and not model.from_scratch:
+        raise InputError(
+            f"config keys model.{'/'.join(ARCHITECTURE_KEYS)} change the architecture: only allowed with model.from_scratch=True"
+        )
+
+
+def tfds_dataset_name(spec: str) -> str:
+    """`tfds:glue/mrpc` -> `glue/mrpc` (a TFDS name, optionally `/config` and `:version`); InputError otherwise."""
+    spec = str(spec)
+    name = spec[len(TFDS_PREFIX) :] if spec.startswith(TFDS_PREFIX) else ""
+    if not re.fullmatch(r"[a-z0-9_]+(/[\w.\-]+)?(:[\d.*]+)?", name):
+        raise InputError(
+            f"{spec}: not a TFDS source (data.source); expected 'files' or tfds:NAME, e.g. tfds:clue_afqmc or tfds:glue/mrpc"
+        )
+    return name
+
+
+if __name__ == "__main__":
+    for name, default, comment in describe():
+        print(f"{name} = {default!r}  # {comment}")

@@ -22,9 +22,6 @@ of `download_timeout` seconds per operation. Every failure becomes a one-line `I
 
 from __future__ import annotations
 
-import logging
-import os
-import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -37,8 +34,9 @@ import numpy as np
 from sda_jax.clue_files import Examples
 from sda_jax.errors import InputError, print_error
 from sda_jax.network import OfflineError, probe_host
+from sda_jax.settings import tfds_dataset_name as dataset_name
+from sda_jax.tensorflow_cpu import import_tfds
 
-TFDS_PREFIX = "tfds:"
 # Seconds a socket operation (connect, one read) may stall while TFDS downloads.
 DOWNLOAD_TIMEOUT_S = 60.0
 # Rows per batch when reading a split out of TFDS.
@@ -49,52 +47,6 @@ GENERIC_PROBE_URL = "https://storage.googleapis.com"
 DATA_DIR_KEY = "data.tfds_data_dir"
 MANUAL_DIR_KEY = "data.tfds_manual_dir"
 
-_logger = logging.getLogger(__name__)
-_tfds_module: ModuleType | None = None
-
-
-def dataset_name(spec: str) -> str:
-    """`tfds:glue/mrpc` -> `glue/mrpc` (a TFDS name, optionally `/config` and `:version`)."""
-    spec = str(spec)
-    name = spec[len(TFDS_PREFIX) :] if spec.startswith(TFDS_PREFIX) else ""
-    if not re.fullmatch(r"[a-z0-9_]+(/[\w.\-]+)?(:[\d.*]+)?", name):
-        raise InputError(
-            f"{spec}: not a TFDS source (data.source); expected 'files' or tfds:NAME, e.g. tfds:clue_afqmc or tfds:glue/mrpc"
-        )
-    return name
-
-
-def import_tfds() -> ModuleType:
-    """Imports TensorFlow with every GPU hidden from it, then tensorflow_datasets; returns the latter.
-
-    TF allocates (by default nearly all) GPU memory when it initialises its devices at the first
-    op, so the GPUs are hidden before anything can run. With tensorflow-cpu there is no GPU to
-    hide; with a full `tensorflow` install this keeps it off the accelerator JAX uses.
-    """
-    global _tfds_module
-    if _tfds_module is not None:
-        return _tfds_module
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # no C++ INFO/WARNING chatter on import
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise InputError(
-            "tfds: data sources need TensorFlow Datasets: pip install 'sda-jax[tfds]' "
-            "(tensorflow-cpu and tensorflow-datasets)"
-        ) from None
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-        # TF's devices were initialised before we got here (someone else imported and used TF).
-        if tf.config.get_visible_devices("GPU"):
-            _logger.warning("TensorFlow was initialised with GPUs visible before tfds_source could hide them")
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise InputError("tfds: data sources need tensorflow-datasets: pip install 'sda-jax[tfds]'") from None
-    tfds.disable_progress_bar()
-    _tfds_module = tfds
-    return tfds
 
 
 def read_tfds_split(
@@ -205,21 +157,19 @@ def _prepare(tfds: ModuleType, builder: Any, spec: str, manual_dir: str | Path |
         raise InputError(f"{manual_dir}: no such folder ({MANUAL_DIR_KEY} for {spec})")
     import tensorflow as tf
 
-    from sda_jax.tfds_afqmc import ClueAfqmc
-
     config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
     previous_timeout = socket.getdefaulttimeout()
     # urllib3 (under TFDS's `requests` downloads) falls back to this for connect and read waits.
     socket.setdefaulttimeout(timeout)
     try:
-        if manual_dir is None and not isinstance(builder, ClueAfqmc):
+        if manual_dir is None and not getattr(builder, "PROBES_ITS_HOST", False):
             # TFDS retries a failed download ten times with exponential back-off (~3.5 min when a
-            # name does not resolve); fail at once when the machine is plainly offline. ClueAfqmc
-            # probes its own download host.
+            # name does not resolve); fail at once when the machine is plainly offline. Our own
+            # builders (clue_afqmc) probe their download host themselves.
             probe_host(GENERIC_PROBE_URL)
         builder.download_and_prepare(download_config=config)
     except OfflineError as err:
-        files = "train.json, dev.json and test.json" if isinstance(builder, ClueAfqmc) else "the files it downloads"
+        files = getattr(builder, "MANUAL_FILES", "the files it downloads")
         raise InputError(
             f"{spec}: not prepared in {builder.data_dir} and {err}; without internet, set {MANUAL_DIR_KEY} "
             f"to a folder with {files}, or {DATA_DIR_KEY} to a folder where the dataset was prepared"

@@ -21,12 +21,12 @@ import numpy as np
 
 from sda_jax.clue_files import Examples
 from sda_jax.errors import InputError
+from sda_jax.settings import TRUNCATIONS
 
 if TYPE_CHECKING:
     import tokenizers
     import transformers
 
-TRUNCATIONS = ("longest_first", "reference")
 
 @dataclass(frozen=True, eq=False)
 class Encoded:

@@ -1,53 +1,44 @@
-"""Training with self-distillation averaging: the train state, the jitted train step, the loop.
+"""Training with self-distillation averaging: the train state, the train step, `train_and_evaluate`.
 
 Data flow: `splits` (read + encode the files) → `input_pipeline` (host bucketing) → `parallel`
-(sharded device batches) → `train_step` (one jitted, donated program per bucket length) →
-`evaluate` (every parameter set of the run in one pass over dev) → `checkpoints` (the best by dev
-accuracy, and full states for resume) → the prediction file. The state is a plain pytree; the
-teacher and the evaluation EMA are `averaging` objects that only ever receive averaging
-updates, never gradients. The command line is `sda_jax.main` (`python -m sda_jax.train` runs it).
+(sharded device batches) → `train_step` (one jitted, donated program per bucket length, over the
+model axis of `model_axis`) → `evaluate` (the parameter sets of every model scored on dev) →
+`selection` (each model's best checkpoint) → the prediction file. The state is a plain pytree; the
+teacher and the evaluation EMA are `averaging` objects that only ever receive averaging updates,
+never gradients. `train_and_evaluate` is `run.prepare` → `loop.train` (its hooks) → `finish`.
+The command line is `sda_jax.main` (`python -m sda_jax.train` runs it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import itertools
-import signal
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import tqdm
-from jax.experimental import multihost_utils
 
 from sda_jax import (
     adversarial,
     averaging,
-    bucket_policy,
     distill,
     evaluate,
-    input_pipeline,
+    loop,
     mixed_precision,
     optim,
     parallel,
     run_summary,
     selection,
-    splits,
 )
 from sda_jax.bucketed_jit import BucketedJit, batch_shape_key, compile_concurrently
-from sda_jax.checkpoints import TrainCheckpoints
-from sda_jax.errors import InputError
-from sda_jax.metrics_writer import MetricsWriter, plot_training_curves
-from sda_jax.model_loading import load_model
-from sda_jax.preemption import Preempted, PreemptionGuard
-from sda_jax.run_record import prepare_workdir, truncate_metrics, write_run_record
-from sda_jax.settings import Settings, TrainSettings
+from sda_jax.metrics_writer import plot_training_curves
+from sda_jax.model_axis import Models
+from sda_jax.run import Run, prepare
+from sda_jax.settings import Settings
 from sda_jax.stopwatch import Stopwatch
+from sda_jax.workdir import Workdir
 
 Params = Any
 
@@ -163,274 +154,124 @@ def train_step(
     return new_state, metrics
 
 
-def jit_train_step(model: Any, settings: Settings, mesh: jax.sharding.Mesh, state_sharding: Any, num_seeds: int = 0) -> Any:
-    """`train_step` jitted for the mesh: batch rows split over devices, the state donated.
-
-    With `num_seeds` > 0 the state has a leading seed axis and the step is `vmap`ped over it
-    (state and dropout key per seed, the batch shared): N runs in one program.
-    """
+def jit_train_step(model: Any, settings: Settings, mesh: jax.sharding.Mesh, state_sharding: Any, models: Models) -> Any:
+    """`train_step` over the model axis (state and dropout key per model, the batch shared),
+    jitted for the mesh: batch rows split over the data axis, the state donated."""
     step = functools.partial(train_step, model=model, settings=settings)
-    if num_seeds:
-        step, per_seed = jax.vmap(step, in_axes=(0, None, 0)), parallel.seeds_sharding(mesh)
-    else:
-        per_seed = parallel.replicated(mesh)
+    per_model = models.sharding(mesh)
     return jax.jit(
-        step,
-        in_shardings=(state_sharding, parallel.batch_sharding(mesh), per_seed),
-        out_shardings=(state_sharding, per_seed),
+        models.lift(step, in_axes=(0, None, 0)),
+        in_shardings=(state_sharding, parallel.batch_sharding(mesh), per_model),
+        out_shardings=(state_sharding, per_model),
         donate_argnums=0,
     )
 
 
-def _create(settings: Settings, total_steps: int, compute_dtype: Any, num_seeds: int):
+def _create(settings: Settings, total_steps: int, compute_dtype: Any, models: Models):
     create = functools.partial(
         create_train_state, settings=settings, compute_dtype=compute_dtype,
         eval_ema_starts=total_steps > settings.sda.eval_ema_start_step,
     )  # fmt: skip
-    return jax.vmap(create, in_axes=(0, None)) if num_seeds else create
+    return models.lift(create, in_axes=(0, None))
 
 
 def abstract_train_state(
-    param_shapes: Any, settings: Settings, total_steps: int, compute_dtype: Any, mesh: jax.sharding.Mesh, num_seeds: int = 0
-) -> TrainState:
-    """The train state's shapes, dtypes and shardings (replicated; split over seed groups with a
-    seed axis), derived with `jax.eval_shape`: what compiling needs, with nothing allocated (also
-    for a device that is not there). `param_shapes` are seed-stacked when `num_seeds` > 0."""
-    create = _create(settings, total_steps, compute_dtype, num_seeds)
+    param_shapes: Any, settings: Settings, total_steps: int, compute_dtype: Any, mesh: jax.sharding.Mesh, models: Models
+) -> Any:
+    """The train state's shapes, dtypes and shardings (on the model axis), derived with
+    `jax.eval_shape` from the parameters' shapes on the axis: what compiling needs, with nothing
+    allocated (also for a device that is not there)."""
+    create = _create(settings, total_steps, compute_dtype, models)
     shapes = jax.eval_shape(create, param_shapes, optim.Schedule.create(settings.optim, total_steps))
-    sharding = parallel.seeds_sharding(mesh) if num_seeds else parallel.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+    return models.abstract(shapes, mesh)
 
 
 def place_state_and_step(
-    params: Params, model: Any, settings: Settings, total_steps: int, mesh: jax.sharding.Mesh,
-    clock: Stopwatch | None = None, num_seeds: int = 0,
-) -> tuple[TrainState, BucketedJit]:  # fmt: skip
-    """The initial state on the mesh and the train step compiled once per batch shape; `params`
-    are seed-stacked when `num_seeds` > 0."""
-    abstract = abstract_train_state(params, settings, total_steps, model.dtype, mesh, num_seeds)
+    params: Params, model: Any, settings: Settings, total_steps: int, mesh: jax.sharding.Mesh, models: Models,
+    clock: Stopwatch | None = None,
+) -> tuple[Any, BucketedJit]:  # fmt: skip
+    """The initial state of `params` (on the model axis) on the mesh, and the train step compiled
+    once per batch shape."""
+    abstract = abstract_train_state(params, settings, total_steps, model.dtype, mesh, models)
     state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
-    create = _create(settings, total_steps, model.dtype, num_seeds)
+    create = _create(settings, total_steps, model.dtype, models)
     state = jax.jit(create, out_shardings=state_sharding)(params, optim.Schedule.create(settings.optim, total_steps))
-    return state, BucketedJit(jit_train_step(model, settings, mesh, state_sharding, num_seeds), batch_shape_key, clock)
-
-
-def check_state_fits(abstract_state: Any, mesh: jax.sharding.Mesh, num_seeds: int) -> None:
-    """A clear error before training when the train states of all seeds cannot fit in the
-    memory of a device (where JAX reports it; the estimate counts the state alone: activations
-    and compiled programs need room too, so 80% of the device is the limit)."""
-    local = [d for d in mesh.devices.flat if getattr(d, "process_index", jax.process_index()) == jax.process_index()]
-    stats = local[0].memory_stats() or {}  # only this process's devices answer
-    limit = stats.get("bytes_limit")
-    if not limit:
-        return
-    per_device = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    per_device //= mesh.shape.get(parallel.SEEDS_AXIS, 1)
-    if per_device > 0.8 * limit:
-        what = f"{num_seeds} seeds' train states" if num_seeds else "the train state"
-        raise InputError(
-            f"config key train.seeds: {what} need {per_device / 2**30:.1f} GiB per device (from jax.eval_shape), "
-            f"more than 80% of the device's {limit / 2**30:.1f} GiB; train fewer seeds at once or on more devices"
-        )
+    return state, BucketedJit(jit_train_step(model, settings, mesh, state_sharding, models), batch_shape_key, clock)
 
 
 @dataclasses.dataclass(frozen=True)
-class Cadence:
-    """Which periodic actions fall on a step. They depend on the step alone, so that a resumed
-    run logs, evaluates and checkpoints at the same steps as an uninterrupted one."""
+class Programs:
+    """Every compiled program of a run: the train step and the eval programs, per bucket length."""
 
-    log: bool
-    evaluate: bool
-    checkpoint: bool
-
-    @classmethod
-    def at(cls, step: int, total_steps: int, train: TrainSettings) -> Cadence:
-        last = step == total_steps
-        return cls(
-            log=step % train.log_every == 0 or last,
-            evaluate=step % train.eval_every == 0 or last,
-            checkpoint=step % train.checkpoint_every == 0 or last,
-        )
-
-    def any(self) -> bool:
-        return self.log or self.evaluate or self.checkpoint
+    train_fn: BucketedJit
+    eval: evaluate.EvalPrograms
+    compile_wall: float  # seconds the up-front compiles took, side by side
 
 
-def train_and_evaluate(
-    settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch: Stopwatch | None = None
-) -> dict[str, Any]:
-    """Trains (resuming from the workdir's latest checkpoint), evaluates, predicts the test set.
+def compile_programs(run: Run, clock: Stopwatch) -> tuple[Any, Programs]:
+    """The initial train state on the mesh, and every program of the run compiled up front, side by
+    side: train and eval per bucket length (dev scores the sets of step 1's structure; prediction
+    the best eval EMA)."""
+    settings, lengths = run.settings, run.buckets.lengths
+    state, train_fn = place_state_and_step(run.params, run.model, settings, run.total_steps, run.mesh, run.models, clock)
+    programs = evaluate.EvalPrograms(run.model, run.mesh, run.models, lengths, settings.train.batch_size, clock)
+    with clock.phase("compile"):
+        batch = lambda n: parallel.abstract_batch(settings.train.batch_size, n, run.mesh)
+        tasks = [(train_fn, (state, batch(n), run.dropout_keys)) for n in lengths]
+        _, dev, _ = selection.scored_averages(state, selection.scored_names(settings, step=1))
+        prediction = (averaging.plain(selection.param_sets(state)["eval_ema"]),)  # the shape of the best eval EMA
+        tasks += programs.compile_tasks(dev, prediction)
+        wall = compile_concurrently(tasks)
+    return state, Programs(train_fn, programs, wall)
+
+
+def train_and_evaluate(settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch: Stopwatch | None = None) -> dict[str, Any]:
+    """Trains every model of the run (resuming from the workdir's latest checkpoint), evaluates,
+    predicts the test set; returns the run summary (also written to summary.json by process 0).
 
     Every input is read and checked before the workdir is touched, so bad input leaves nothing.
-    Dev evaluation every `eval_every` steps keeps the best checkpoint; a full train checkpoint
-    every `checkpoint_every` steps, and on SIGTERM/SIGINT, makes a restart resume exactly.
-    Returns the run summary (also written to workdir/summary.json by process 0).
+    Dev evaluation every `eval_every` steps keeps each model's best checkpoint; a full train
+    checkpoint every `checkpoint_every` steps, and on SIGTERM/SIGINT, makes a restart resume exactly.
     """
     clock = stopwatch or Stopwatch()
-    with clock.phase("data"):
-        data = splits.load_splits(settings.data, settings.model.dir)
-    # One model per seed of `train.seeds` (its initial weights and dropout stream), side by side
-    # on a leading axis when there are several; the data order comes from `seed` either way.
-    seeds = settings.train.seeds if len(settings.train.seeds) > 1 else ()
-    model_seeds = settings.train.seeds or (settings.seed,)
-    dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
-    mesh = parallel.make_seeds_mesh(len(seeds)) if seeds else parallel.make_mesh()
-    parallel.check_batch_size(settings.train.batch_size, mesh)
-    batch_size = settings.train.batch_size
-    steps_per_epoch = input_pipeline.steps_per_epoch(len(data.train), batch_size)
-    total_steps = settings.train.num_epochs * steps_per_epoch
-    if settings.train.max_steps:
-        total_steps = min(total_steps, settings.train.max_steps)
-    keys = [jax.random.split(jax.random.key(seed)) for seed in model_seeds]
-    with clock.phase("model"):
-        model, params, load_note = load_model(settings, len(data.tokenizer), keys[0][0], dtype)
-        if seeds:
-            stacked_shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct((len(seeds), *p.shape), p.dtype), params)
-            check_state_fits(abstract_train_state(stacked_shapes, settings, total_steps, dtype, mesh, len(seeds)), mesh, len(seeds))
-            others = [load_model(settings, len(data.tokenizer), key[0], dtype)[1] for key in keys[1:]]
-            params = jax.tree.map(lambda *leaves: jnp.stack(leaves), params, *others)
-            del others
-    dropout_rng = parallel.put_keys(jnp.stack([key[1] for key in keys]), mesh) if seeds else keys[0][1]
-    # Every process reads the whole train set, so all of them choose the same lengths.
-    buckets = bucket_policy.choose(
-        settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch,
-        models=len(model_seeds),
-    )  # fmt: skip
-    bucket_lengths = buckets.lengths
-    is_main = jax.process_index() == 0
-    if is_main:
-        prepare_workdir(workdir, settings, settings.train.predict_file, fresh=fresh)
-        write_run_record(workdir, settings, model.config, settings.data.label_names, data.tokenizer)
-        print(load_note if not seeds else f"{load_note} ({len(seeds)} seeds: {', '.join(map(str, seeds))})")
-        if buckets.note:
-            print(buckets.note)
-    multihost_utils.sync_global_devices("workdir ready")
-    state, train_fn = place_state_and_step(params, model, settings, total_steps, mesh, clock, len(seeds))
-    del params
-    programs = evaluate.EvalPrograms(model, mesh, bucket_lengths, batch_size, len(seeds), clock)
-    with clock.phase("compile"):
-        # Every program of the run, up front and side by side: train and eval per bucket length.
-        tasks = [(train_fn, (state, parallel.abstract_batch(batch_size, n, mesh), dropout_rng)) for n in bucket_lengths]
-        sets = selection.param_sets(state)
-        tasks += programs.compile_tasks(
-            selection.scored_sets(sets, settings, step=1), selection.prediction_sets(sets["eval_ema"].single_params())
-        )
-        compile_wall = compile_concurrently(tasks)
+    run = prepare(settings, Workdir(workdir), fresh=fresh, clock=clock, abstract_state=abstract_train_state)
+    state, programs = compile_programs(run, clock)
+    with loop.Session(run, clock) as session:
+        state = session.resume(state)
+        report = loop.Report(session, optim.Schedule.create(settings.optim, run.total_steps))  # on the host, for the log
+        hooks = [loop.Evaluate(run, session, programs.eval), loop.Checkpoint(run, session)]
+        state = loop.train(run, programs.train_fn, state, session, hooks, report)
+        return finish(run, programs, state, session, clock)
 
-    with contextlib.ExitStack() as stack:
-        checkpoints = TrainCheckpoints(workdir, settings.train.keep_checkpoints)
-        stack.callback(checkpoints.close)  # lets a pending write finish, whatever ends the run
-        start_step = checkpoints.latest_step() or 0
-        if start_step:
-            with clock.phase("checkpointing"):
-                state = checkpoints.restore(start_step, state)
-            if is_main:
-                truncate_metrics(workdir, start_step)
-                print(f"Resuming from the checkpoint of step {start_step}.")
-        best = selection.Selection(workdir, seeds)
-        stack.callback(best.close)
-        writer = stack.enter_context(MetricsWriter(workdir, enabled=is_main, resume_step=start_step))
-        guard = stack.enter_context(PreemptionGuard())
-        progress = stack.enter_context(
-            tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not is_main)
-        )
-        train_batches = input_pipeline.train_batches(
-            data.train, batch_size=batch_size, bucket_lengths=bucket_lengths,
-            bucket_multiplier=settings.data.bucket_multiplier, seed=settings.seed, start_step=start_step,
-        )  # fmt: skip
-        device_batches = parallel.prefetch_to_mesh(itertools.islice(train_batches, total_steps - start_step), mesh)
-        window: list[dict[str, jax.Array]] = []
-        examples_seen = 0
-        schedule = optim.Schedule.create(settings.optim, total_steps)  # on the host, for the log
-        with clock.phase("train loop"):
-            for step, (host_batch, batch) in enumerate(device_batches, start=start_step + 1):
-                state, step_metrics = train_fn(state, batch, dropout_rng)
-                window.append(step_metrics)
-                examples_seen += int(host_batch["weights"].sum())
-                due = Cadence.at(step, total_steps, settings.train)
-                if not due.any():
-                    continue
-                report_train(parallel.fetch(window), step, schedule, progress, writer, seeds)
-                window = []
-                if due.evaluate:
-                    with clock.phase("evaluation"):
-                        best.evaluate(state, step, settings, programs, data.dev, writer, progress)
-                stop = guard.should_stop(multi_process=jax.process_count() > 1)
-                if due.checkpoint or stop:
-                    with clock.phase("checkpointing"):
-                        save_train_state(checkpoints, state, step, settings, steps_per_epoch)
-                if stop:
-                    raise Preempted(guard.received or signal.SIGTERM, step)
 
-        with clock.phase("prediction"):
-            best_params, best_metrics = best.restore_best(state)
-            test_logits = best.predict(best_params, programs, data.test)  # [seeds, examples, classes]
-            ensemble_dev = None
-            if seeds:
-                dev_logits = best.predict(best_params, programs, data.dev).mean(axis=0)
-                ensemble_dev = evaluate.dev_metrics(dev_logits, data.dev.labels)
-    predict_path = workdir / settings.train.predict_file
+def finish(run: Run, programs: Programs, state: Any, session: loop.Session, clock: Stopwatch) -> dict[str, Any]:
+    """The test predictions of the models' best eval EMAs (their ensemble, and each seed's if asked),
+    the ensemble's dev metrics, the summary and the curves."""
+    settings, data = run.settings, run.data
+    with clock.phase("prediction"):
+        best_params, best_metrics = session.selection.restore(state)
+        best = (averaging.Current(best_params["eval_ema"]),)
+        (test_logits,) = programs.eval.logits(best, data.test)  # [models, examples, classes]
+        (dev_logits,) = programs.eval.logits(best, data.dev)
+        ensemble_dev = evaluate.dev_metrics(dev_logits.mean(axis=0), data.dev.labels)
+    counts = parallel.fetch({"step": state.step, "skipped_steps": state.skipped_steps})
     summary = run_summary.build(
-        settings=settings, state=parallel.fetch({"step": state.step, "skipped_steps": state.skipped_steps}), best_metrics=best_metrics, start_step=start_step,
-        examples_seen=examples_seen, train_fn=train_fn, eval_fn=programs.eval_fn, compile_wall=compile_wall,
-        buckets=buckets, compute_dtype=dtype, predict_path=predict_path, data=data,
-        test_logits=test_logits.mean(axis=0), stopwatch=clock, seeds=seeds, ensemble_dev=ensemble_dev,
+        run, programs, counts=counts, best_metrics=best_metrics, ensemble_dev=ensemble_dev, test_logits=test_logits,
+        start_step=session.start_step, examples_seen=session.examples_seen, stopwatch=clock,
     )  # fmt: skip
-    if is_main:
-        selection.write_predictions(predict_path, test_logits, seeds, settings, data.test)
-        run_summary.write(workdir, summary)
-        plot_training_curves(workdir)
+    if run.is_main:
+        label = lambda logits: evaluate.argmax_labels(logits, settings.data.label_names)
+        evaluate.write_predictions(run.workdir.predictions(settings), data.test.ids, label(test_logits.mean(axis=0)))
+        if settings.train.per_seed_predictions:
+            for seed, logits in zip(run.models.seeds, test_logits, strict=True):
+                evaluate.write_predictions(run.workdir.predictions(settings, seed), data.test.ids, label(logits))
+        run_summary.write(run.workdir, summary)
+        plot_training_curves(run.workdir)
         print(run_summary.format_summary(summary))
     return summary
-
-
-def report_train(window: list[dict[str, np.ndarray]], step: int, schedule: optim.Schedule, progress, writer, seeds=()) -> None:
-    """Logs the mean losses of the steps since the last report (over seeds too, and per seed
-    when there are several); stops a diverged run."""
-    stacked = {key: np.stack([np.asarray(m[key]) for m in window]) for key in window[0]}  # [steps(, seeds)]
-    loss = float(stacked["loss"].mean())
-    if not np.all(np.isfinite(stacked["loss"])) and "loss_scale" not in stacked:
-        raise FloatingPointError(
-            f"training diverged: the loss is {loss} in the steps up to {step}; the last checkpoint "
-            "was saved before that and is what a restart resumes from"
-        )
-
-    def record(values: dict[str, np.ndarray]) -> dict[str, float | int]:
-        out = {
-            "loss": float(values["loss"].mean()),
-            "ce": float(values["ce"].mean()),
-            "kd": float(values["kd"].mean()),
-            "learning_rate": float(np.ravel(schedule(step - 1))[0]),
-            "skipped_steps": int(np.max(values["skipped_steps"][-1])),
-        }
-        if "loss_scale" in values:
-            out["loss_scale"] = float(np.ravel(values["loss_scale"][-1])[0])
-        return out
-
-    writer.write_train(step, record(stacked))
-    for i, seed in enumerate(seeds):
-        writer.write_train(step, record({key: value[:, i] for key, value in stacked.items()}), seed=seed)
-    progress.set_postfix_str(f"loss {loss:.4f}", refresh=False)
-    progress.update(len(window))
-
-
-def save_train_state(checkpoints: TrainCheckpoints, state: TrainState, step: int, settings: Settings, steps_per_epoch: int) -> None:
-    """A full train checkpoint, refused if any parameter is not finite (so none reaches disk)."""
-    if not bool(_all_params_finite(state)):
-        raise FloatingPointError(f"non-finite parameters at step {step}; the checkpoint was not saved")
-    position = {
-        "step": step, "seed": settings.seed, "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-        "model_seeds": list(settings.train.seeds or (settings.seed,)),
-    }  # fmt: skip
-    checkpoints.save(step, state, position)
-
-
-@jax.jit
-def _all_params_finite(state: TrainState) -> jax.Array:
-    return mixed_precision.all_finite((state.params, state.teacher, state.eval_ema))
 
 
 if __name__ == "__main__":
     from sda_jax import main
 
-    main.run_train()
+    main.run_train(train_and_evaluate)

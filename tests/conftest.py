@@ -1,31 +1,115 @@
-"""Shared pytest fixtures: where the project's `../shared` data lives, and a compilation cache."""
+"""Shared pytest helpers: the project's `../shared` data, a compilation cache, the one way the tests
+start a command line (`cli`), and runs of `train_and_evaluate` in this process (`train_in_process`).
 
+End-to-end checks run `train_and_evaluate` in the test process wherever they need no process of
+their own; a subprocess (through `cli`) is for what only one can show: another device count
+(XLA_FLAGS), signals, several processes, exit statuses and the one-line errors of the commands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
 import os
 import pathlib
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
-# The suite starts many short training processes with identical programs: a persistent XLA cache
-# (inherited by every subprocess) turns their 10-20 s compilations into cache reads.
+# The suite runs many short trainings with identical programs: a persistent XLA cache (inherited
+# by every subprocess) turns their compilations into cache reads.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-
 # A 1-layer, 32-wide BERT on one bucket length (one compilation): for tests of the run's
 # machinery (resume, processes), where the model's quality does not matter.
-TINY_RUN_FLAGS = [
-    "--config.model.num_hidden_layers=1",
-    "--config.model.hidden_size=32",
-    "--config.model.num_attention_heads=2",
-    "--config.model.intermediate_size=64",
-    "--config.data.bucket_lengths=(64,)",
-    "--config.train.batch_size=16",
-    "--config.optim.learning_rate=0.001",
-    "--config.train.eval_all_params=False",  # one dev pass per evaluation is enough there
-]
+TINY_RUN = {
+    "model.num_hidden_layers": 1,
+    "model.hidden_size": 32,
+    "model.num_attention_heads": 2,
+    "model.intermediate_size": 64,
+    "data.bucket_lengths": (64,),
+    "train.batch_size": 16,
+    "optim.learning_rate": 0.001,
+    "train.eval_all_params": False,  # one dev pass per evaluation is enough there
+}
+
+
+def flags_of(overrides: Mapping[str, Any]) -> list[str]:
+    """Config overrides as the command line takes them."""
+    return [f"--config.{key}={value!r}" if not isinstance(value, (str, pathlib.Path)) else f"--config.{key}={value}"
+            for key, value in overrides.items()]  # fmt: skip
+
+
+TINY_RUN_FLAGS = flags_of(TINY_RUN)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cli:
+    """`python -m MODULE ARGS` from the repository root, on the CPU with `devices` simulated devices."""
+
+    def env(self, devices: int = 1, **extra: str) -> dict[str, str]:
+        return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+
+    def command(self, module: str, *args: Any) -> list[str]:
+        return [sys.executable, "-m", module, *map(str, args)]
+
+    def run(self, module: str, *args: Any, devices: int = 1, env: dict | None = None, cwd=REPO_ROOT, timeout: float = 900):
+        return subprocess.run(
+            self.command(module, *args), cwd=cwd, env={**self.env(devices), **(env or {})}, capture_output=True, text=True,
+            timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def start(self, module: str, *args: Any, devices: int = 1, env: dict | None = None, log=None) -> subprocess.Popen:
+        """The command in the background; its output piped, or into the open file `log` (a run
+        left alone for long must not fill a pipe nobody reads)."""
+        streams = {"stdout": log, "stderr": subprocess.STDOUT} if log else {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        return subprocess.Popen(
+            self.command(module, *args), cwd=REPO_ROOT, env={**self.env(devices), **(env or {})}, text=True, **streams
+        )
+
+
+@pytest.fixture(scope="session")
+def cli() -> Cli:
+    return Cli()
+
+
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Asserts a command failed with exit 2 and one `error:` line holding every needle; returns it."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def settings_of(overrides: Mapping[str, Any] = (), config: str = "afqmc_small"):
+    """The settings of a shipped config with dotted-key overrides, as the command line would read them."""
+    import importlib
+
+    from sda_jax.settings import Settings
+
+    config_dict = importlib.import_module(f"configs.{config}").get_config()
+    for key, value in dict(overrides).items():
+        *sections, name = key.split(".")
+        node = config_dict
+        for section in sections:
+            node = node[section]
+        node[name] = str(value) if isinstance(value, pathlib.Path) else value
+    return Settings.from_config(config_dict)
+
+
+def train_in_process(workdir: pathlib.Path, overrides: Mapping[str, Any] = (), config: str = "afqmc_small", **kwargs) -> dict:
+    """`train_and_evaluate` of a shipped config with overrides, in this process; returns the summary."""
+    from sda_jax.train import train_and_evaluate
+
+    return train_and_evaluate(settings_of(overrides, config), workdir, **kwargs)
 
 
 def moved_by_rounding_alone(key: str) -> bool:
@@ -85,6 +169,15 @@ def load_train_state(workdir: pathlib.Path, step: int) -> dict:
     import jax
 
     from sda_jax import checkpoints
+    from sda_jax.workdir import Workdir
 
-    state = checkpoints.read_train_state(workdir, step)
+    state = checkpoints.read_train_state(Workdir(workdir).train_checkpoints, step)
     return {jax.tree_util.keystr(path): value for path, value in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def read_records(workdir: pathlib.Path, split: str) -> list[dict]:
+    """The run's metrics.jsonl records of one split."""
+    import json
+
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]

@@ -4,19 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sda_jax.checkpoints import TRAIN_DIR, BestCheckpoint, TrainCheckpoints
+from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
+from sda_jax.workdir import Workdir
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
     state = {"w": jnp.arange(4.0), "step": jnp.int32(10)}
-    checkpoints = TrainCheckpoints(tmp_path, keep=2)
+    folder = Workdir(tmp_path).train_checkpoints
+    checkpoints = TrainCheckpoints(folder, keep=2)
     checkpoints.save(10, state, {"step": 10})
     checkpoints.close()
     # What a kill during the write of step 20 leaves: orbax's temporary folder, never renamed.
-    partial = tmp_path / TRAIN_DIR / "20.orbax-checkpoint-tmp-1795570090123456"
+    partial = folder / "20.orbax-checkpoint-tmp-1795570090123456"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
-    reopened = TrainCheckpoints(tmp_path, keep=2)
+    reopened = TrainCheckpoints(folder, keep=2)
     assert reopened.latest_step() == 10
     restored = reopened.restore(10, jax.tree.map(jnp.zeros_like, state))
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))

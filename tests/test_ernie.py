@@ -11,12 +11,11 @@ What it measures (python -m pytest tests/test_ernie.py -q -rP | grep parity:): t
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -38,7 +37,7 @@ from sda_jax.hf_checkpoint import (
 )
 from sda_jax.models import BertForSequenceClassification, BertModel
 from sda_jax.settings import Settings
-from tests.conftest import REPO_ROOT, shard_torch_state_dict
+from tests.conftest import shard_torch_state_dict, train_in_process
 
 ARCH = {
     "vocab_size": 21128,  # the real bert-base-chinese vocabulary
@@ -344,15 +343,7 @@ def test_round_trip_is_bit_identical(saved_ernie, use_task_id: bool, scan_layers
 
 # --- A run from an ERNIE folder: train, export, serve ----------------------------------------
 
-_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 MAX_STEPS = 6
-
-
-def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT, env=_ENV, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
 
 
 def _ernie_folder(root: Path, bert_base_chinese_dir: Path, model) -> Path:
@@ -366,23 +357,21 @@ def _ernie_folder(root: Path, bert_base_chinese_dir: Path, model) -> Path:
 
 @pytest.fixture(scope="module")
 def ernie_run(tmp_path_factory, bert_base_chinese_dir, saved_ernie):
-    """(workdir, exported folder, the train command's stdout): a short AFQMC run from the ERNIE
-    folder (its own architecture: afqmc_small's overrides reset), exported with the CLI."""
+    """(workdir, exported folder, what the run printed): a short AFQMC run, in this process, from the
+    ERNIE folder (its own architecture: afqmc_small's overrides reset), exported with `export`."""
     root = tmp_path_factory.mktemp("ernie_run")
     folder = _ernie_folder(root, bert_base_chinese_dir, saved_ernie[True][1])
     workdir, out = root / "run", root / "hf"
-    train = _run(
-        "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", f"--config.model.dir={folder}",
-        "--config.model.from_scratch=False", "--config.model.num_hidden_layers=0", "--config.model.hidden_size=0",
-        "--config.model.num_attention_heads=0", "--config.model.intermediate_size=0",
-        f"--config.train.max_steps={MAX_STEPS}", "--config.train.batch_size=16", "--config.data.bucket_lengths=(64,)",
-        "--config.train.eval_all_params=False", "--config.model.dtype=float32",
-    )  # fmt: skip
-    assert train.returncode == 0, train.stderr[-3000:]
-    result = _run("sda_jax.export", f"--workdir={workdir}", f"--out={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Exported the eval_ema parameters of step {MAX_STEPS}" in result.stdout
-    return workdir, out, train.stdout
+    architecture = {f"model.{k}": None for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_in_process(workdir, {
+            "model.dir": folder, "model.from_scratch": False, **architecture, "train.max_steps": MAX_STEPS,
+            "train.batch_size": 16, "data.bucket_lengths": (64,), "train.eval_all_params": False, "model.dtype": "float32",
+        })  # fmt: skip
+    info = export.export(workdir, out)
+    assert info["params"] == "eval_ema" and info["checkpoint"]["step"] == MAX_STEPS
+    return workdir, out, printed.getvalue()
 
 
 def test_run_loads_the_ernie_weights_and_records_an_ernie_model(ernie_run, saved_ernie) -> None:
@@ -466,12 +455,7 @@ def test_train_from_an_unsupported_folder_stops_with_one_line(tmp_path: Path, be
         shutil.copyfile(bert_base_chinese_dir / name, folder / name)
     raw = json.loads((bert_base_chinese_dir / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**raw, "model_type": "roberta"}))
-    result = _run(
-        "sda_jax.train", "--config", "configs/afqmc.py", f"--workdir={tmp_path / 'run'}", f"--config.model.dir={folder}"
-    )
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert lines == [
-        f"error: {folder / 'config.json'}: model_type 'roberta' is not supported (supported: bert, ernie)"
-    ], result.stderr
+    with pytest.raises(InputError) as refused:
+        train_in_process(tmp_path / "run", {"model.dir": folder}, config="afqmc")
+    assert str(refused.value) == f"{folder / 'config.json'}: model_type 'roberta' is not supported (supported: bert, ernie)"
     assert not (tmp_path / "run").exists()  # stopped before writing anything

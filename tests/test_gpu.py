@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +26,7 @@ from sda_jax.bert_config import BertConfig
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
 from sda_jax.train import create_train_state, train_step
-from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS
+from tests.conftest import TINY_RUN_FLAGS
 
 
 _STAND_IN = os.environ.get("SDA_GPU_TESTS_DEVICE") == "cpu"
@@ -92,17 +90,17 @@ def test_16_bit_gpu_steps_follow_the_float32_cpu_step(dtype, bert_base_chinese_d
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.02, name
 
 
-def _cli(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-        check=False, env=env or dict(os.environ),
-    )  # fmt: skip
+@pytest.fixture(scope="module")
+def gpu_cli(cli):
+    """The command lines on the GPU: JAX picks its platform (the CPU stand-in: the CPU)."""
+    environment = {"JAX_PLATFORMS": "cpu" if _STAND_IN else "", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    return lambda module, *args: cli.run(module, *args, env=environment, timeout=900)
 
 
 @pytest.fixture(scope="module")
-def gpu_run(tmp_path_factory):
+def gpu_run(tmp_path_factory, gpu_cli):
     workdir = tmp_path_factory.mktemp("gpu") / "run"
-    result = _cli(
+    result = gpu_cli(
         "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", *TINY_RUN_FLAGS,
         "--config.data.bucket_lengths=(32,64)", "--config.train.max_steps=40", "--config.train.eval_every=20",
         "--config.train.eval_all_params=True", *(["--config.model.dtype=bfloat16"] if _STAND_IN else []),
@@ -119,7 +117,7 @@ def test_a_gpu_run_compiles_each_program_once(gpu_run):
     print(f"gpu: run of 40 steps, seconds by phase {summary['seconds_by_phase']}")
 
 
-def test_a_gpu_run_exports_to_pytorch_with_the_same_logits(gpu_run, tmp_path, bert_base_chinese_dir):
+def test_a_gpu_run_exports_to_pytorch_with_the_same_logits(gpu_run, tmp_path, bert_base_chinese_dir, gpu_cli):
     import torch
     import transformers
 
@@ -127,13 +125,12 @@ def test_a_gpu_run_exports_to_pytorch_with_the_same_logits(gpu_run, tmp_path, be
 
     workdir, _ = gpu_run
     out = tmp_path / "hf"
-    result = _cli("sda_jax.export", f"--workdir={workdir}", f"--out={out}")
+    result = gpu_cli("sda_jax.export", f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out, attn_implementation="eager").eval()
     params, _ = export.restore_best(workdir, "eval_ema")
     config = BertConfig.from_json_file(workdir / "model" / "config.json")
-    data = Settings.from_config(default.get_config()).data
-    dev = splits.read_split(data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
+    dev = splits.read_split(Settings().data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
     batch = next(input_pipeline.eval_batches(dev, batch_size=256, bucket_lengths=(64,)))
     with jax.default_device(jax.devices("cpu")[0]):
         ours = np.asarray(BertForSequenceClassification(config).apply(

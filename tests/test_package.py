@@ -1,7 +1,9 @@
-"""The package's shape: clean imports (no flags, no cycles), the command lines' conveniences, the summary."""
+"""The package's shape: clean imports (no flags, no cycles, lazy imports included), the command
+lines and the console script, the summary."""
 
 import ast
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -37,9 +39,10 @@ def test_importing_any_module_defines_no_flags():
 
 
 def _imports_of(path: pathlib.Path) -> set[str]:
-    """The sda_jax modules a file imports at module level (function-level imports are lazy, not cycles)."""
+    """The sda_jax modules a file imports anywhere: at module level, inside functions (lazy) and in
+    its `__main__` block, since each of them closes a circle as surely when it runs."""
     found = set()
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -71,36 +74,74 @@ def test_no_import_cycles():
 
 
 def test_the_tfds_modules_import_each_other_one_way():
-    # The builder used to import back from tfds_source, which re-imported itself to share a class.
-    assert "sda_jax.tfds_source" not in _imports_of(PACKAGE / "tfds_afqmc" / "clue_afqmc_dataset_builder.py")
-    assert "import sda_jax.tfds_source" not in (PACKAGE / "tfds_source.py").read_text()
+    # The source imports the builder (to register it); the builder package nothing of the source.
+    for path in (PACKAGE / "tfds_afqmc").glob("*.py"):
+        assert "sda_jax.tfds_source" not in _imports_of(path), path
+    assert "ClueAfqmc" not in (PACKAGE / "tfds_source.py").read_text()  # no isinstance checks on our builder
 
 
-def _train(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "sda_jax.train", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=300
-    )
+def test_the_config_layer_imports_no_data_or_model_module():
+    assert _imports_of(PACKAGE / "settings.py") <= {"sda_jax.errors"}
 
 
-def test_a_bare_config_name_is_read_from_the_shipped_configs(tmp_path):
+def _code_strings(path: pathlib.Path) -> list[str]:
+    """The string constants of a module's code: its docstrings and comments left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body and isinstance(node.body[0], ast.Expr)
+    }  # fmt: skip
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_the_workdir_layout_is_known_to_one_module():
+    """The names of a run folder's files and folders are written in workdir.py alone."""
+    files = ("settings.json", "metrics.jsonl", "training_curves.png", "summary.json", "model/config.json", "checkpoints/")
+    folders = ("tensorboard", "checkpoints")  # as path parts: strings of their own
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "workdir.py":
+            strings = _code_strings(path)
+            found = [f for text in strings for f in files if f in text] + [d for d in folders if d in strings]
+            assert not found, (path, found)
+
+
+@pytest.fixture
+def train(cli):
+    return lambda *args, cwd: cli.run("sda_jax.train", *args, cwd=cwd, timeout=300)
+
+
+def test_a_bare_config_name_is_read_from_the_shipped_configs(tmp_path, train):
     # From another folder, `--config afqmc_small.py` finds configs/afqmc_small.py: the override
     # below is then checked against that config (a missing file would fail before that).
-    result = _train("--config", "afqmc_small.py", "--config.data.bucket_lengths=(16,80)", f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
+    result = train("--config", "afqmc_small.py", "--config.data.bucket_lengths=(16,80)", f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: config key data.bucket_lengths")
-    missing = _train("--config", "nope.py", cwd=tmp_path)
+    missing = train("--config", "nope.py", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: nope.py: no such config file here or in {REPO_ROOT / 'configs'}"]
     # A file of that name in the current folder wins over the shipped one.
     (tmp_path / "afqmc_small.py").write_text("def get_config():\n    raise ValueError('the local one')\n")
-    local = _train("--config", "afqmc_small.py", cwd=tmp_path)
+    local = train("--config", "afqmc_small.py", cwd=tmp_path)
     assert local.returncode == 2 and "the local one" in local.stderr
     assert not (tmp_path / "w").exists()
 
 
-def test_help_says_where_bare_config_names_come_from():
-    result = _train("--helpfull", cwd=REPO_ROOT)
+def test_help_says_where_bare_config_names_come_from(train):
+    result = train("--helpfull", cwd=REPO_ROOT)
     assert "a bare name not found here is read from" in " ".join(result.stdout.split())
+
+
+def test_the_console_script_runs_both_commands(cli):
+    """`sda-jax train|export` (pyproject's [project.scripts]) are the two command lines."""
+    script = shutil.which("sda-jax", path=str(pathlib.Path(sys.executable).parent))
+    assert script, "the package is installed without its console script"
+    run = lambda *args: subprocess.run([script, *args], cwd=REPO_ROOT, env=cli.env(), capture_output=True, text=True, timeout=120, check=False)
+    assert run("train", "--config", "nope.py").stderr.strip().splitlines() == [
+        f"error: nope.py: no such config file here or in {REPO_ROOT / 'configs'}"
+    ]
+    assert "no_model_dir: not an sda-jax run folder" in run("export", "--workdir=no_model_dir", "--out=x").stderr
+    usage = run("serve")
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: sda-jax train")
 
 
 def test_stopwatch_phases_add_up_and_nest():

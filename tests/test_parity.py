@@ -2,7 +2,7 @@
 
 Everything runs in float32 with dropout off, from identical initial weights, on identical batches
 of the real AFQMC files built by `sda_jax.input_pipeline`. The PyTorch side is
-`benchmarks/torch_reference.py`: the seed notebook's recipe on `transformers.BertForSequenceClassification`.
+`tests/torch_reference.py`: the seed notebook's recipe on `transformers.BertForSequenceClassification`.
 
 Weights are N(0, 0.2) (LayerNorm scales 1 + N(0, 0.2)), not BERT's 0.02, so that logits are O(1)
 and vary between examples: a 1e-5 tolerance then says something.
@@ -27,10 +27,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -41,7 +38,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from benchmarks.torch_reference import RecipeConfig, SdaTrainer, torch_batch
+from tests.torch_reference import RecipeConfig, SdaTrainer, torch_batch
 from configs import default
 from sda_jax import export, input_pipeline, optim, splits, tokenization
 from sda_jax.bert_config import BertConfig
@@ -50,7 +47,7 @@ from sda_jax.hf_checkpoint import params_from_state_dict, state_dict_from_params
 from sda_jax.models import BertForSequenceClassification
 from sda_jax.settings import Settings
 from sda_jax.train import create_train_state, train_step
-from tests.conftest import REPO_ROOT
+from tests.conftest import one_line_error
 
 ARCH = {
     "vocab_size": 21128,  # the real bert-base-chinese vocabulary
@@ -208,22 +205,7 @@ def trajectory(afqmc_dir, tokenizer):
     state = create_train_state(params, schedule, settings, compute_dtype=jnp.float32)
     step_fn = jax.jit(functools.partial(train_step, model=BertForSequenceClassification(config), settings=settings))
 
-    reference = SdaTrainer(
-        model,
-        TOTAL_STEPS,
-        RecipeConfig(
-            learning_rate=LEARNING_RATE,
-            warmup_ratio=WARMUP_RATIO,
-            weight_decay=settings.optim.weight_decay,
-            adam_eps=settings.optim.adam_eps,
-            lookahead_k=5,
-            lookahead_alpha=1.0,
-            teacher_decay=settings.sda.teacher_decay,
-            kd_coeff=settings.sda.kd_coeff,
-            eval_ema_decay=settings.sda.eval_ema_decay,
-            eval_ema_start_step=EVAL_EMA_START,
-        ),
-    )
+    reference = SdaTrainer(model, TOTAL_STEPS, RecipeConfig.from_settings(settings))
     ours_loss, ref_loss, snapshots = [], [], {}
     rng = jax.random.key(0)  # unused: dropout is off
     for step, batch in enumerate(_step_batches(afqmc_dir, tokenizer), start=1):
@@ -234,7 +216,7 @@ def trajectory(afqmc_dir, tokenizer):
             snapshots[step] = {
                 "ours": {
                     "student": state_dict_from_params(state.params),
-                    "teacher": state_dict_from_params(state.teacher.single_params()),
+                    "teacher": state_dict_from_params(state.teacher.one_model()),
                     "eval_ema": state_dict_from_params(state.eval_ema.params),
                 },
                 "ref": {
@@ -327,8 +309,8 @@ def test_twenty_step_trajectory_matches_reference(trajectory) -> None:
 
 
 def _reference(precision: str = "fp32", ema_impl: str = "loop") -> SdaTrainer:
-    config = RecipeConfig(
-        learning_rate=LEARNING_RATE, warmup_ratio=0.0, eval_ema_start_step=2, precision=precision, ema_impl=ema_impl
+    config = RecipeConfig.from_settings(
+        Settings(), learning_rate=LEARNING_RATE, warmup_ratio=0.0, eval_ema_start_step=2, precision=precision, ema_impl=ema_impl
     )
     return SdaTrainer(torch_model(), TOTAL_STEPS, config)
 
@@ -357,18 +339,8 @@ def test_reference_mixed_precision_runs_close_to_fp32(afqmc_dir, tokenizer, prec
 
 # --- Export: a real run through the command line, loaded in transformers ----------------------
 
-_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-
-
-def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT, env=_ENV, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module", autouse=True)
-def cli_run(tmp_path_factory, bert_base_chinese_dir):
+def cli_run(tmp_path_factory, bert_base_chinese_dir, cli):
     """Starts a 5-step `python -m sda_jax.train` run of a 1-layer, 32-wide BERT in the background.
 
     It runs while the in-process comparisons above use the other core; `exported` waits for it.
@@ -390,9 +362,7 @@ def cli_run(tmp_path_factory, bert_base_chinese_dir):
         "--config.data.bucket_lengths=(64,)", "--config.model.dtype=float32",
     ]  # fmt: skip
     log = (root / "train.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sda_jax.train", *args], cwd=REPO_ROOT, env=_ENV, stdout=log, stderr=subprocess.STDOUT
-    )
+    process = cli.start("sda_jax.train", *args, log=log)
     yield process, workdir, root
     if process.poll() is None:  # the export tests were not selected
         process.kill()
@@ -401,15 +371,14 @@ def cli_run(tmp_path_factory, bert_base_chinese_dir):
 
 
 @pytest.fixture(scope="module")
-def exported(cli_run):
+def exported(cli_run, cli):
     """(workdir, out): the background run, finished, then exported with `python -m sda_jax.export`."""
     process, workdir, root = cli_run
-    returncode = process.wait(timeout=600)
-    assert returncode == 0, (root / "train.log").read_text()[-3000:]
+    assert process.wait(timeout=600) == 0, (root / "train.log").read_text()[-3000:]
     out = root / "hf"
-    result = _run("sda_jax.export", f"--workdir={workdir}", f"--out={out}")
+    result = cli.run("sda_jax.export", f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Exported the eval_ema parameters of step 5" in result.stdout
+    assert "Exported the eval_ema parameters of model 0 (seed 2021) of step 5" in result.stdout
     return workdir, out
 
 
@@ -496,23 +465,13 @@ def test_export_other_params_and_atomicity(exported, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]  # no temporary folder left behind
 
 
-def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def test_export_errors_exit_2_with_one_line(exported, tmp_path) -> None:
+def test_export_errors_exit_2_with_one_line(exported, tmp_path, cli) -> None:
     workdir, out = exported
-    _one_line_error(
-        _run("sda_jax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'x'}"), "not an sda-jax run folder"
-    )
-    _one_line_error(_run("sda_jax.export", f"--workdir={workdir}", f"--out={out}"), "not empty")
+    export_cli = lambda *args: cli.run("sda_jax.export", *args, timeout=600)
+    one_line_error(export_cli(f"--workdir={tmp_path}", f"--out={tmp_path / 'x'}"), "not an sda-jax run folder")
+    one_line_error(export_cli(f"--workdir={workdir}", f"--out={out}"), "not empty")
     no_checkpoint = tmp_path / "fresh_run"
     shutil.copytree(workdir / "model", no_checkpoint / "model")
-    _one_line_error(
-        _run("sda_jax.export", f"--workdir={no_checkpoint}", f"--out={tmp_path / 'y'}"), "no best checkpoint"
-    )
+    shutil.copyfile(workdir / "settings.json", no_checkpoint / "settings.json")
+    one_line_error(export_cli(f"--workdir={no_checkpoint}", f"--out={tmp_path / 'y'}"), "no best checkpoint")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -9,14 +9,12 @@ import os
 import pathlib
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS, load_train_state, moved_by_rounding_alone
+from tests.conftest import TINY_RUN_FLAGS, Cli, load_train_state, moved_by_rounding_alone
 
 TINY = [
     *TINY_RUN_FLAGS,
@@ -26,15 +24,15 @@ TINY = [
     "--config.train.checkpoint_every=10",
     "--config.sda.eval_ema_start_step=15",
 ]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+CLI = Cli()
 
 
-def command(workdir, *extra):
-    return [sys.executable, "-m", "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", *TINY, *extra]
+def arguments(workdir, *extra):
+    return ["--config", "configs/afqmc_small.py", f"--workdir={workdir}", *TINY, *extra]
 
 
-def run(workdir, *extra):
-    return subprocess.run(command(workdir, *extra), cwd=REPO_ROOT, env=ENV, capture_output=True, check=False, text=True, timeout=600)
+def run(workdir, *extra, devices=1):
+    return CLI.run("sda_jax.train", *arguments(workdir, *extra), devices=devices, timeout=600)
 
 
 def train_steps(workdir: pathlib.Path) -> list[int]:
@@ -44,7 +42,7 @@ def train_steps(workdir: pathlib.Path) -> list[int]:
 
 def start_and_signal(workdir, sig, after_checkpoint_steps=10):
     """Starts a run and sends `sig` at a random moment after its first checkpoint exists."""
-    process = subprocess.Popen(command(workdir), cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = CLI.start("sda_jax.train", *arguments(workdir))
     deadline = time.time() + 300
     while not train_steps(workdir) or train_steps(workdir)[-1] < after_checkpoint_steps:
         assert process.poll() is None, process.communicate()[1][-2000:]
@@ -163,8 +161,7 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
 def test_resume_on_another_device_count(uninterrupted, tmp_path):
     workdir = tmp_path / "run"
     start_and_signal(workdir, signal.SIGKILL)
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    resumed = subprocess.run(command(workdir), cwd=REPO_ROOT, env=env, capture_output=True, check=False, text=True, timeout=600)
+    resumed = run(workdir, devices=4)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "4 x cpu" in json.loads((workdir / "summary.json").read_text())["devices"]
     final, reference = load_train_state(workdir, 40), load_train_state(uninterrupted, 40)

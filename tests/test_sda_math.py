@@ -64,7 +64,7 @@ def test_kd_term_has_no_gradient_through_teacher():
 def _settings(**overrides):
     values = {
         "learning_rate": 1e-3, "warmup_ratio": 0.1, "weight_decay": 0.01, "adam_b1": 0.9, "adam_b2": 0.999, "adam_eps": 1e-8,
-        "adam_bias_correction": False, "lookahead_k": 0, "lookahead_alpha": 1.0, "max_grad_norm": 0.0,
+        "adam_bias_correction": False, "lookahead_k": None, "lookahead_alpha": 1.0, "max_grad_norm": None,
     }  # fmt: skip
     values.update(overrides)
     return OptimSettings(**values)

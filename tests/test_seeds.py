@@ -1,20 +1,22 @@
-"""Several seeds in one program (`train.seeds`): each seed is its own run, side by side on a seed axis.
+"""The model axis: N models (`train.seeds`) side by side in one program, each its own run; one model
+is the plain train step.
 
-What is held: a seed trained among others equals that seed trained alone; one seed in
-`train.seeds` is today's run bit for bit; per-seed, mean ± std and ensemble dev metrics are what
-the per-seed logits say; predictions come from the ensemble of the seeds' best; a SIGKILLed run of
-two seeds resumes bit-identically; 2 seeds × 2 data shards on 4 devices match 1 device; one seed
-exports, the ensemble does not; too many seeds for the device is a clear error before training.
+What is held: one model on the model axis is the plain jitted `train_step`, bit for bit, from the
+same initial weights, batches and dropout key as `train_and_evaluate` derives them; a seed trained
+among others equals that seed trained alone (to float32 rounding: vmap batches the matmuls); per
+model, mean ± std and ensemble dev metrics are what the per-model logits say; predictions come from
+the ensemble of the models' best; a SIGKILLed run of two seeds resumes bit-identically; 2 models ×
+2 data shards on 4 devices match 1 device; one model exports, the ensemble does not; a checkpoint
+is read once for all models; too many models for the device is a clear error before training.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import types
 
 import jax
@@ -22,58 +24,75 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
-from sda_jax import export, input_pipeline, optim, parallel, splits, tokenization, train
+from sda_jax import checkpoints, export, hf_checkpoint, input_pipeline, optim, parallel, splits, tokenization, train
 from sda_jax.bert_config import BertConfig
-from sda_jax.checkpoints import read_train_state
 from sda_jax.errors import InputError
+from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, init_params
-from sda_jax.settings import Settings
+from sda_jax.workdir import Workdir
 from tests import test_resume
-from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS, load_train_state, moved_by_rounding_alone
+from tests.conftest import TINY_RUN, flags_of, load_train_state, moved_by_rounding_alone, read_records, settings_of, train_in_process
 
 SEEDS = (2021, 2022)
 CONFIG = BertConfig(
     vocab_size=21128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
     max_position_embeddings=64,
 )  # fmt: skip
-RUN = [*TINY_RUN_FLAGS, "--config.train.max_steps=12", "--config.train.eval_every=6", "--config.train.log_every=3"]
+RUN = {**TINY_RUN, "train.max_steps": 12, "train.eval_every": 6, "train.log_every": 3}
 
 
-# --- In process: a seed among others is the seed alone ------------------------------------------
+# --- In process ---------------------------------------------------------------------------------
+
+
+def test_one_model_is_the_plain_train_step_bit_for_bit(tmp_path):
+    """A one-model run's program is the one-model train step itself: its checkpoint equals 12
+    steps of `jax.jit(train_step)` on the run's batches, from the run's initial weights and dropout
+    key, bit for bit (a program with size-1 reshapes in it is fused differently by XLA)."""
+    overrides = {**RUN, "train.checkpoint_every": 12, "sda.eval_ema_start_step": 4}
+    train_in_process(tmp_path / "run", overrides)
+    settings = settings_of(overrides)
+    data = splits.load_splits(settings.data, settings.model.dir)
+    (init_key,), dropout_key = Models.of(settings).keys()
+    config = BertConfig.from_json_file(tmp_path / "run" / "model" / "config.json")
+    model = BertForSequenceClassification(config)
+    state = train.create_train_state(
+        init_params(config, init_key), optim.Schedule.create(settings.optim, 12), settings, compute_dtype=jnp.float32
+    )
+    step = jax.jit(functools.partial(train.train_step, model=model, settings=settings))
+    batches = input_pipeline.train_batches(data.train, batch_size=16, bucket_multiplier=200, bucket_lengths=(64,), seed=settings.seed)
+    for batch in itertools.islice(batches, 12):
+        state, _ = step(state, batch, dropout_key)
+    saved = checkpoints.TrainCheckpoints(Workdir(tmp_path / "run").train_checkpoints, keep=2)
+    run = saved.restore(12, state)  # into the plain state's own structure
+    saved.close()
+    for (path, mine), theirs in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(run), strict=True):
+        np.testing.assert_array_equal(np.asarray(theirs), np.asarray(mine), err_msg=jax.tree_util.keystr(path))
 
 
 def test_a_seed_trained_among_others_equals_that_seed_alone(bert_base_chinese_dir):
-    """20 steps with dropout on. vmap batches every matmul over the seed axis, which XLA:CPU may
+    """20 steps with dropout on. vmap batches every matmul over the model axis, which XLA:CPU may
     sum in another order, so the comparison is to float32 rounding (1e-6 per weight), not bits."""
-    config = default.get_config()
-    config.optim.learning_rate, config.optim.warmup_ratio = 1e-3, 0.0
-    settings = Settings.from_config(config)
+    settings = settings_of({"optim.learning_rate": 1e-3, "optim.warmup_ratio": 0.0}, config="default")
     dev = splits.read_split(settings.data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
-    stream = input_pipeline.eval_batches(dev, batch_size=16, bucket_lengths=(32, 64))
-    batches = [next(stream) for _ in range(20)]
+    batches = list(itertools.islice(input_pipeline.eval_batches(dev, batch_size=16, bucket_lengths=(32, 64)), 20))
     model = BertForSequenceClassification(CONFIG)
+    models = Models(SEEDS)
+    init_keys, dropout_keys = models.keys()
+    params = [init_params(CONFIG, key) for key in init_keys]
+    mesh = parallel.make_mesh(models.count)
+    together, step_together = train.place_state_and_step(models.stack(params), model, settings, 100, mesh, models)
+    keys = models.put(dropout_keys, mesh)
     schedule = optim.Schedule.create(settings.optim, total_steps=100)
-    keys = [jax.random.split(jax.random.key(seed)) for seed in SEEDS]
-    params = [init_params(CONFIG, key[0]) for key in keys]
-
-    mesh = parallel.make_seeds_mesh(len(SEEDS))
-    abstract = train.abstract_train_state(jax.tree.map(lambda *p: jnp.stack(p), *params), settings, 100, jnp.float32, mesh, 2)
-    together = jax.vmap(lambda p: train.create_train_state(p, schedule, settings, compute_dtype=jnp.float32))(
-        jax.tree.map(lambda *p: jnp.stack(p), *params)
-    )
-    step_together = train.jit_train_step(model, settings, mesh, jax.tree.map(lambda x: x.sharding, abstract), 2)
-    rngs = jnp.stack([key[1] for key in keys])
     alone = [train.create_train_state(p, schedule, settings, compute_dtype=jnp.float32) for p in params]
     step_alone = jax.jit(lambda s, b, r: train.train_step(s, b, r, model=model, settings=settings))
     for batch in batches:
-        together, metrics = step_together(together, batch, rngs)
+        together, metrics = step_together(together, parallel.put_global_batch(batch, mesh), keys)
         for i in range(len(SEEDS)):
-            alone[i], alone_metrics = step_alone(alone[i], batch, keys[i][1])
+            alone[i], alone_metrics = step_alone(alone[i], batch, dropout_keys[i])
             np.testing.assert_allclose(metrics["loss"][i], alone_metrics["loss"], rtol=1e-5)
     worst = 0.0
     for i in range(len(SEEDS)):
-        mine = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x, i=i: np.asarray(x[i]), together.params))[0]
+        mine = jax.tree_util.tree_flatten_with_path(models.take(jax.device_get(together.params), i))[0]
         for (path, a), b in zip(mine, jax.tree.leaves(alone[i].params), strict=True):
             if not moved_by_rounding_alone(jax.tree_util.keystr(path)):
                 worst = max(worst, float(np.abs(a - np.asarray(b)).max()))
@@ -82,33 +101,37 @@ def test_a_seed_trained_among_others_equals_that_seed_alone(bert_base_chinese_di
     assert not np.allclose(together.params["classifier"]["kernel"][0], together.params["classifier"]["kernel"][1])
 
 
-def test_too_many_seeds_for_the_device_is_a_clear_error():
+def test_a_checkpoint_is_read_once_for_all_models(tmp_path, monkeypatch):
+    """The weights of a pretrained folder load once; each model draws only its fresh heads."""
+    import transformers
+
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3,
+    ))  # fmt: skip
+    hf.save_pretrained(tmp_path)
+    config = BertConfig.from_json_file(tmp_path / "config.json", num_labels=2)  # the file's 3-label head is of no use
+    reads, read = [], hf_checkpoint.read_state_dict
+    monkeypatch.setattr(hf_checkpoint, "read_state_dict", lambda path: reads.append(path) or read(path))
+    init_keys, _ = Models((1, 2, 3)).keys()
+    params, report = hf_checkpoint.load_pretrained_models(tmp_path, config, init_keys)
+    assert len(reads) == 1 and len(params) == 3 and report.fresh_heads == ("classifier",)
+    np.testing.assert_array_equal(params[0]["bert"]["pooler"]["dense"]["kernel"], params[2]["bert"]["pooler"]["dense"]["kernel"])
+    assert not np.allclose(params[0]["classifier"]["kernel"], params[1]["classifier"]["kernel"])
+    alone, _ = hf_checkpoint.load_pretrained(tmp_path, config, init_keys[1])  # model 1 as a run of its own seed
+    jax.tree.map(np.testing.assert_array_equal, alone, params[1])
+
+
+def test_too_many_models_for_the_device_is_a_clear_error():
     state = {"w": jax.ShapeDtypeStruct((8, 1024, 1024), jnp.float32)}  # 32 MiB
     device = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": 16 * 2**20})
-    mesh = types.SimpleNamespace(devices=np.array([device]), shape={parallel.SEEDS_AXIS: 1, parallel.DATA_AXIS: 1})
-    with pytest.raises(InputError, match=r"train.seeds: 8 seeds' train states need 0.0 GiB per device .* 0.0 GiB"):
-        train.check_state_fits(state, mesh, 8)
+    mesh = types.SimpleNamespace(devices=np.array([device]), shape={parallel.MODELS_AXIS: 1, parallel.DATA_AXIS: 1})
+    models = Models(tuple(range(8)))
+    with pytest.raises(InputError, match=r"train.seeds: the train states of 8 model\(s\) need 0.0 GiB per device .* 0.0 GiB"):
+        models.check_fits(state, mesh)
     roomy = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": 2**30})]), shape={})
-    train.check_state_fits(state, roomy, 8)  # fits: no error
+    models.check_fits(state, roomy)  # fits: no error
     cpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(memory_stats=lambda: None)]), shape={})
-    train.check_state_fits(state, cpu, 8)  # no memory figure: nothing to check
-
-
-# --- Through the command line -----------------------------------------------------------------
-
-
-def _env(devices: int = 1) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def _train(workdir, *extra, devices=1, model_dir=None):
-    args = ["--config", "configs/afqmc_small.py", f"--workdir={workdir}", *RUN, *extra]
-    if model_dir is not None:
-        args.append(f"--config.model.dir={model_dir}")
-    return subprocess.run(
-        [sys.executable, "-m", "sda_jax.train", *args], cwd=REPO_ROOT, env=_env(devices), capture_output=True, text=True,
-        timeout=600, check=False,
-    )  # fmt: skip
+    models.check_fits(state, cpu)  # no memory figure: nothing to check
 
 
 @pytest.fixture(scope="module")
@@ -126,78 +149,60 @@ def varied_model_dir(tmp_path_factory, bert_base_chinese_dir):
 @pytest.fixture(scope="module")
 def two_seeds(tmp_path_factory, varied_model_dir):
     workdir = tmp_path_factory.mktemp("seeds") / "run"
-    result = _train(
-        workdir, f"--config.train.seeds={SEEDS}", "--config.train.per_seed_predictions=True",
-        "--config.train.eval_all_params=True", model_dir=varied_model_dir,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, result
+    overrides = {**RUN, "train.seeds": SEEDS, "train.per_seed_predictions": True, "train.eval_all_params": True,
+                 "model.dir": varied_model_dir}  # fmt: skip
+    train_in_process(workdir, overrides)
+    return workdir
 
 
-def _records(workdir, split):
-    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
-
-
-def test_per_seed_mean_std_and_ensemble_metrics_are_what_the_logits_say(two_seeds, bert_base_chinese_dir):
-    workdir, result = two_seeds
-    dev_records = [r for r in _records(workdir, "dev") if r["step"] == 12]
-    scored = {r["seed"]: r for r in dev_records if r["params"] == "student"}  # the eval EMA has not started
-    assert set(scored) == {*SEEDS, "mean", "std"}
-    for key in ("accuracy", "f1", "loss"):
-        values = np.array([scored[seed][key] for seed in SEEDS])
-        assert scored["mean"][key] == pytest.approx(values.mean(), abs=1e-12)
-        assert scored["std"][key] == pytest.approx(values.std(), abs=1e-12)
-    # The ensemble: the mean of the two students' logits, from the step-12 checkpoint.
-    state = read_train_state(workdir, 12)
+def _logits(workdir, params, encoded):
     config = BertConfig.from_json_file(workdir / "model" / "config.json")
     model = BertForSequenceClassification(config)
-    data = Settings.from_config(default.get_config()).data
-    dev = splits.read_split(data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["token_type_ids"], b["attention_mask"]))
-    per_seed = []
+    batches = input_pipeline.eval_batches(encoded, batch_size=512, bucket_lengths=(64,))
+    return np.concatenate([np.asarray(apply(params, b))[b["weights"] > 0] for b in batches])
+
+
+def test_per_model_mean_std_and_ensemble_metrics_are_what_the_logits_say(two_seeds, bert_base_chinese_dir):
+    workdir = two_seeds
+    scored = next(r for r in read_records(workdir, "dev") if r["step"] == 12 and r["params"] == "student")  # no eval EMA yet
+    for key in ("accuracy", "f1", "loss"):
+        values = np.array([m[key] for m in scored["models"]])
+        assert scored[key] == pytest.approx(values.mean(), abs=1e-12)
+        assert scored["std"][key] == pytest.approx(values.std(), abs=1e-12)
+    # Each model's and the ensemble's (the mean of the two students' logits), from the step-12 checkpoint.
+    state = checkpoints.read_train_state(Workdir(workdir).train_checkpoints, 12)
+    dev = splits.read_split(settings_of(config="default").data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
+    per_model = [_logits(workdir, jax.tree.map(lambda x, i=i: x[i], state["params"]), dev) for i in range(len(SEEDS))]
     for i in range(len(SEEDS)):
-        params = jax.tree.map(lambda x, i=i: x[i], state["params"])
-        batches = input_pipeline.eval_batches(dev, batch_size=256, bucket_lengths=(64,))
-        per_seed.append(np.concatenate([np.asarray(apply(params, b))[b["weights"] > 0] for b in batches]))
-    for i, seed in enumerate(SEEDS):
-        assert scored[seed]["accuracy"] == pytest.approx(float(np.mean(per_seed[i].argmax(-1) == dev.labels)), abs=1e-12)
-    ensemble = np.mean(per_seed, axis=0)
-    logged = next(r for r in dev_records if r["params"] == "ensemble")
-    assert logged["accuracy"] == pytest.approx(float(np.mean(ensemble.argmax(-1) == dev.labels)), abs=1e-12)
+        assert scored["models"][i]["accuracy"] == pytest.approx(float(np.mean(per_model[i].argmax(-1) == dev.labels)), abs=1e-12)
+    ensemble = np.mean(per_model, axis=0)
+    assert scored["ensemble"]["accuracy"] == pytest.approx(float(np.mean(ensemble.argmax(-1) == dev.labels)), abs=1e-12)
     shifted = ensemble - ensemble.max(-1, keepdims=True)
     loss = float(np.mean(np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(len(dev.labels)), dev.labels]))
-    assert logged["loss"] == pytest.approx(loss, rel=1e-5)
-    assert "(student, mean ± std over seeds), ensemble accuracy" in result.stdout
-    # Train records: one per seed and their mean.
-    train_records = [r for r in _records(workdir, "train") if r["step"] == 12]
-    by_seed = {r.get("seed"): r["loss"] for r in train_records}
-    assert set(by_seed) == {None, *SEEDS}
-    assert by_seed[None] == pytest.approx(np.mean([by_seed[s] for s in SEEDS]), rel=1e-6)
+    assert scored["ensemble"]["loss"] == pytest.approx(loss, rel=1e-5)
+    # Train records: the mean over the models, and each model's.
+    record = next(r for r in read_records(workdir, "train") if r["step"] == 12)
+    assert len(record["models"]) == 2
+    assert record["loss"] == pytest.approx(np.mean([m["loss"] for m in record["models"]]), rel=1e-6)
 
 
 def test_summary_and_ensemble_predictions(two_seeds, bert_base_chinese_dir):
-    workdir, result = two_seeds
+    workdir = two_seeds
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["seeds"] == list(SEEDS) and [s["seed"] for s in summary["per_seed"]] == list(SEEDS)
-    accuracies = [s["best_dev_accuracy"] for s in summary["per_seed"]]
-    assert summary["best_dev_accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    assert [m["seed"] for m in summary["models"]] == list(SEEDS) and [m["model"] for m in summary["models"]] == [0, 1]
+    accuracies = [m["best_dev_accuracy"] for m in summary["models"]]
+    assert summary["best_dev_accuracy"] == pytest.approx(np.mean(accuracies))
     assert summary["best_dev_accuracy_std"] == pytest.approx(np.std(accuracies))
-    assert "ensemble_dev_accuracy" in summary and "ensemble" in result.stdout and "mean ± std" in result.stdout
-    # Each seed kept its own best checkpoint.
-    assert sorted(p.name for p in (workdir / "checkpoints" / "best").iterdir()) == [f"seed_{s}" for s in SEEDS]
+    assert "ensemble_dev_accuracy" in summary
+    # Each model kept its own best checkpoint.
+    assert sorted(p.name for p in (workdir / "checkpoints" / "best").iterdir()) == ["model_0", "model_1"]
     # Predictions: each seed's best eval EMA, and the argmax of their mean logits.
-    config = BertConfig.from_json_file(workdir / "model" / "config.json")
-    model = BertForSequenceClassification(config)
-    data = Settings.from_config(default.get_config()).data
-    test = splits.read_split(data, "test", tokenization.load_tokenizer(bert_base_chinese_dir))
+    test = splits.read_split(settings_of(config="default").data, "test", tokenization.load_tokenizer(bert_base_chinese_dir))
     logits = []
     for seed in SEEDS:
         params, _ = export.restore_best(workdir, "eval_ema", seed)
-        batches = input_pipeline.eval_batches(test, batch_size=512, bucket_lengths=(64,))
-        logits.append(np.concatenate([
-            np.asarray(model.apply({"params": params}, b["input_ids"], b["token_type_ids"], b["attention_mask"]))[b["weights"] > 0]
-            for b in batches
-        ]))  # fmt: skip
+        logits.append(_logits(workdir, params, test))
         written = [json.loads(line)["label"] for line in (workdir / f"afqmc_predict.seed{seed}.json").read_text().splitlines()]
         assert [int(x) for x in written] == logits[-1].argmax(-1).tolist()
     ensemble = np.mean(logits, axis=0).argmax(-1)
@@ -207,49 +212,38 @@ def test_summary_and_ensemble_predictions(two_seeds, bert_base_chinese_dir):
     assert (logits[0].argmax(-1) != logits[1].argmax(-1)).any() and 0 < ensemble.sum() < len(ensemble)
 
 
-def test_one_seed_exports_the_ensemble_does_not(two_seeds, tmp_path):
-    workdir, _ = two_seeds
-    run = lambda *args: subprocess.run(
-        [sys.executable, "-m", "sda_jax.export", f"--workdir={workdir}", *args], cwd=REPO_ROOT, env=_env(),
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+def test_one_model_exports_the_ensemble_does_not(two_seeds, tmp_path, cli):
+    workdir = two_seeds
+    run = lambda *args: cli.run("sda_jax.export", f"--workdir={workdir}", *args, timeout=300)
     refused = run(f"--out={tmp_path / 'all'}")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert "trained 2 seeds (2021, 2022)" in refused.stderr and "--seed S" in refused.stderr
+    assert "trained 2 models (seeds 2021, 2022)" in refused.stderr and "--seed S or --model I" in refused.stderr
     assert "not" in run(f"--out={tmp_path / 'x'}", "--seed=7").stderr
     exported = run(f"--out={tmp_path / 'one'}", "--seed=2022")
     assert exported.returncode == 0, exported.stderr[-2000:]
-    assert "of seed 2022" in exported.stdout
+    assert "of model 1 (seed 2022)" in exported.stdout
     assert json.loads((tmp_path / "one" / "sda_jax_export.json").read_text())["seed"] == 2022
+    by_index = export.export(workdir, tmp_path / "by_index", model=1)
+    assert (by_index["model"], by_index["seed"]) == (1, 2022)
     assert not (tmp_path / "all").exists()
 
 
-def test_one_seed_in_train_seeds_is_todays_run_bit_for_bit(tmp_path):
-    today = _train(tmp_path / "today", "--config.seed=2022")
-    listed = _train(tmp_path / "listed", "--config.seed=2022", "--config.train.seeds=(2022,)")
-    assert today.returncode == 0 and listed.returncode == 0, (today.stderr[-2000:], listed.stderr[-2000:])
-    a, b = load_train_state(tmp_path / "today", 12), load_train_state(tmp_path / "listed", 12)
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert (tmp_path / "today" / "metrics.jsonl").read_text() == (tmp_path / "listed" / "metrics.jsonl").read_text()
-    assert (tmp_path / "today" / "afqmc_predict.json").read_text() == (tmp_path / "listed" / "afqmc_predict.json").read_text()
+# --- Through the command line: other device counts, signals ---------------------------------------
 
 
-def test_two_seeds_on_four_devices_match_one_device(tmp_path):
-    """2 seed groups × 2 data shards: the same runs up to the order of the gradient sums (as the
-    one-seed cross-device tests, with BERT's usual initialisation)."""
-    runs = {}
+def test_two_seeds_on_four_devices_match_one_device(tmp_path, cli):
+    """2 model groups × 2 data shards: the same runs up to the order of the gradient sums (as the
+    one-model cross-device tests, with BERT's usual initialisation)."""
     for devices in (1, 4):
-        result = _train(tmp_path / str(devices), f"--config.train.seeds={SEEDS}", devices=devices)
+        result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / str(devices)}",
+                         *flags_of({**RUN, "train.seeds": SEEDS}), devices=devices, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[devices] = tmp_path / str(devices)
-    assert "4 x cpu" in json.loads((runs[4] / "summary.json").read_text())["devices"]
-    losses = lambda w: [(r["step"], r.get("seed"), r["loss"]) for r in _records(w, "train")]
-    one, four = losses(runs[1]), losses(runs[4])
-    assert [x[:2] for x in one] == [x[:2] for x in four]
-    np.testing.assert_allclose([x[2] for x in four], [x[2] for x in one], rtol=1e-4, atol=1e-5)
-    a, b = load_train_state(runs[1], 12), load_train_state(runs[4], 12)
+    assert "4 x cpu" in json.loads((tmp_path / "4" / "summary.json").read_text())["devices"]
+    losses = lambda w: [(r["step"], [m["loss"] for m in r["models"]]) for r in read_records(w, "train")]
+    one, four = losses(tmp_path / "1"), losses(tmp_path / "4")
+    assert [x[0] for x in one] == [x[0] for x in four]
+    np.testing.assert_allclose([x[1] for x in four], [x[1] for x in one], rtol=1e-4, atol=1e-5)
+    a, b = load_train_state(tmp_path / "1", 12), load_train_state(tmp_path / "4", 12)
     assert a.keys() == b.keys()
     for key in a:
         if not moved_by_rounding_alone(key):
@@ -257,8 +251,7 @@ def test_two_seeds_on_four_devices_match_one_device(tmp_path):
 
 
 def test_two_seeds_resume_bit_identically_after_sigkill(tmp_path, monkeypatch):
-    flags = [f"--config.train.seeds={SEEDS}"]
-    monkeypatch.setattr(test_resume, "TINY", [*test_resume.TINY, *flags])
+    monkeypatch.setattr(test_resume, "TINY", [*test_resume.TINY, f"--config.train.seeds={SEEDS}"])
     uninterrupted = tmp_path / "uninterrupted"
     result = test_resume.run(uninterrupted)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -269,4 +262,4 @@ def test_two_seeds_resume_bit_identically_after_sigkill(tmp_path, monkeypatch):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step" in resumed.stdout
     test_resume.assert_same_run(uninterrupted, killed)
-    assert np.shape(load_train_state(killed, 40)["['step']"]) == (2,)  # the state really has two seeds
+    assert np.shape(load_train_state(killed, 40)["['step']"]) == (2,)  # the state really has two models

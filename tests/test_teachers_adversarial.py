@@ -5,9 +5,6 @@ its snapshots) and cannot be exported as one model.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +12,15 @@ import numpy as np
 import pytest
 
 from configs import default
-from sda_jax import adversarial, averaging, input_pipeline, optim, splits, tokenization
+from sda_jax import adversarial, averaging, export, input_pipeline, optim, splits, tokenization
 from sda_jax.bert_config import BertConfig
 from sda_jax.checkpoints import read_train_state
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
 from sda_jax.train import create_train_state, train_step
-from tests.conftest import REPO_ROOT, TINY_RUN_FLAGS
+from sda_jax.errors import InputError
+from sda_jax.workdir import Workdir
+from tests.conftest import TINY_RUN, train_in_process
 
 CONFIG = BertConfig(
     vocab_size=21128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -32,7 +31,7 @@ CONFIG = BertConfig(
 @pytest.fixture(scope="module")
 def batches(afqmc_dir, bert_base_chinese_dir):
     tokenizer = tokenization.load_tokenizer(bert_base_chinese_dir)
-    data = Settings.from_config(default.get_config()).data
+    data = Settings().data
     encoded = tokenization.encode(splits.read_examples(data, "dev"), tokenizer, 32)
     stream = input_pipeline.eval_batches(encoded, batch_size=16, bucket_lengths=(32,))
     return [next(stream) for _ in range(4)]
@@ -43,7 +42,7 @@ def settings_with(**overrides) -> Settings:
     config = default.get_config()
     values = {
         "optim__learning_rate": 1e-3, "optim__warmup_ratio": 0.0, "optim__adam_bias_correction": True,
-        "optim__lookahead_k": 0, "sda__eval_ema_start_step": 0, **overrides,
+        "optim__lookahead_k": None, "sda__eval_ema_start_step": 0, **overrides,
     }  # fmt: skip
     for key, value in values.items():
         section, name = key.split("__")
@@ -97,12 +96,13 @@ def test_teacher_variants_match_hand_computation(batches, teacher):
     expected_members = [students[-2], students[-1]] if teacher != "ema" else None
     if teacher == "window":
         expected = jax.tree.map(lambda a, b: (a + b) / 2, *expected_members)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.teacher.single_params(), expected)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.teacher.one_model(), expected)
     if teacher == "vote":
-        with pytest.raises(averaging.NotOneModel):
-            state.teacher.single_params()
-        members = state.teacher.members()
-        assert jax.tree.leaves(members)[0].shape[0] == 2
+        assert state.teacher.one_model() is None  # an ensemble: no one model
+        assert averaging.plain(state.teacher) is state.teacher  # evaluation runs its snapshots' vote
+        jax.tree.map(np.testing.assert_array_equal, state.teacher.snapshots, jax.tree.map(lambda a, b: jnp.stack([a, b]), *expected_members))
+    else:
+        assert isinstance(averaging.plain(state.teacher), averaging.Current)  # one model: scored as its parameters
 
 
 def test_snapshot_ring_buffer():
@@ -110,7 +110,7 @@ def test_snapshot_ring_buffer():
     for step, value in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]:
         window = window.update({"w": jnp.array([value])}, jnp.int32(step))
     np.testing.assert_array_equal(window.snapshots["w"][:, 0], [3.0, 4.0, 2.0])
-    np.testing.assert_allclose(window.single_params()["w"], [3.0])
+    np.testing.assert_allclose(window.one_model()["w"], [3.0])
 
 
 def test_vote_logits_are_the_mean_of_its_members_logits():
@@ -156,39 +156,28 @@ def test_adversarial_training_changes_gradients_and_loss_still_falls(batches, me
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05, losses
 
 
-# --- A vote teacher through the command line --------------------------------------------------
+# --- A vote teacher in a run ----------------------------------------------------------------------
 
-VOTE_FLAGS = [
-    *TINY_RUN_FLAGS, "--config.train.max_steps=12", "--config.train.eval_every=12", "--config.train.log_every=4",
-    "--config.train.eval_all_params=True", "--config.sda.teacher=vote", "--config.sda.teacher_window=3",
-    "--config.model.dtype=float32",
-]  # fmt: skip
-_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-
-
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=_ENV, capture_output=True, text=True, timeout=600,
-        check=False,
-    )  # fmt: skip
+VOTE_RUN = {
+    **TINY_RUN, "train.max_steps": 12, "train.eval_every": 12, "train.log_every": 4, "train.eval_all_params": True,
+    "sda.teacher": "vote", "sda.teacher_window": 3, "model.dtype": "float32",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def vote_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vote") / "run"
-    result = _cli("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", *VOTE_FLAGS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(workdir, VOTE_RUN)
     return workdir
 
 
 def test_vote_teacher_is_scored_as_the_mean_logits_of_its_snapshots(vote_run, bert_base_chinese_dir):
     dev_records = [json.loads(line) for line in (vote_run / "metrics.jsonl").read_text().splitlines()]
     logged = next(r for r in dev_records if r["split"] == "dev" and r["params"] == "teacher" and r["step"] == 12)
-    snapshots = read_train_state(vote_run, 12)["teacher"]["snapshots"]
+    snapshots = read_train_state(Workdir(vote_run).train_checkpoints, 12)["teacher"]["snapshots"]
     config = BertConfig.from_json_file(vote_run / "model" / "config.json")
     model = BertForSequenceClassification(config)
-    data = Settings.from_config(default.get_config()).data
-    dev = splits.read_split(data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
+    dev = splits.read_split(Settings().data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
     apply = jax.jit(lambda params, batch: model.apply(
         {"params": params}, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
     ))  # fmt: skip
@@ -212,14 +201,12 @@ def test_vote_teacher_is_scored_as_the_mean_logits_of_its_snapshots(vote_run, be
 
 
 def test_vote_teacher_cannot_be_exported_as_one_model(vote_run, tmp_path):
-    result = _cli("sda_jax.export", f"--workdir={vote_run}", f"--out={tmp_path / 'teacher'}", "--params=teacher")
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "not one model" in lines[0] and "--params eval_ema" in lines[0] and "sda.teacher=window" in lines[0]
+    with pytest.raises(InputError) as refused:
+        export.export(vote_run, tmp_path / "teacher", "teacher")
+    message = str(refused.value)
+    assert "not one model" in message and "--params eval_ema" in message and "sda.teacher=window" in message
     assert not (tmp_path / "teacher").exists()
-    student = _cli("sda_jax.export", f"--workdir={vote_run}", f"--out={tmp_path / 'student'}", "--params=student")
-    assert student.returncode == 0, student.stderr[-2000:]
+    assert export.export(vote_run, tmp_path / "student", "student")["params"] == "student"
 
 
 def test_lookahead_with_alpha_one_is_skipped_and_changes_nothing(batches):
@@ -231,7 +218,7 @@ def test_lookahead_with_alpha_one_is_skipped_and_changes_nothing(batches):
     zero): measured here, 7.5e-4 of the synced weights, each by about one float32 ulp.
     """
     _, with_lookahead, step = make_step(optim__lookahead_k=5, optim__lookahead_alpha=1.0)
-    _, without, plain_step = make_step(optim__lookahead_k=0)
+    _, without, plain_step = make_step(optim__lookahead_k=None)
     assert with_lookahead.slow_params is None
     rng = jax.random.key(3)
     slow, differing, total = None, 0, 0
@@ -288,7 +275,7 @@ def test_16_bit_train_step_sums_nothing_in_16_bits(batches, dtype, teacher):
 def test_an_eval_ema_that_never_starts_is_not_kept(vote_run):
     """The run ends (step 12) before sda.eval_ema_start_step (500): the eval EMA would be the
     student at every step, so the state keeps none and evaluation scores the student for it."""
-    state = read_train_state(vote_run, 12)
+    state = read_train_state(Workdir(vote_run).train_checkpoints, 12)
     assert state.get("eval_ema") is None and "params" in state and "teacher" in state
     dev = [json.loads(line) for line in (vote_run / "metrics.jsonl").read_text().splitlines()]
     by_name = {r["params"]: r for r in dev if r["split"] == "dev" and r["step"] == 12}

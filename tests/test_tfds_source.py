@@ -18,7 +18,7 @@ import pytest
 from sda_jax import network, tfds_source
 from sda_jax.clue_files import read_clue_file
 from sda_jax.errors import InputError
-from tests.conftest import REPO_ROOT
+from tests.conftest import TINY_RUN, train_in_process
 
 _HAVE_TFDS = importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("tensorflow_datasets") is not None
 # CI installs the extra and sets SDA_REQUIRE_EXTRAS=1, so there a missing TensorFlow fails instead.
@@ -180,18 +180,12 @@ def test_prepare_command(prepared_dir, tmp_path, offline, capsys):
     assert capsys.readouterr().err.startswith("error: tfds:clue_afqmc: not prepared in ")
 
 
-def test_training_from_a_tfds_source_through_the_cli(tmp_path, afqmc_dir):
+def test_training_from_a_tfds_source(tmp_path, afqmc_dir):
     workdir = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}",
-        "--config.data.source=tfds:clue_afqmc", f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
-        f"--config.data.tfds_manual_dir={afqmc_dir}", "--config.data.id_key=idx",
-        "--config.train.max_steps=4", "--config.train.batch_size=16", "--config.data.bucket_lengths=(64,)",
-        "--config.model.num_hidden_layers=1", "--config.model.hidden_size=32", "--config.model.num_attention_heads=2",
-        "--config.model.intermediate_size=64",
-    ]  # fmt: skip
-    result = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, check=False, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(workdir, {
+        **TINY_RUN, "data.source": "tfds:clue_afqmc", "data.tfds_data_dir": tmp_path / "tfds", "data.tfds_manual_dir": afqmc_dir,
+        "data.id_key": "idx", "train.max_steps": 4,
+    })  # fmt: skip
     rows = (workdir / "afqmc_predict.json").read_text().splitlines()
     test_ids = [json.loads(line)["id"] for line in (afqmc_dir / "test.json").read_text(encoding="utf-8").splitlines()]
     assert [json.loads(r)["id"] for r in rows] == test_ids

@@ -1,4 +1,4 @@
-"""The fast forms of the PyTorch reference (`benchmarks/torch_reference.py`) against its seed form.
+"""The fast forms of the PyTorch reference (`tests/torch_reference.py`) against its seed form.
 
 The benchmark's `torch eager` and `torch compile` forms swap the seed's per-parameter loops for
 multi-tensor ops (`ForeachAdamW`, `ForeachLookahead`, `torch._foreach_lerp_` averages) and compile
@@ -23,8 +23,9 @@ import pytest
 import torch
 import transformers
 
-from benchmarks.torch_optim import ForeachAdamW, adamw_foreach_update
-from benchmarks.torch_reference import RecipeConfig, SdaTrainer
+from tests.torch_optim import ForeachAdamW, adamw_foreach_update
+from sda_jax.settings import Settings
+from tests.torch_reference import RecipeConfig, SdaTrainer
 
 ARCH = {
     "vocab_size": 100,
@@ -74,7 +75,7 @@ def batches(count: int, rows: int = 8, length: int = 16, padding_rows: tuple[int
 
 def trainer(**overrides) -> SdaTrainer:
     fields = {"learning_rate": 1e-3, "warmup_ratio": 0.0, "eval_ema_start_step": 2, **overrides}
-    return SdaTrainer(tiny_model(), total_steps=20, config=RecipeConfig(**fields))
+    return SdaTrainer(tiny_model(), total_steps=20, config=RecipeConfig.from_settings(Settings(), **fields))
 
 
 def named(trainer: SdaTrainer) -> dict[str, dict[str, np.ndarray]]:

@@ -61,6 +61,10 @@ class ClueAfqmc(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release: CLUE afqmc_public.zip, rows in file order."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
+    # What sda_jax.tfds_source asks of a builder: it probes its download host itself (so the
+    # generic probe is skipped), and the files a manual_dir must hold (for the offline message).
+    PROBES_ITS_HOST = True
+    MANUAL_FILES = "train.json, dev.json and test.json"
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(

@@ -3,7 +3,7 @@
 A faithful, self-contained re-statement of `../shared/reference/seed_notebook_afqmc_sda_pytorch.txt`
 (transformers 4.0.1, torch 1.6), for parity tests against sda-jax and for benchmarks:
 
-* the optimizer of `benchmarks/torch_optim.py`: transformers 4.0.1's `AdamW(groups, lr,
+* the optimizer of `tests/torch_optim.py`: transformers 4.0.1's `AdamW(groups, lr,
   correct_bias=False, eps=1e-8)` with two groups (no decay on names containing `bias` or
   `LayerNorm.weight`), `Lookahead(optimizer, k=5, alpha=1)`, `WarmupLinearSchedule`;
 * SDA: the teacher is a deep copy of the student in eval mode, moved after every step by
@@ -30,7 +30,7 @@ Benchmark switches (the seed is precision fp16, ema_impl loop, optimizer_impl lo
 
 From the repository root:
 
-    python -m benchmarks.torch_reference --steps 30 --precision fp16 --ema-impl foreach \\
+    python -m tests.torch_reference --steps 30 --precision fp16 --ema-impl foreach \\
         --override num_hidden_layers=2 --override hidden_size=128   # a from-scratch mini BERT
 """
 
@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from benchmarks.torch_optim import (
+from sda_jax.settings import Settings
+from tests.torch_optim import (
     AdamW,
     ForeachAdamW,
     ForeachLookahead,
@@ -68,23 +69,36 @@ NO_DECAY = ("bias", "LayerNorm.weight")
 
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig:
-    """The notebook's hyper-parameters (sda-jax names); defaults are the seed's."""
+    """The notebook's hyper-parameters under sda-jax's names (`from_settings` takes them from a run's
+    settings, whose defaults are the seed's), and how the PyTorch step runs."""
 
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.01
-    adam_eps: float = 1e-8
-    lookahead_k: int = 5
-    lookahead_alpha: float = 1.0
-    teacher_decay: float = 0.995
-    kd_coeff: float = 1.0
-    eval_ema_decay: float = 0.999
-    eval_ema_start_step: int = 500
+    learning_rate: float
+    warmup_ratio: float
+    weight_decay: float
+    adam_eps: float
+    lookahead_k: int | None  # None: no Lookahead
+    lookahead_alpha: float
+    teacher_decay: float
+    kd_coeff: float
+    eval_ema_decay: float
+    eval_ema_start_step: int
     precision: str = "fp32"  # fp32 | fp16 (autocast + GradScaler) | bf16 (autocast)
     ema_impl: str = "loop"  # loop | foreach | lerp: teacher and eval-EMA updates
     optimizer_impl: str = "loop"  # loop | foreach: AdamW + Lookahead
     compile: bool = False  # torch.compile the forward (+ backward), and the foreach/lerp updates
     compile_mode: str = "auto"  # torch.compile mode; auto: reduce-overhead on CUDA, default elsewhere
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **changes) -> RecipeConfig:
+        """The recipe of `settings` (optim.*, sda.*), with `changes` to any field."""
+        optim, sda = settings.optim, settings.sda
+        recipe = dict(
+            learning_rate=optim.learning_rate, warmup_ratio=optim.warmup_ratio, weight_decay=optim.weight_decay,
+            adam_eps=optim.adam_eps, lookahead_k=optim.lookahead_k, lookahead_alpha=optim.lookahead_alpha,
+            teacher_decay=sda.teacher_decay, kd_coeff=sda.kd_coeff, eval_ema_decay=sda.eval_ema_decay,
+            eval_ema_start_step=sda.eval_ema_start_step,
+        )  # fmt: skip
+        return cls(**{**recipe, **changes})
 
     def __post_init__(self):
         for name, allowed in (("precision", PRECISIONS), ("ema_impl", EMA_IMPLS),
@@ -270,7 +284,6 @@ def _cli() -> None:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from configs import default
     from sda_jax import input_pipeline, splits, tokenization
-    from sda_jax.settings import Settings
 
     defaults = default.get_config()
     parser = argparse.ArgumentParser(description="Time the PyTorch SDA reference on AFQMC batches.")
@@ -320,11 +333,8 @@ def _cli() -> None:
     warmup = first_of_each_length + timed[: max(0, args.warmup_steps - len(first_of_each_length))]
     if args.compile:  # CUDA graph trees warm a graph up on its first call and record it on the second
         warmup = first_of_each_length + warmup
-    optim, sda = defaults.optim, defaults.sda
-    config = RecipeConfig(
-        learning_rate=optim.learning_rate, warmup_ratio=optim.warmup_ratio, weight_decay=optim.weight_decay,
-        adam_eps=optim.adam_eps, lookahead_k=optim.lookahead_k, lookahead_alpha=optim.lookahead_alpha,
-        teacher_decay=sda.teacher_decay, kd_coeff=sda.kd_coeff, eval_ema_decay=sda.eval_ema_decay,
+    config = RecipeConfig.from_settings(
+        Settings.from_config(defaults),
         eval_ema_start_step=len(warmup),  # timed steps run in the steady state: both EMAs on
         precision=args.precision, ema_impl=args.ema_impl, optimizer_impl=args.optimizer_impl, compile=args.compile,
         compile_mode=args.compile_mode,

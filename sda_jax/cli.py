@@ -1,0 +1,34 @@
+"""The `sda-jax` console script: `sda-jax train ...` and `sda-jax export ...`.
+
+The same commands as `python -m sda_jax.train` and `python -m sda_jax.export` (flags and all, see
+`sda_jax.main`); this module only picks one by its first argument.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = "usage: sda-jax train --config FILE [--workdir DIR] [...] | sda-jax export --workdir DIR --out DIR [...]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    command, rest = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
+    program = f"{argv[0]} {command}"
+    if command == "train":
+        from sda_jax import main as commands
+        from sda_jax import train
+
+        commands.run_train(train.train_and_evaluate, [program, *rest])
+    elif command == "export":
+        from sda_jax import export
+        from sda_jax import main as commands
+
+        commands.run_export(export.export, export.PARAM_SETS, [program, *rest])
+    else:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

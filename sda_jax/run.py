@@ -1,0 +1,84 @@
+"""A run's inputs, prepared once before anything compiles: data, models, mesh, buckets, workdir.
+
+`prepare` reads and checks every input before the workdir is touched, so bad input leaves
+nothing: the splits, the models of the model axis and their initial parameters (a checkpoint read
+once for all of them), the mesh, the memory check, the bucket lengths. Then process 0 prepares the
+workdir (`Workdir.prepare`: the fresh/resume rules) and writes its records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+
+from sda_jax import bucket_policy, input_pipeline, mixed_precision, parallel, splits
+from sda_jax.bucket_policy import BucketChoice
+from sda_jax.model_axis import Models
+from sda_jax.model_loading import bert_config, load_models
+from sda_jax.models import BertForSequenceClassification, init_params
+from sda_jax.settings import Settings
+from sda_jax.stopwatch import Stopwatch
+from sda_jax.workdir import Workdir
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    settings: Settings
+    workdir: Workdir
+    data: splits.Splits
+    models: Models
+    model: BertForSequenceClassification
+    params: Any  # float32 initial parameters, stacked over the models (host or default device)
+    dropout_keys: jax.Array  # each model's dropout key, placed on the model axis
+    dtype: Any  # the compute dtype
+    mesh: jax.sharding.Mesh
+    buckets: BucketChoice
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+
+def prepare(settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwatch, abstract_state) -> Run:
+    """The run's inputs, checked, and its workdir ready; `abstract_state(param_shapes, settings,
+    total_steps, dtype, mesh, models)` gives the train state's shapes, for the memory check before
+    anything is loaded."""
+    with clock.phase("data"):
+        data = splits.load_splits(settings.data, settings.model.dir)
+    models = Models.of(settings)
+    dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
+    mesh = parallel.make_mesh(models.count)
+    parallel.check_batch_size(settings.train.batch_size, mesh)
+    steps_per_epoch = input_pipeline.steps_per_epoch(len(data.train), settings.train.batch_size)
+    total_steps = settings.train.num_epochs * steps_per_epoch
+    if settings.train.max_steps is not None:
+        total_steps = min(total_steps, settings.train.max_steps)
+    init_keys, dropout_keys = models.keys()
+    with clock.phase("model"):
+        config = bert_config(settings, len(data.tokenizer))
+        shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), settings.model.scan_layers))
+        models.check_fits(abstract_state(models.shapes(shapes), settings, total_steps, dtype, mesh, models), mesh)
+        model, params, load_note = load_models(settings, len(data.tokenizer), models, init_keys, dtype)
+    # Every process reads the whole train set, so all of them choose the same lengths.
+    buckets = bucket_policy.choose(
+        settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch,
+        models=models.count,
+    )  # fmt: skip
+    run = Run(
+        settings=settings, workdir=workdir, data=data, models=models, model=model, params=params,
+        dropout_keys=models.put(dropout_keys, mesh), dtype=dtype, mesh=mesh, buckets=buckets,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+    )  # fmt: skip
+    if run.is_main:
+        workdir.prepare(settings, fresh=fresh)
+        workdir.write_records(settings, model.config, data.tokenizer)
+        print(f"{load_note} {models.count} model(s) on the model axis: seed {', '.join(map(str, models.seeds))}.")
+        if buckets.note:
+            print(buckets.note)
+    multihost_utils.sync_global_devices("workdir ready")
+    return run
