@@ -1,7 +1,8 @@
 """Files and folders that readers see whole or not at all: written beside their target, then renamed.
 
 A kill or a full disk in the middle of a write leaves the previous file (or no folder), never a
-prefix: predictions, summaries, settings, plots and exports all go through here.
+prefix: predictions, summaries, settings, plots and exports all go through here. A write that
+fails for lack of space removes its temporary file and raises `NoSpaceError` naming the folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from sda_jax.errors import no_space
+
 
 def write_text(path: pathlib.Path, text: str) -> None:
     """Readers of `path` see the old file or the whole new one."""
@@ -21,10 +24,17 @@ def write_text(path: pathlib.Path, text: str) -> None:
 
 def write_bytes(path: pathlib.Path, data: bytes) -> None:
     path = pathlib.Path(path)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, prefix=f".{path.name}.", suffix=".tmp") as tmp:
-        tmp.write(data)
-    _chmod_as_created(pathlib.Path(tmp.name), 0o666)
-    os.replace(tmp.name, path)
+    tmp_name = None
+    try:
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, prefix=f".{path.name}.", suffix=".tmp") as tmp:
+            tmp_name = tmp.name
+            tmp.write(data)
+        _chmod_as_created(pathlib.Path(tmp.name), 0o666)
+        os.replace(tmp.name, path)
+    except OSError as err:
+        if tmp_name is not None and os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise no_space(err, path.parent, path.name) or err from None
 
 
 @contextlib.contextmanager
@@ -44,6 +54,8 @@ def new_folder(out: pathlib.Path) -> Iterator[pathlib.Path]:
         for path in tmp.iterdir():
             _chmod_as_created(path, 0o666)
         os.replace(tmp, out)  # atomic; replaces an empty folder, fails on a non-empty one
+    except Exception as err:  # OSError, or a library's error of a failed write (safetensors')
+        raise no_space(err, out.parent, out.name) or err from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

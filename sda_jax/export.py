@@ -39,10 +39,13 @@ WEIGHTS_FILE = "model.safetensors"
 EXPORT_INFO_FILE = "sda_jax_export.json"  # provenance: run, step, parameter set, dev metrics
 
 
-def check_workdir(workdir: Workdir, params_name: str, seed: int | None = None, model: int | None = None) -> tuple[Settings, int]:
-    """The run's settings and the model whose best checkpoint to read; InputError unless `workdir`
-    is an sda-jax run folder whose best checkpoint of that model holds `params_name` as one model.
-    Cheap file-system checks only, so the command fails fast."""
+def check_workdir(
+    workdir: Workdir, params_name: str, seed: int | None = None, model: int | None = None, *, while_training: bool = False
+) -> tuple[Settings, int, str | None]:  # fmt: skip
+    """The run's settings, the model whose best checkpoint to read, and who trains the run if it is
+    still training (then refused unless `while_training`); InputError unless `workdir` is an sda-jax
+    run folder whose best checkpoint of that model holds `params_name` as one model. Cheap
+    file-system checks only, so the command fails fast."""
     if params_name not in PARAM_SETS:
         raise InputError(f"--params: {params_name!r} is not one of {', '.join(PARAM_SETS)}")
     workdir.check_is_run()
@@ -53,9 +56,15 @@ def check_workdir(workdir: Workdir, params_name: str, seed: int | None = None, m
             "export --params eval_ema or --params student, or train with sda.teacher=window (mean parameters)"
         )
     index = _model_index(workdir, settings, seed, model)
+    holder = workdir.training_run()
+    if holder is not None and not while_training:
+        raise InputError(
+            f"{workdir.path}: its run is still training ({holder}); wait until it ends, or pass --while_training to "
+            "export its best checkpoint so far"
+        )
     if not checkpoints.has_best(workdir.best_checkpoint(index)):
         raise InputError(f"{workdir.path}: no best checkpoint of model {index} (did the run reach its first dev evaluation?)")
-    return settings, index
+    return settings, index, holder
 
 
 def _model_index(workdir: Workdir, settings: Settings, seed: int | None, model: int | None) -> int:
@@ -98,7 +107,7 @@ def restore_best(
     `jax.eval_shape`. Only the requested set is read from disk.
     """
     run = Workdir(workdir)
-    settings, index = check_workdir(run, params_name, seed, model)
+    settings, index, _ = check_workdir(run, params_name, seed, model, while_training=True)
     return _restore(run, settings, index, params_name)
 
 
@@ -113,15 +122,17 @@ def _restore(run: Workdir, settings: Settings, index: int, params_name: str) -> 
 
 
 def export(
-    workdir: pathlib.Path, out: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None, model: int | None = None
-) -> dict[str, Any]:
+    workdir: pathlib.Path, out: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None, model: int | None = None,
+    *, while_training: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Writes the Hugging Face folder `out` from the run in `workdir`; returns the export info.
 
-    Raises InputError for a workdir that is not a run folder or has no such checkpoint, and for
-    an `out` that exists and is not an empty folder.
+    Raises InputError for a workdir that is not a run folder or has no such checkpoint, whose run
+    is still training (unless `while_training`: then its best checkpoint so far), and for an `out`
+    that exists and is not an empty folder.
     """
     run, out = Workdir(workdir), pathlib.Path(out)
-    settings, index = check_workdir(run, params_name, seed, model)
+    settings, index, holder = check_workdir(run, params_name, seed, model, while_training=while_training)
     check_out(out)
     import safetensors.numpy
 
@@ -130,7 +141,10 @@ def export(
     config, label_names = run.read_model()
     params, metrics = _restore(run, settings, index, params_name)
     seed = (settings.train.seeds or (settings.seed,))[index]
-    info = {"workdir": str(run.path.resolve()), "params": params_name, "model": index, "seed": seed, "checkpoint": metrics}
+    info = {
+        "workdir": str(run.path.resolve()), "params": params_name, "model": index, "seed": seed, "checkpoint": metrics,
+        "while_training": holder is not None,
+    }  # fmt: skip
     try:
         with atomic_write.new_folder(out) as tmp:
             for source in sorted(run.model_dir.iterdir()):  # the tokenizer files

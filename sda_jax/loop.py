@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,21 +52,27 @@ class Cadence:
 
 
 class Session(contextlib.ExitStack):
-    """What a run keeps open while it trains; `start_step` is where it resumes (0: from the start)."""
+    """What a run keeps open while it trains; on entering it resumes: `state` is the newest intact
+    train checkpoint's (or the initial state) and `start_step` its step (0: from the start)."""
 
-    def __init__(self, run: Any, clock: Stopwatch):
+    def __init__(self, run: Any, clock: Stopwatch, state: Any):
         super().__init__()
-        self.run, self.clock = run, clock
+        self.run, self.clock, self.state = run, clock, state
 
     def __enter__(self) -> Session:
         super().__enter__()
         run = self.run
         self.checkpoints = TrainCheckpoints(run.workdir.train_checkpoints, run.settings.train.keep_checkpoints)
         self.callback(self.checkpoints.close)  # lets a pending write finish, whatever ends the run
-        self.start_step = self.checkpoints.latest_step() or 0
-        if self.start_step and run.is_main:
-            # Before the writer opens the file: a resumed run logs the steps after its checkpoint again.
-            run.workdir.truncate_metrics(self.start_step)
+        with self.clock.phase("checkpointing"):
+            resumed = self.checkpoints.restore_newest_intact(self.state, run.workdir.damaged_checkpoints, run.workdir.relative)
+        self.start_step = 0 if resumed is None else resumed[0]
+        if resumed is not None:
+            self.state = resumed[1]
+            if run.is_main:
+                # Before the writer opens the file: a resumed run logs the steps after its checkpoint again.
+                run.workdir.truncate_metrics(self.start_step)
+                print(f"Resuming from the checkpoint of step {self.start_step}.")
         self.selection = selection.Selection(run.workdir, run.models)
         self.callback(self.selection.close)
         self.writer = self.enter_context(MetricsWriter(run.workdir, enabled=run.is_main, resume_step=self.start_step))
@@ -75,24 +82,16 @@ class Session(contextlib.ExitStack):
             disable=not run.is_main,
         ))  # fmt: skip
         self.examples_seen = 0
+        self.to_first_step: dict[str, float] | None = None  # seconds by phase until the first new step ran
         return self
-
-    def resume(self, state: Any) -> Any:
-        """The state of the latest train checkpoint (`state` itself when there is none)."""
-        if not self.start_step:
-            return state
-        with self.clock.phase("checkpointing"):
-            state = self.checkpoints.restore(self.start_step, state)
-        if self.run.is_main:
-            print(f"Resuming from the checkpoint of step {self.start_step}.")
-        return state
 
 
 Hook = Callable[[int, Any, Cadence], None]  # (step, state, cadence) on every step Cadence names
 
 
-def train(run: Any, train_fn: Callable, state: Any, session: Session, hooks: Sequence[Hook], report: Report) -> Any:
+def train(run: Any, train_fn: Callable, session: Session, hooks: Sequence[Hook], report: Report) -> Any:
     """Steps from the session's start to the run's end; returns the final state."""
+    state = session.state
     settings = run.settings
     batches = input_pipeline.train_batches(
         run.data.train, batch_size=settings.train.batch_size, bucket_lengths=run.buckets.lengths,
@@ -102,6 +101,9 @@ def train(run: Any, train_fn: Callable, state: Any, session: Session, hooks: Seq
     with session.clock.phase("train loop"):
         for step, (host_batch, batch) in enumerate(device_batches, start=session.start_step + 1):
             state, metrics = train_fn(state, batch, run.dropout_keys)
+            if session.to_first_step is None:  # what a (re)start costs before it trains: by phase, in the summary
+                jax.block_until_ready(metrics)
+                session.to_first_step = session.clock.breakdown()
             session.examples_seen += int(host_batch["weights"].sum())
             report.add(metrics)
             due = Cadence.at(step, run.total_steps, settings.train)
@@ -175,19 +177,31 @@ def score(programs: EvalPrograms, state: Any, names: list[str], encoded: Any) ->
 
 
 class Checkpoint:
-    """A full train checkpoint on its cadence, and on a signal (then the run stops, resumable)."""
+    """A full train checkpoint on its cadence (every `train.checkpoint_every` steps, and at the first
+    log step `train.checkpoint_every_seconds` after the last one), and on a signal (then the run
+    stops, resumable)."""
 
     def __init__(self, run: Any, session: Session):
         self.run, self.session = run, session
+        self.every_seconds = run.settings.train.checkpoint_every_seconds
+        self.last_save = time.monotonic()
 
     def __call__(self, step: int, state: Any, due: Cadence) -> None:
         # Every process asks at the same steps, so that all of them stop at the same one.
         stop = self.session.guard.should_stop(multi_process=jax.process_count() > 1)
-        if due.checkpoint or stop:
+        if due.checkpoint or stop or self._time_is_up():
             with self.session.clock.phase("checkpointing"):
                 save_train_state(self.session.checkpoints, state, step, self.run)
+            self.last_save = time.monotonic()
         if stop:
             raise Preempted(self.session.guard.received or signal.SIGTERM, step)
+
+    def _time_is_up(self) -> bool:
+        """Process 0's clock decides, and every process follows, so that all save the same step."""
+        if self.every_seconds is None:
+            return False
+        up = time.monotonic() - self.last_save >= self.every_seconds
+        return parallel.agree("save" if up else None) is not None
 
 
 def save_train_state(checkpoints: TrainCheckpoints, state: Any, step: int, run: Any) -> None:

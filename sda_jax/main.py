@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 
 import sda_jax
-from sda_jax.errors import InputError, exit_with_error
+from sda_jax.errors import NO_SPACE_EXIT, InputError, NoSpaceError, exit_with_error
 
 _CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -133,6 +133,8 @@ def _train(train_and_evaluate, config, workdir: pathlib.Path, fresh: bool) -> No
         train_and_evaluate(settings, workdir, fresh=fresh, stopwatch=clock)
     except InputError as err:
         exit_with_error(err)
+    except NoSpaceError as err:
+        exit_with_error(err, status=NO_SPACE_EXIT)
     except FloatingPointError as err:
         exit_with_error(err, status=3)
     except Preempted as err:
@@ -157,6 +159,9 @@ def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = N
     )  # fmt: skip
     seed = flags.DEFINE_integer("seed", None, "Of a run of several models (train.seeds): the seed whose best model to export.")
     model = flags.DEFINE_integer("model", None, "Of a run of several models: the index of the model to export (0, 1, ...).")
+    while_training = flags.DEFINE_bool(
+        "while_training", False, "Export the best checkpoint so far of a run that is still training (refused otherwise)."
+    )
     flags.mark_flags_as_required(["workdir", "out"])
 
     def main(args: list[str]) -> None:
@@ -164,9 +169,14 @@ def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = N
             raise app.UsageError(f"unexpected arguments: {' '.join(args[1:])}")
         logging.set_verbosity(logging.WARNING)  # orbax logs every operation at INFO
         try:
-            info = export(pathlib.Path(workdir.value), pathlib.Path(out.value), params.value, seed.value, model.value)
+            info = export(
+                pathlib.Path(workdir.value), pathlib.Path(out.value), params.value, seed.value, model.value,
+                while_training=while_training.value,
+            )  # fmt: skip
         except InputError as err:
             exit_with_error(err)
+        except NoSpaceError as err:
+            exit_with_error(err, status=NO_SPACE_EXIT)
         checkpoint = info["checkpoint"]
         accuracy = f", dev accuracy {checkpoint['accuracy']:.4f}" if "accuracy" in checkpoint else ""
         print(

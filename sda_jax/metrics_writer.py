@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from sda_jax import atomic_write
-from sda_jax.errors import InputError
+from sda_jax.errors import InputError, no_space
 from sda_jax.workdir import Workdir
 
 # Train scalars that depend on wall time: TensorBoard only, never metrics.jsonl.
@@ -138,8 +138,11 @@ class MetricsWriter:
     def _append(self, record: dict[str, Any]) -> None:
         if self._log is None:
             raise ValueError("MetricsWriter is closed")
-        self._log.write(json.dumps(record) + "\n")
-        self._log.flush()
+        try:
+            self._log.write(json.dumps(record) + "\n")
+            self._log.flush()
+        except OSError as err:
+            raise no_space(err, self.workdir.path, self.workdir.metrics_file.name) or err from None
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -89,6 +89,19 @@ def fetch(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def agree(value: str | None) -> str | None:
+    """Process 0's `value` (a message, or None) on every process: what process 0 alone decided (a
+    refused workdir, a time to checkpoint) made the decision of all, so that none waits alone."""
+    if jax.process_count() == 1:
+        return value
+    data = np.zeros(4096, np.uint8)
+    if value is not None:
+        encoded = value.encode("utf-8")[: data.size - 1]
+        data[0], data[1 : 1 + len(encoded)] = 1, np.frombuffer(encoded, np.uint8)
+    agreed = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(agreed[1:]).rstrip(b"\0").decode("utf-8", "replace") if agreed[0] else None
+
+
 def process_rows(batch_size: int, mesh: Mesh) -> slice:
     """The rows of every global batch that this process's devices hold (contiguous)."""
     indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()

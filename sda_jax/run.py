@@ -16,12 +16,13 @@ from jax.experimental import multihost_utils
 
 from sda_jax import bucket_policy, input_pipeline, mixed_precision, parallel, splits
 from sda_jax.bucket_policy import BucketChoice
+from sda_jax.errors import InputError
 from sda_jax.model_axis import Models
 from sda_jax.model_loading import bert_config, load_models
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
 from sda_jax.stopwatch import Stopwatch
-from sda_jax.workdir import Workdir
+from sda_jax.workdir import RunLock, Workdir
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,10 +45,12 @@ class Run:
         return jax.process_index() == 0
 
 
-def prepare(settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwatch, abstract_state) -> Run:
-    """The run's inputs, checked, and its workdir ready; `abstract_state(param_shapes, settings,
-    total_steps, dtype, mesh, models)` gives the train state's shapes, for the memory check before
-    anything is loaded."""
+def prepare(settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwatch, abstract_state, lock: RunLock) -> Run:
+    """The run's inputs, checked, and its workdir ready and held (`lock`, by process 0);
+    `abstract_state(param_shapes, settings, total_steps, dtype, mesh, models)` gives the train
+    state's shapes, for the memory check before anything is loaded."""
+    if workdir.path.exists():
+        _on_process_0(lock.hold)  # a live run's folder is refused at once, before any input is read
     with clock.phase("data"):
         data = splits.load_splits(settings.data, settings.model.dir)
     models = Models.of(settings)
@@ -74,11 +77,27 @@ def prepare(settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwat
         dropout_keys=models.put(dropout_keys, mesh), dtype=dtype, mesh=mesh, buckets=buckets,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
     )  # fmt: skip
-    if run.is_main:
-        workdir.prepare(settings, fresh=fresh)
+
+    def ready_workdir() -> None:
+        workdir.prepare(settings, fresh=fresh, lock=lock)
         workdir.write_records(settings, model.config, data.tokenizer)
         print(f"{load_note} {models.count} model(s) on the model axis: seed {', '.join(map(str, models.seeds))}.")
         if buckets.note:
             print(buckets.note)
+
+    _on_process_0(ready_workdir)
     multihost_utils.sync_global_devices("workdir ready")
     return run
+
+
+def _on_process_0(action) -> None:
+    """Runs `action` on process 0 alone; the InputError it raises is raised on every process."""
+    message = None
+    if jax.process_index() == 0:
+        try:
+            action()
+        except InputError as err:
+            message = str(err)
+    message = parallel.agree(message)
+    if message is not None:
+        raise InputError(message)

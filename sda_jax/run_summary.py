@@ -36,7 +36,7 @@ def dev_line(step: int, params_name: str, scores: Any, improved: list[bool]) -> 
 
 
 def build(
-    run, programs, *, counts, best_metrics, ensemble_dev, test_logits, start_step, examples_seen, stopwatch
+    run, programs, *, counts, best_metrics, ensemble_dev, test_logits, start_step, examples_seen, stopwatch, to_first_step
 ) -> dict[str, Any]:  # fmt: skip
     """The run's summary record (see the module docstring): `best_metrics` per model, the dev
     metrics of their best eval EMAs' ensemble, and the test logits [models, examples, classes]."""
@@ -58,6 +58,8 @@ def build(
         "models": models,
         "steps": int(np.max(counts["step"])),
         "resumed_from_step": start_step,
+        # What the (re)start cost before its first new step, by phase (None: no step was left to run).
+        "seconds_to_first_step": None if to_first_step is None else {k: round(v, 3) for k, v in to_first_step.items()},
         "skipped_steps": int(np.max(counts["skipped_steps"])),
         "train_examples": examples_seen,
         "train_seconds": train_seconds,

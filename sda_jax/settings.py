@@ -101,6 +101,10 @@ class TrainSettings:
     eval_all_params: bool = key(True, "also score the student and the teacher on dev (logged, not for \"best\")")
     log_every: int = key(20, "steps between host reads of the running loss (each read syncs)", minimum=1)
     checkpoint_every: int = key(200, "full train-state checkpoint for resume every this many steps", minimum=1)
+    checkpoint_every_seconds: float | None = key(
+        None, "also checkpoint at the first log step this many seconds after the last (process 0's clock); None: steps only",
+        above=0.0,
+    )  # fmt: skip
     keep_checkpoints: int = key(2, "train checkpoints kept (the best-by-dev one is kept apart)", minimum=1)
     predict_file: str = key("afqmc_predict.json", "CLUE submission written into the workdir")
     seeds: tuple[int, ...] | None = key(None, "several, e.g. (2021, 2022): one model per seed in one program; None: `seed`",

@@ -18,32 +18,39 @@ class Stopwatch:
     def __init__(self, start: float | None = None) -> None:
         self.start = time.perf_counter() if start is None else start
         self.seconds: dict[str, float] = {}
-        self._open: list[float] = []  # per open phase: seconds its nested phases took
+        self._open: list[list] = []  # per open phase: [name, start, seconds its nested phases took]
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         began = time.perf_counter()
-        self._open.append(0.0)
+        self._open.append([name, began, 0.0])
         try:
             yield
         finally:
-            nested = self._open.pop()
+            _, _, nested = self._open.pop()
             spent = time.perf_counter() - began
             self.seconds[name] = self.seconds.get(name, 0.0) + spent - nested
             if self._open:
-                self._open[-1] += spent
+                self._open[-1][2] += spent
 
     def add(self, name: str, seconds: float) -> None:
         """Counts `seconds` measured elsewhere (e.g. compiling inside a step call) towards `name`,
         and takes them off the phase that is open now."""
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
         if self._open:
-            self._open[-1] += seconds
+            self._open[-1][2] += seconds
 
     def wall(self) -> float:
         return time.perf_counter() - self.start
 
     def breakdown(self) -> dict[str, float]:
-        """Every phase's seconds, plus `other` (the rest of the wall time) and `wall`."""
-        wall = self.wall()
-        return {**self.seconds, "other": max(wall - sum(self.seconds.values()), 0.0), "wall": wall}
+        """Every phase's seconds (an open one's so far), plus `other` (the rest of the wall time) and `wall`."""
+        now = time.perf_counter()
+        seconds = dict(self.seconds)
+        inner = 0.0  # what the phases opened inside an open phase took
+        for name, began, nested in reversed(self._open):
+            own = now - began - nested - inner
+            seconds[name] = seconds.get(name, 0.0) + own
+            inner = now - began
+        wall = now - self.start
+        return {**seconds, "other": max(wall - sum(seconds.values()), 0.0), "wall": wall}

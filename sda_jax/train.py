@@ -229,18 +229,25 @@ def train_and_evaluate(settings: Settings, workdir: Any, *, fresh: bool = False,
     """Trains every model of the run (resuming from the workdir's latest checkpoint), evaluates,
     predicts the test set; returns the run summary (also written to summary.json by process 0).
 
-    Every input is read and checked before the workdir is touched, so bad input leaves nothing.
-    Dev evaluation every `eval_every` steps keeps each model's best checkpoint; a full train
-    checkpoint every `checkpoint_every` steps, and on SIGTERM/SIGINT, makes a restart resume exactly.
+    Every input is read and checked before the workdir is touched, so bad input leaves nothing; a
+    workdir another live run holds is refused before that. Dev evaluation every `eval_every` steps
+    keeps each model's best checkpoint; a full train checkpoint on its cadence, and on SIGTERM/SIGINT,
+    makes a restart resume exactly.
     """
     clock = stopwatch or Stopwatch()
-    run = prepare(settings, Workdir(workdir), fresh=fresh, clock=clock, abstract_state=abstract_train_state)
-    state, programs = compile_programs(run, clock)
-    with loop.Session(run, clock) as session:
-        state = session.resume(state)
+    workdir = Workdir(workdir)
+    with workdir.lock() as lock:  # one run per workdir, held by process 0 until the run ends
+        run = prepare(settings, workdir, fresh=fresh, clock=clock, abstract_state=abstract_train_state, lock=lock)
+        state, programs = compile_programs(run, clock)
+        return _train(run, programs, state, clock)
+
+
+def _train(run: Run, programs: Programs, state: Any, clock: Stopwatch) -> dict[str, Any]:
+    settings = run.settings
+    with loop.Session(run, clock, state) as session:  # resumed from the newest intact checkpoint
         report = loop.Report(session, optim.Schedule.create(settings.optim, run.total_steps))  # on the host, for the log
         hooks = [loop.Evaluate(run, session, programs.eval), loop.Checkpoint(run, session)]
-        state = loop.train(run, programs.train_fn, state, session, hooks, report)
+        state = loop.train(run, programs.train_fn, session, hooks, report)
         return finish(run, programs, state, session, clock)
 
 
@@ -258,6 +265,7 @@ def finish(run: Run, programs: Programs, state: Any, session: loop.Session, cloc
     summary = run_summary.build(
         run, programs, counts=counts, best_metrics=best_metrics, ensemble_dev=ensemble_dev, test_logits=test_logits,
         start_step=session.start_step, examples_seen=session.examples_seen, stopwatch=clock,
+        to_first_step=session.to_first_step,
     )  # fmt: skip
     if run.is_main:
         label = lambda logits: evaluate.argmax_labels(logits, settings.data.label_names)

@@ -8,19 +8,27 @@
     training_curves.png      the curves, drawn at the end
     checkpoints/train/       full train states for resume (`checkpoints.TrainCheckpoints`)
     checkpoints/best/model_<i>/   each model's best parameter sets by dev accuracy
+    checkpoints/damaged/     checkpoints found damaged when a run resumed, moved aside (never deleted)
     summary.json             the run's summary (`run_summary`)
     <train.predict_file>     the CLUE submission (and, with train.per_seed_predictions, one per seed)
+    .lock                    held by the run that uses the folder (`RunLock`)
 
 Export and prediction need nothing but the workdir. A workdir that holds a run with other
-settings is never silently mixed with a new one: the run refuses unless told to start afresh.
+settings is never silently mixed with a new one: the run refuses unless told to start afresh. A
+workdir in use by a live run is refused to a second one, with or without `--fresh`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
+import os
 import pathlib
 import shutil
+import socket
 
 from sda_jax import atomic_write
 from sda_jax.bert_config import BertConfig
@@ -34,6 +42,9 @@ TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "training_curves.png"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+# A lock that cannot work on this filesystem (some network filesystems): a note, not a crash.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +88,17 @@ class Workdir:
         """Where model `model`'s best checkpoint (by dev accuracy) lives."""
         return self.path / CHECKPOINTS_DIR / "best" / f"model_{model}"
 
+    @property
+    def damaged_checkpoints(self) -> pathlib.Path:
+        return self.path / CHECKPOINTS_DIR / "damaged"
+
+    def relative(self, path: pathlib.Path) -> str:
+        """`path` as messages name it: relative to the workdir when it is inside it."""
+        try:
+            return str(pathlib.Path(path).relative_to(self.path))
+        except ValueError:
+            return str(path)
+
     def predictions(self, settings: Settings, seed: int | None = None) -> pathlib.Path:
         """The submission file; with `seed`, that seed's own beside it (train.per_seed_predictions)."""
         path = self.path / settings.train.predict_file
@@ -90,11 +112,12 @@ class Workdir:
 
     # --- starting a run ----------------------------------------------------------------------
 
-    def prepare(self, settings: Settings, *, fresh: bool) -> None:
-        """Creates the folder, or checks that the run it holds is this one; `fresh` removes the old run.
+    def prepare(self, settings: Settings, *, fresh: bool, lock: RunLock) -> None:
+        """Creates the folder and takes its `lock`, then checks that the run it holds is this one;
+        `fresh` removes the old run (never a live run's: the lock comes first).
 
-        InputError if the folder is not writable, or holds a run with other settings and `fresh`
-        is not set.
+        InputError if the folder is not writable, is in use by another run, or holds a run with
+        other settings and `fresh` is not set.
         """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -103,6 +126,7 @@ class Workdir:
             probe.unlink()
         except OSError as err:
             raise InputError(f"{self.path}: cannot write to the workdir ({err.strerror})") from None
+        lock.hold()
         if self.settings_file.exists() and not fresh:
             old = json.loads(self.settings_file.read_text(encoding="utf-8"))
             changed = sorted(_changed_keys(old, json.loads(settings.to_record())))
@@ -132,6 +156,28 @@ class Workdir:
             lines = self.metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
             atomic_write.write_text(self.metrics_file, "".join(line for line in lines if json.loads(line)["step"] <= step))
 
+    # --- one run at a time ------------------------------------------------------------------
+
+    def lock(self) -> RunLock:
+        return RunLock(self)
+
+    def training_run(self) -> str | None:
+        """Who holds the folder's lock ("pid N on HOST, since ..."), if a live run does; else None."""
+        path = self.path / LOCK_FILE
+        if not path.is_file():
+            return None
+        with path.open("r", encoding="utf-8") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(file)
+            except OSError as err:
+                if err.errno in _NO_LOCKS:
+                    return None
+                raise
+            fcntl.flock(file, fcntl.LOCK_UN)
+            return None
+
     # --- reading a run -----------------------------------------------------------------------
 
     def check_is_run(self) -> None:
@@ -156,3 +202,67 @@ def _changed_keys(old, new, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new))
         return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+class RunLock:
+    """A run's exclusive hold on its workdir: an OS file lock (flock) on workdir/.lock, which the
+    kernel releases when the process ends, however it ends, so a SIGKILLed run leaves no stale
+    lock. The file records the holder (pid, host, start) for the message a second run gets."""
+
+    def __init__(self, workdir: Workdir):
+        self.workdir = workdir
+        self._file = None
+        self.note = ""  # why no lock is held, where the filesystem cannot lock
+
+    def hold(self) -> None:
+        """Takes the lock (a no-op when held, and on a filesystem that cannot lock: see `note`);
+        InputError naming the holder if another run has it."""
+        if self._file is not None or self.note:
+            return
+        try:
+            file = (self.workdir.path / LOCK_FILE).open("a+", encoding="utf-8")
+        except OSError as err:
+            raise InputError(f"{self.workdir.path}: cannot write to the workdir ({err.strerror})") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(file)
+            file.close()
+            raise InputError(
+                f"{self.workdir.path}: in use by a run that is still going ({holder}); wait for it to end, "
+                "or use another --workdir"
+            ) from None
+        except OSError as err:
+            file.close()
+            if err.errno not in _NO_LOCKS:
+                raise
+            self.note = f"note: {self.workdir.path}: this filesystem cannot lock files ({err.strerror}); make sure no other run uses the workdir"
+            print(self.note)
+            return
+        file.seek(0)
+        file.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLock:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _holder(file) -> str:
+    file.seek(0)
+    try:
+        record = json.loads(file.read() or "{}")
+        return f"pid {record['pid']} on {record['host']}, since {record['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process whose record is unreadable"

@@ -151,6 +151,9 @@ def test_stopwatch_phases_add_up_and_nest():
         with clock.phase("inner"):
             time.sleep(0.05)
         clock.add("compile", 0.02)  # measured elsewhere, inside "outer"
+        partial = clock.breakdown()  # an open phase counts what it has taken so far
+    assert partial["outer"] == pytest.approx(0.03, abs=0.03) and partial["compile"] == 0.02
+    assert sum(v for k, v in partial.items() if k != "wall") == pytest.approx(partial["wall"], rel=1e-6)
     times = clock.breakdown()
     assert times["inner"] == pytest.approx(0.05, abs=0.03)
     assert times["outer"] == pytest.approx(0.03, abs=0.03)  # 0.1 minus inner minus compile
