@@ -40,13 +40,7 @@ def _train(workdir, fresh=False, **changes):
     return summary, printed.getvalue()
 
 
-def _same_run(a: pathlib.Path, b: pathlib.Path) -> None:
-    state_a, state_b = load_train_state(a, 40), load_train_state(b, 40)
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        np.testing.assert_array_equal(state_b[key], state_a[key], err_msg=key)
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-    assert (a / "afqmc_predict.json").read_text() == (b / "afqmc_predict.json").read_text()
+_same_run = test_resume.assert_same_run  # final state, metrics and predictions, bit for bit
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,7 @@ def start_and_signal(workdir, sig, after_checkpoint_steps=10):
 
 
 def assert_same_run(a: pathlib.Path, b: pathlib.Path):
+    """Two runs of 40 steps: the same final train state, metrics and predictions, bit for bit."""
     flat_a, flat_b = load_train_state(a, 40), load_train_state(b, 40)
     assert flat_a.keys() == flat_b.keys()
     for key in flat_a:
