@@ -140,12 +140,12 @@ def parse_form(name: str) -> tuple[str, int, bool]:
 
 class JaxForm:
     """sda-jax's train step: compiled for every bucket shape up front, then timed on demand; with
-    `seeds` > 1, the step of that many seeds trained side by side (`train.seeds`)."""
+    `seeds` > 1, the step of that many seeds trained side by side (`sweep.seed`)."""
 
     def __init__(self, settings: Settings, config: BertConfig, warmup, seeds: int = 1, scan: bool = True) -> None:
         dtype = mixed_precision.compute_dtype("auto", jax.devices()[0].platform)
         model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
-        models = Models(tuple(range(1, seeds + 1)))  # the model axis of `train.seeds` of this size
+        models = Models.of_seeds(tuple(range(1, seeds + 1)))  # the model axis of a sweep over this many seeds
         self.mesh = parallel.make_mesh(models.count)
         # The eval EMA averages from step 1, so that the timed steps do all the recipe's work.
         settings = dataclasses.replace(settings, sda=dataclasses.replace(settings.sda, eval_ema_start_step=1))

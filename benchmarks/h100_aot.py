@@ -103,7 +103,7 @@ def report_rows(
 ) -> list[dict]:
     scan = settings.model.scan_layers
     model = BertForSequenceClassification(config=config, dtype=jnp.bfloat16, scan_layers=scan)
-    models = Models(tuple(range(seeds)))  # the model axis of `train.seeds` of this size
+    models = Models.of_seeds(tuple(range(seeds)))  # the model axis of a sweep over this many seeds
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scan))
     state = train.abstract_train_state(models.shapes(params), settings, 537, model.dtype, mesh, models)
     rng = models.abstract(models.shapes(jax.ShapeDtypeStruct((), jax.random.key(0).dtype)), mesh)
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--target", type=pathlib.Path, default=TARGET, help="the GPU target description (.txtpb)")
     parser.add_argument("--label", default="", help="a note for the table's heading (what this build is)")
     parser.add_argument("--unrolled", action="store_true", help="model.scan_layers=False: the encoder layers unrolled")
-    parser.add_argument("--seeds", type=int, default=1, help="train.seeds of this many: N models in one program")
+    parser.add_argument("--seeds", type=int, default=1, help="sweep.seed of this many: N models in one program")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="also list the kernels that move the most bytes")
     args = parser.parse_args()

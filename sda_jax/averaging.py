@@ -66,10 +66,10 @@ class EmaTeacher(Average):
     """
 
     params: Params
-    decay_cap: float = flax.struct.field(pytree_node=False)
+    decay_cap: jax.Array  # float32: sda.teacher_decay (an array, so that a sweep's members can differ)
 
     @staticmethod
-    def decay(step: jax.Array, decay_cap: float) -> jax.Array:
+    def decay(step: jax.Array, decay_cap: jax.Array) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         return jnp.minimum(decay_cap, (1.0 + step) / (10.0 + step))
 
@@ -88,7 +88,7 @@ class EvalEma(Average):
     """
 
     params: Params
-    decay: float = flax.struct.field(pytree_node=False)
+    decay: jax.Array  # float32: sda.eval_ema_decay (an array, so that a sweep's members can differ)
     start_step: int = flax.struct.field(pytree_node=False)
 
     def decay_at(self, step: jax.Array) -> jax.Array:
@@ -145,7 +145,7 @@ def stacked_copies(params: Params, k: int) -> Params:
     return jax.tree.map(lambda p: jnp.broadcast_to(p, (k, *p.shape)).copy(), params)
 
 
-def make_teacher(kind: str, params: Params, *, decay_cap: float, window: int) -> Average:
+def make_teacher(kind: str, params: Params, *, decay_cap: jax.Array, window: int) -> Average:
     """The teacher of `sda.teacher` (ema, window or vote), equal to the initial student."""
     copy = jax.tree.map(jnp.copy, params)
     if kind == "ema":

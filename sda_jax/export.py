@@ -15,8 +15,8 @@ The folder holds `config.json` (with the run's label names as id2label/label2id)
 `--params` picks one of the parameter sets of the best checkpoint: `eval_ema` (default: the
 parameters dev evaluation scored, which equal the student until the eval EMA starts), `teacher`
 (the SDA teacher; not a vote teacher, which is an ensemble of snapshots, not one model) or
-`student`. A run of several models (`train.seeds`) exports one model's best, chosen with `--seed S`
-or `--model I`; their ensemble is not one model. The export is written into a temporary sibling
+`student`. A run of several models (a sweep) exports one model's best, chosen with `--seed S`,
+`--model I` or `--values KEY=VALUE,...` (its swept values); their ensemble is not one model. The export is written into a temporary sibling
 folder that is renamed into place once complete, so an interrupted export leaves no half-written
 `--out`. An unusable workdir or `--out` stops with a one-line `error:` and exit status 2. The
 command line is in `sda_jax.main`.
@@ -24,6 +24,7 @@ command line is in `sda_jax.main`.
 
 from __future__ import annotations
 
+import ast
 import json
 import pathlib
 import shutil
@@ -31,6 +32,7 @@ from typing import Any
 
 from sda_jax import atomic_write, checkpoints
 from sda_jax.errors import InputError
+from sda_jax.model_axis import Models
 from sda_jax.settings import Settings
 from sda_jax.workdir import Workdir
 
@@ -40,7 +42,8 @@ EXPORT_INFO_FILE = "sda_jax_export.json"  # provenance: run, step, parameter set
 
 
 def check_workdir(
-    workdir: Workdir, params_name: str, seed: int | None = None, model: int | None = None, *, while_training: bool = False
+    workdir: Workdir, params_name: str, seed: int | None = None, model: int | None = None, *, while_training: bool = False,
+    values: str | None = None,
 ) -> tuple[Settings, int, str | None]:  # fmt: skip
     """The run's settings, the model whose best checkpoint to read, and who trains the run if it is
     still training (then refused unless `while_training`); InputError unless `workdir` is an sda-jax
@@ -55,7 +58,7 @@ def check_workdir(
             f"{workdir.path}: its vote teacher averages the logits of several student snapshots and is not one model; "
             "export --params eval_ema or --params student, or train with sda.teacher=window (mean parameters)"
         )
-    index = _model_index(workdir, settings, seed, model)
+    index = _model_index(workdir, settings, seed, model, values)
     holder = workdir.training_run()
     if holder is not None and not while_training:
         raise InputError(
@@ -67,26 +70,53 @@ def check_workdir(
     return settings, index, holder
 
 
-def _model_index(workdir: Workdir, settings: Settings, seed: int | None, model: int | None) -> int:
-    """The model to export: the run's only one, or the one `--seed` or `--model` names."""
-    seeds = settings.train.seeds or (settings.seed,)
-    listed = ", ".join(map(str, seeds))
-    if seed is not None and model is not None:
-        raise InputError("--seed and --model: give one of them")
-    if seed is not None:
-        if seed not in seeds:
-            raise InputError(f"--seed: {workdir.path} trained seed(s) {listed}, not {seed}")
-        return seeds.index(seed)
+def _model_index(workdir: Workdir, settings: Settings, seed: int | None, model: int | None, values: str | None = None) -> int:
+    """The model to export: the run's only one, or the one `--seed`, `--model` or `--values` names."""
+    models = Models.of(settings)
+    described = models.describe()
+    if sum(x is not None for x in (seed, model, values)) > 1:
+        raise InputError("--seed, --model and --values: give one of them")
+    if seed is not None or values is not None:
+        wanted = {"seed": seed} if seed is not None else _parse_values(values)
+        matches = [m["model"] for m in described if all(_same(m.get(k), v) for k, v in wanted.items())]
+        flag = "--seed" if seed is not None else "--values"
+        if not matches:
+            raise InputError(f"{flag}: {workdir.path} trained no model of {wanted} (its models: {_listed(described)})")
+        if len(matches) > 1:
+            raise InputError(f"{flag}: {workdir.path} trained {len(matches)} models of {wanted} ({matches}); name its other values too")
+        return matches[0]
     if model is not None:
-        if not 0 <= model < len(seeds):
-            raise InputError(f"--model: {workdir.path} trained models 0 to {len(seeds) - 1}, not {model}")
+        if not 0 <= model < models.count:
+            raise InputError(f"--model: {workdir.path} trained models 0 to {models.count - 1}, not {model}")
         return model
-    if len(seeds) > 1:
+    if models.count > 1:
         raise InputError(
-            f"{workdir.path}: trained {len(seeds)} models (seeds {listed}); their ensemble (the mean of their logits) is "
-            "not one model: export one of them with --seed S or --model I"
+            f"{workdir.path}: trained {models.count} models ({_listed(described)}); their ensemble (the mean of their logits) "
+            "is not one model: export one of them with --seed S, --model I or --values KEY=VALUE,..."
         )
     return 0
+
+
+def _parse_values(text: str) -> dict[str, Any]:
+    """--values "optim.learning_rate=3e-5,seed=2" -> {"optim.learning_rate": 3e-05, "seed": 2}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, equals, value = part.partition("=")
+        if not equals:
+            raise InputError(f"--values: expected KEY=VALUE,..., got {part!r}")
+        try:
+            out[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise InputError(f"--values: {part!r} is not KEY=NUMBER") from None
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, (int, float)) and abs(a - b) <= 1e-12 * max(abs(a), abs(b)))
+
+
+def _listed(described: list[dict[str, Any]]) -> str:
+    return "; ".join(", ".join(f"{k}={v}" for k, v in m.items()) for m in described[:6]) + ("; ..." if len(described) > 6 else "")
 
 
 def check_out(out: pathlib.Path) -> None:
@@ -99,15 +129,16 @@ def check_out(out: pathlib.Path) -> None:
 
 
 def restore_best(
-    workdir: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None, model: int | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    workdir: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None, model: int | None = None,
+    values: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """One parameter set of a model's best checkpoint, as float32 numpy arrays, and its metrics.
 
     Needs no train state: the tree to restore into comes from the run's model config, traced with
     `jax.eval_shape`. Only the requested set is read from disk.
     """
     run = Workdir(workdir)
-    settings, index, _ = check_workdir(run, params_name, seed, model, while_training=True)
+    settings, index, _ = check_workdir(run, params_name, seed, model, while_training=True, values=values)
     return _restore(run, settings, index, params_name)
 
 
@@ -123,7 +154,7 @@ def _restore(run: Workdir, settings: Settings, index: int, params_name: str) -> 
 
 def export(
     workdir: pathlib.Path, out: pathlib.Path, params_name: str = "eval_ema", seed: int | None = None, model: int | None = None,
-    *, while_training: bool = False,
+    *, while_training: bool = False, values: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Writes the Hugging Face folder `out` from the run in `workdir`; returns the export info.
 
@@ -132,7 +163,7 @@ def export(
     that exists and is not an empty folder.
     """
     run, out = Workdir(workdir), pathlib.Path(out)
-    settings, index, holder = check_workdir(run, params_name, seed, model, while_training=while_training)
+    settings, index, holder = check_workdir(run, params_name, seed, model, while_training=while_training, values=values)
     check_out(out)
     import safetensors.numpy
 
@@ -140,10 +171,9 @@ def export(
 
     config, label_names = run.read_model()
     params, metrics = _restore(run, settings, index, params_name)
-    seed = (settings.train.seeds or (settings.seed,))[index]
     info = {
-        "workdir": str(run.path.resolve()), "params": params_name, "model": index, "seed": seed, "checkpoint": metrics,
-        "while_training": holder is not None,
+        "workdir": str(run.path.resolve()), "params": params_name, **Models.of(settings).describe()[index],
+        "checkpoint": metrics, "while_training": holder is not None,
     }  # fmt: skip
     try:
         with atomic_write.new_folder(out) as tmp:

@@ -117,7 +117,7 @@ class Report:
     """Logs the mean losses of the steps since the last report, over the models and per model;
     stops a diverged run."""
 
-    def __init__(self, session: Session, schedule: optim.Schedule):
+    def __init__(self, session: Session, schedule: optim.Schedule):  # the models' schedules, on the axis
         self.session, self.schedule, self.window = session, schedule, []
         self.models = session.run.models
 
@@ -132,14 +132,16 @@ class Report:
                 f"training diverged: the loss is {float(stacked['loss'].mean())} in the steps up to {step}; the last "
                 "checkpoint was saved before that and is what a restart resumes from"
             )
+        rates = np.ravel(self.models.expand(self.schedule(step - 1)))  # each model's (a sweep's may differ)
         means = {key: float(stacked[key].mean()) for key in ("loss", "ce", "kd")}
-        means["learning_rate"] = float(np.ravel(self.schedule(step - 1))[0])
+        means["learning_rate"] = float(rates.mean())
         means["skipped_steps"] = int(stacked["skipped_steps"][-1].max())
         if "loss_scale" in stacked:
             means["loss_scale"] = float(stacked["loss_scale"][-1].mean())
         per_model = []
         for i in range(stacked["loss"].shape[1]):
             model = {key: float(stacked[key][:, i].mean()) for key in ("loss", "ce", "kd")}
+            model["learning_rate"] = float(rates[i])
             model["skipped_steps"] = int(stacked["skipped_steps"][-1, i])
             if "loss_scale" in stacked:
                 model["loss_scale"] = float(stacked["loss_scale"][-1, i])

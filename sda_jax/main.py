@@ -157,8 +157,9 @@ def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = N
         "params", "eval_ema", params_names,
         "Which parameters of the best checkpoint: eval_ema (what dev scored), student, or teacher (not a vote teacher).",
     )  # fmt: skip
-    seed = flags.DEFINE_integer("seed", None, "Of a run of several models (train.seeds): the seed whose best model to export.")
+    seed = flags.DEFINE_integer("seed", None, "Of a run of several models (a sweep): the seed whose best model to export.")
     model = flags.DEFINE_integer("model", None, "Of a run of several models: the index of the model to export (0, 1, ...).")
+    values = flags.DEFINE_string("values", None, "Of a sweep: the swept values of the model to export, e.g. optim.learning_rate=3e-5,seed=2.")
     while_training = flags.DEFINE_bool(
         "while_training", False, "Export the best checkpoint so far of a run that is still training (refused otherwise)."
     )
@@ -171,7 +172,7 @@ def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = N
         try:
             info = export(
                 pathlib.Path(workdir.value), pathlib.Path(out.value), params.value, seed.value, model.value,
-                while_training=while_training.value,
+                while_training=while_training.value, values=values.value,
             )  # fmt: skip
         except InputError as err:
             exit_with_error(err)

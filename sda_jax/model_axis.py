@@ -1,8 +1,10 @@
 """The model axis: a run trains N >= 1 models side by side, and this is the one module that knows how.
 
-Model i of a run is the run of seed `seeds[i]` (`train.seeds`, or the run's one `seed`): its own
-initial weights (or, on a pretrained encoder, its own fresh heads) and its own dropout stream;
-the batches are shared. Everything with a per-model value, the train state and each parameter
+The models of a run are the grid of its sweep (`sweep.<key>`: the Cartesian product of the swept
+keys' values), or its one model. Model i is the run of its own values: its seed (`sweep.seed`, or
+the run's `seed`) draws its initial weights (or, on a pretrained encoder, its fresh heads) and its
+dropout stream, its other values are the arrays of its `Hyperparameters`; the batches are shared
+(their order comes from the run's `seed`). Everything with a per-model value, the train state and each parameter
 set evaluation scores, carries the models on a leading axis, split over the mesh's `models`
 axis, and the train and eval steps are `vmap`ped over it.
 
@@ -17,6 +19,7 @@ on the host whatever N is.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sda_jax.errors import InputError
+from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.parallel import MODELS_AXIS
 
 Tree = Any
@@ -33,26 +37,50 @@ Tree = Any
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """The models of a run (model i: seed `seeds[i]`) and how their values sit on the model axis."""
+    """The models of a run (model i: the swept values `members[i]`) and how their values sit on the axis."""
 
-    seeds: tuple[int, ...]
+    members: tuple[tuple[tuple[str, Any], ...], ...]  # per model: ((sweep key, value), ...)
+    seed: int  # the run's seed: of a model that does not sweep it
 
     @classmethod
     def of(cls, settings: Any) -> Models:
-        return cls(settings.train.seeds or (settings.seed,))
+        names = [name for name, _ in settings.sweep]
+        grid = itertools.product(*(values for _, values in settings.sweep))
+        return cls(tuple(tuple(zip(names, combination, strict=True)) for combination in grid), settings.seed)
+
+    @classmethod
+    def of_seeds(cls, seeds: Sequence[int]) -> Models:
+        """A sweep over `seed` alone (the benchmarks', the tests')."""
+        return cls(tuple((("seed", seed),) for seed in seeds), seeds[0])
 
     @property
     def count(self) -> int:
-        return len(self.seeds)
+        return len(self.members)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(dict(member).get("seed", self.seed) for member in self.members)
+
+    def values(self, index: int) -> dict[str, Any]:
+        """Model `index`'s swept values, its seed included: {"seed": 2, "optim.learning_rate": 3e-5}."""
+        return {"seed": self.seeds[index], **dict(self.members[index])}
+
+    def settings_of(self, settings: Any, index: int) -> Any:
+        """The settings model `index` trains with: the run's, with its swept values."""
+        return settings.with_values(dict(self.members[index]))
+
+    def hyperparameters(self, settings: Any, total_steps: int) -> Hyperparameters:
+        """Each model's `Hyperparameters`, on the axis."""
+        return self.stack([Hyperparameters.of(self.settings_of(settings, i), total_steps) for i in range(self.count)])
 
     @property
     def _squeezed(self) -> bool:
         """One model: no axis in device memory (see the module docstring)."""
         return self.count == 1
 
-    def describe(self) -> list[dict[str, int]]:
-        """Each model as the records name it: its index on the axis and its seed."""
-        return [{"model": i, "seed": seed} for i, seed in enumerate(self.seeds)]
+    def describe(self) -> list[dict[str, Any]]:
+        """Each model as the records name it: its index on the axis and its values."""
+        return [{"model": i, **self.values(i)} for i in range(self.count)]
 
     def keys(self) -> tuple[list[jax.Array], jax.Array]:
         """(each model's initialisation key, their dropout keys on the axis): one split of each seed's key."""
@@ -121,7 +149,7 @@ class Models:
         per_device = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) // groups
         if per_device > 0.8 * limit:
             raise InputError(
-                f"config key train.seeds: the train states of {self.count} model(s) need {per_device / 2**30:.1f} GiB "
-                f"per device (from jax.eval_shape), more than 80% of the device's {limit / 2**30:.1f} GiB; train fewer "
-                "seeds at once or on more devices"
+                f"config keys sweep.*: the train states of {self.count} model(s) need {per_device / 2**30:.1f} GiB "
+                f"per device (from jax.eval_shape), more than 80% of the device's {limit / 2**30:.1f} GiB; sweep fewer "
+                "values at once, or on more devices"
             )

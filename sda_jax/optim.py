@@ -101,7 +101,7 @@ class Schedule(flax.struct.PyTreeNode):
         return jnp.where(step < self.warmup_steps, warming, decaying)
 
 
-def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(settings: OptimSettings, weight_decay: jax.Array | float | None = None) -> optax.GradientTransformationExtraArgs:
     """AdamW of the reference (decoupled decay, groups by name) with optional gradient clipping.
 
     Its `update` takes the learning rate as a keyword, `tx.update(grads, state, params,
@@ -110,7 +110,8 @@ def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtra
     reference's scheduler, which counts train steps, not updates).
 
     Weight decay uses the parameter before the update (optax) where the reference decays the
-    already-updated one: the two differ by lr²·wd·update, about 1e-14 relative here.
+    already-updated one: the two differ by lr²·wd·update, about 1e-14 relative here. `weight_decay`
+    (an array of the train state, see `hyperparameters`) stands in for `settings.weight_decay`.
     """
     chain = []
     if settings.max_grad_norm is not None:
@@ -119,7 +120,7 @@ def make_optimizer(settings: OptimSettings) -> optax.GradientTransformationExtra
         scale_by_adam(
             settings.adam_b1, settings.adam_b2, settings.adam_eps, bias_correction=settings.adam_bias_correction
         ),
-        optax.add_decayed_weights(settings.weight_decay, mask=decay_mask),
+        optax.add_decayed_weights(settings.weight_decay if weight_decay is None else weight_decay, mask=decay_mask),
         scale_by_learning_rate_argument(),
     ]
     return optax.chain(*chain)

@@ -36,10 +36,13 @@ def dev_line(step: int, params_name: str, scores: Any, improved: list[bool]) -> 
 
 
 def build(
-    run, programs, *, counts, best_metrics, ensemble_dev, test_logits, start_step, examples_seen, stopwatch, to_first_step
+    run, programs, *, counts, best_metrics, table, prediction, ensemble_dev, test_logits, start_step, examples_seen,
+    stopwatch, to_first_step,
 ) -> dict[str, Any]:  # fmt: skip
-    """The run's summary record (see the module docstring): `best_metrics` per model, the dev
-    metrics of their best eval EMAs' ensemble, and the test logits [models, examples, classes]."""
+    """The run's summary record (see the module docstring): `best_metrics` per model, the sweep's
+    `table` (`sweep_results.summary`), what the submission came from (`prediction`), the dev
+    metrics of all the models' best eval EMAs' ensemble, and the submission's test logits
+    [models, examples, classes]."""
     settings, data, buckets = run.settings, run.data, run.buckets
     times = stopwatch.breakdown()
     train_seconds = times.get("train loop", 0.0)
@@ -56,6 +59,8 @@ def build(
         "best_dev_f1": float(f1.mean()), "best_dev_f1_std": float(f1.std()),
         "ensemble_dev_accuracy": ensemble_dev["accuracy"], "ensemble_dev_f1": ensemble_dev["f1"],
         "models": models,
+        **table,
+        "prediction": prediction,
         "steps": int(np.max(counts["step"])),
         "resumed_from_step": start_step,
         # What the (re)start cost before its first new step, by phase (None: no step was left to run).
@@ -115,15 +120,21 @@ def format_summary(summary: dict[str, Any]) -> str:
     phases = summary["seconds_by_phase"]
     breakdown = ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items() if seconds >= 0.05)
     count = len(summary["models"])
+    values = lambda m: ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items() if k == "seed" or "." in k)
+    best, prediction = summary["best_combination"], summary["prediction"]
     best_rows = [
         *(
-            (f"model {m['model']} (seed {m['seed']})",
+            (f"model {m['model']} ({values(m)})",
              f"best dev accuracy {m['best_dev_accuracy']:.4f} F1 {m['best_dev_f1']:.4f} at step {m['best_step']} ({m['best_params']})")
             for m in summary["models"]
         ),
         ("mean ± std", (f"accuracy {summary['best_dev_accuracy']:.4f} ± {summary['best_dev_accuracy_std']:.4f}, "
          f"F1 {summary['best_dev_f1']:.4f} ± {summary['best_dev_f1_std']:.4f} over {count} model(s)")),
         ("ensemble", f"dev accuracy {summary['ensemble_dev_accuracy']:.4f} F1 {summary['ensemble_dev_f1']:.4f} (mean logits of the models' best)"),
+        *([("best combination", f"{values(best) or '-'}: dev accuracy {best['dev_accuracy_mean']:.4f} ± {best['dev_accuracy_std']:.4f} "
+            f"over its {len(best['seeds'])} seed(s) (sweep.md)")] if len(summary["combinations"]) > 1 else []),
+        ("submission", f"from the {prediction['with'].replace('_', ' ')}: models {prediction['models']}, dev accuracy "
+         f"{prediction['dev_accuracy']:.4f} F1 {prediction['dev_f1']:.4f}"),
     ]  # fmt: skip
     rows = [
         *best_rows,

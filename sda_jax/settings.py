@@ -39,7 +39,26 @@ TRUNCATIONS = ("longest_first", "reference")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHERS = ("ema", "window", "vote")
 ADVERSARIAL_METHODS = ("none", "fgm", "pgd")
+PREDICT_WITH = ("best_combination", "best_model")
 TFDS_PREFIX = "tfds:"
+# The keys a sweep can take several values of: none of them changes a program's shapes, each is an
+# array in the train state (see `sda_jax/hyperparameters.py`), and `seed` draws a model's own init and dropout.
+SWEEP_KEYS = (
+    "seed", "optim.learning_rate", "optim.warmup_ratio", "optim.weight_decay", "sda.kd_coeff", "sda.teacher_decay",
+    "sda.eval_ema_decay", "adversarial.epsilon",
+)  # fmt: skip
+# Why the other keys are not sweep keys, by key or section (the first match counts).
+_NOT_SWEEPABLE = (
+    ("train.batch_size", "the batch size sets every program's shapes: run one sweep per batch size"),
+    ("data.", "the models share one input pipeline: its files, tokens and bucket lengths"),
+    ("model.", "the models share one architecture, checkpoint and compute dtype: one set of programs"),
+    ("train.", "the models share one train loop: its length, cadences and outputs"),
+    ("sda.eval_ema_start_step", "it decides whether the train state keeps an eval EMA at all: its shapes"),
+    ("sda.", "the teacher's kind and window change the train step's program"),
+    ("adversarial.", "the attack's method and steps change the train step's program; sweep adversarial.epsilon"),
+    ("optim.", "not among the sweep keys; sweep optim.learning_rate, optim.warmup_ratio or optim.weight_decay"),
+    ("fp16.", "the loss scale's rules are not among the sweep keys"),
+)
 ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
 
@@ -107,9 +126,9 @@ class TrainSettings:
     )  # fmt: skip
     keep_checkpoints: int = key(2, "train checkpoints kept (the best-by-dev one is kept apart)", minimum=1)
     predict_file: str = key("afqmc_predict.json", "CLUE submission written into the workdir")
-    seeds: tuple[int, ...] | None = key(None, "several, e.g. (2021, 2022): one model per seed in one program; None: `seed`",
-                                        minimum=0, distinct=True)  # fmt: skip
-    per_seed_predictions: bool = key(False, "with several seeds: also write each seed's predictions beside the ensemble's")
+    predict_with: str = key("best_combination", "the submission's models: best_combination (the ensemble of its seeds) or best_model",
+                            choices=PREDICT_WITH)  # fmt: skip
+    per_model_predictions: bool = key(False, "with several models: also write each model's predictions beside the submission")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +172,7 @@ class Fp16Settings:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    seed: int = key(2021, "the one seed: init, dropout, data order and fresh heads (with several train.seeds: data order)", minimum=0)
+    seed: int = key(2021, "the one seed: init, dropout, data order and fresh heads (with sweep.seed: the data order)", minimum=0)
     data: DataSettings = DataSettings()
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
@@ -161,11 +180,20 @@ class Settings:
     sda: SdaSettings = SdaSettings()
     adversarial: AdversarialSettings = AdversarialSettings()
     fp16: Fp16Settings = Fp16Settings()
+    # ((sweep key, its values), ...) in SWEEP_KEYS order: the grid of models a run trains side by side.
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
         """Checks every key of `config` and returns the frozen settings; InputError names the key."""
-        settings = _convert_section(cls, config.to_dict(), "", lambda name: f"config key {name}")
+        return cls._from(config.to_dict(), lambda name: f"config key {name}")
+
+    @classmethod
+    def _from(cls, values: dict[str, Any], where) -> Settings:
+        values = dict(values)
+        sweep = values.pop("sweep", None)
+        settings = _convert_section(cls, {**values, "sweep": ()}, "", where)
+        settings = dataclasses.replace(settings, sweep=_convert_sweep(sweep or {}, where))
         _check_together(settings)
         return settings
 
@@ -178,13 +206,32 @@ class Settings:
             raise InputError(f"{path.parent}: not an sda-jax run folder (no {path.name})") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"{path}: not readable as the run's settings ({err})") from None
-        settings = _convert_section(cls, record, "", lambda name: f"{path}: key {name}")
-        _check_together(settings)
-        return settings
+        return cls._from(record, lambda name: f"{path}: key {name}")
 
     def to_record(self) -> str:
-        """settings.json: every key and its value (paths as strings, tuples as lists)."""
-        return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
+        """settings.json: every key and its value (paths as strings, tuples as lists; the sweep as
+        the config writes it, {section: {key: values}})."""
+        record = dataclasses.asdict(dataclasses.replace(self, sweep=()))
+        record["sweep"] = {}
+        for name, values in self.sweep:
+            *sections, last = name.split(".")
+            node = record["sweep"]
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[last] = list(values)
+        return json.dumps(record, indent=2, default=str) + "\n"
+
+    def with_values(self, values: Mapping[str, Any]) -> Settings:
+        """These settings with dotted keys set to other (checked) values: a sweep's member's own."""
+        settings = self
+        for name, value in values.items():
+            *sections, last = name.split(".")
+            if not sections:
+                settings = dataclasses.replace(settings, **{last: value})
+            else:
+                section = getattr(settings, sections[0])
+                settings = dataclasses.replace(settings, **{sections[0]: dataclasses.replace(section, **{last: value})})
+        return settings
 
 
 def sections() -> list[tuple[str, type]]:
@@ -196,11 +243,13 @@ def sections() -> list[tuple[str, type]]:
 
 
 def describe() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, one-line comment) of every config key, in config order."""
+    """(dotted key, default, one-line comment) of every config key, in config order; the sweep keys last."""
     out = []
     for prefix, cls in sections():
         for f in _scalar_fields(cls):
             out.append((prefix + f.name, f.default, f.metadata["comment"]))
+    out += [(f"sweep.{name}", None, f"values of {name} for the grid of models trained side by side; None: its one value")
+            for name in SWEEP_KEYS]  # fmt: skip
     return out
 
 
@@ -218,12 +267,62 @@ def default_config() -> ml_collections.ConfigDict:
                 node[f.name] = config_dict.placeholder(str if base is pathlib.Path else _origin(base))
             else:
                 node[f.name] = str(f.default) if base is pathlib.Path else f.default
+    # The sweep mirrors every key (a tuple of values each), so that a key no sweep can take is refused with why.
+    config.sweep = ml_collections.ConfigDict()
+    for prefix, cls in sections():
+        node = config.sweep
+        if prefix:
+            node = config.sweep[prefix.rstrip(".")] = ml_collections.ConfigDict()
+        for f in _scalar_fields(cls):
+            node[f.name] = config_dict.placeholder(tuple)
     return config
 
 
 def _scalar_fields(cls: type) -> list[dataclasses.Field]:
     hints = typing.get_type_hints(cls)
-    return [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
+    return [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name]) and f.name != "sweep"]
+
+
+def _field(name: str) -> tuple[Any, dataclasses.Field]:
+    """(type hint, field) of a dotted config key."""
+    *sections_, last = name.split(".")
+    cls = Settings
+    for section in sections_:
+        cls = typing.get_type_hints(cls)[section]
+    return typing.get_type_hints(cls)[last], next(f for f in dataclasses.fields(cls) if f.name == last)
+
+
+def _convert_sweep(values: Mapping[str, Any], where) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """The swept keys and their checked values, in SWEEP_KEYS order; a key no sweep can take is
+    refused with why, a value as its key's own check would refuse it."""
+
+    def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for name, value in tree.items():
+            out.update(flat(value, f"{prefix}{name}.") if isinstance(value, Mapping) else {prefix + name: value})
+        return out
+
+    given = {name: value for name, value in flat(values).items() if value is not None}
+    for name in given:
+        if name not in SWEEP_KEYS:
+            reason = next((why for start, why in _NOT_SWEEPABLE if name == start or name.startswith(start)), "no such key")
+            raise InputError(f"{where('sweep.' + name)}: not a sweep key ({reason}); the sweep keys: {', '.join(SWEEP_KEYS)}")
+    out = []
+    for name in SWEEP_KEYS:
+        if name not in given:
+            continue
+        raw, label = given[name], "sweep." + name
+        hint, field = _field(name)
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)) or not raw:
+            raise InputError(f"{where(label)}: expected a list of values of {name}, got {raw!r}")
+        checked = tuple(
+            _convert(value, _unwrap(hint)[0], field.metadata, lambda what, v: InputError(f"{where(label)}: expected {what} each, got {v!r}"))
+            for value in raw
+        )  # fmt: skip
+        if len(set(checked)) != len(checked):
+            raise InputError(f"{where(label)}: expected distinct values, got {tuple(raw)!r}")
+        out.append((name, checked))
+    return tuple(out)
 
 
 def _unwrap(hint: Any) -> tuple[Any, bool]:
@@ -249,6 +348,9 @@ def _convert_section(cls: type, values: Mapping[str, Any], prefix: str, where) -
     out = {}
     for f in dataclasses.fields(cls):
         name = prefix + f.name
+        if cls is Settings and f.name == "sweep":  # checked by _convert_sweep
+            out[f.name] = ()
+            continue
         if f.name not in values:
             raise InputError(f"{where(name)}: missing")
         if dataclasses.is_dataclass(hints[f.name]):

@@ -22,6 +22,7 @@ import optax
 
 from sda_jax import (
     adversarial,
+    atomic_write,
     averaging,
     distill,
     evaluate,
@@ -31,8 +32,10 @@ from sda_jax import (
     parallel,
     run_summary,
     selection,
+    sweep_results,
 )
 from sda_jax.bucketed_jit import BucketedJit, batch_shape_key, compile_concurrently
+from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.metrics_writer import plot_training_curves
 from sda_jax.model_axis import Models
 from sda_jax.run import Run, prepare
@@ -51,18 +54,18 @@ class TrainState:
     slow_params: Params | None  # Lookahead's slow weights; None when Lookahead is a no-op (alpha = 1)
     teacher: averaging.Average  # what the student distils from: EmaTeacher, WindowTeacher or VoteTeacher
     eval_ema: averaging.EvalEma | None  # what dev evaluation scores once it has started; None if it never does
-    schedule: optim.Schedule  # learning-rate numbers as arrays: the programs do not depend on the run's length
+    hyper: Hyperparameters  # the schedule and the other numbers as arrays: the programs depend on none of them
     loss_scale: mixed_precision.LossScale | None  # float16 only
     skipped_steps: jax.Array  # int32: fp16 steps skipped for non-finite gradients
 
 
 def create_train_state(
-    params: Params, schedule: optim.Schedule, settings: Settings, *, compute_dtype: Any, eval_ema_starts: bool = True
+    params: Params, hyper: Hyperparameters, settings: Settings, *, compute_dtype: Any, eval_ema_starts: bool = True
 ) -> TrainState:
     """The state before step 1: teacher, eval EMA (and Lookahead's slow weights) equal the student.
 
-    `schedule` is an argument (not built here from the run's length) so that this program, too,
-    is the same for runs of any length. Without `eval_ema_starts` (a run that ends before
+    `hyper` (`Hyperparameters.of(settings, total_steps)`) is an argument, not built here, so that
+    this program, too, is the same for runs of any length and values, and for each of a sweep's members. Without `eval_ema_starts` (a run that ends before
     `sda.eval_ema_start_step`, as the reference recipe's one AFQMC epoch of 537 steps does before
     step 800) no evaluation EMA is kept: it would be a copy of the student at every step, 8 bytes
     per parameter of traffic per step for nothing.
@@ -73,13 +76,13 @@ def create_train_state(
         params=params,
         opt_state=optim.make_optimizer(settings.optim).init(params),
         slow_params=jax.tree.map(jnp.copy, params) if optim.uses_lookahead(settings.optim) else None,
-        teacher=averaging.make_teacher(sda.teacher, params, decay_cap=sda.teacher_decay, window=sda.teacher_window),
+        teacher=averaging.make_teacher(sda.teacher, params, decay_cap=hyper.teacher_decay, window=sda.teacher_window),
         eval_ema=(
-            averaging.EvalEma(jax.tree.map(jnp.copy, params), sda.eval_ema_decay, sda.eval_ema_start_step)
+            averaging.EvalEma(jax.tree.map(jnp.copy, params), hyper.eval_ema_decay, sda.eval_ema_start_step)
             if eval_ema_starts
             else None
         ),
-        schedule=schedule,
+        hyper=hyper,
         loss_scale=(
             mixed_precision.LossScale.create(settings.fp16.initial_loss_scale, settings.fp16.growth_interval)
             if jnp.dtype(compute_dtype) == jnp.float16
@@ -104,7 +107,7 @@ def train_step(
         def loss_fn(params):
             rngs = {"dropout": jax.random.fold_in(dropout_rng, attack) if attack else dropout_rng}
             logits = model.apply({"params": params}, *inputs, deterministic=False, rngs=rngs)
-            loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], settings.sda.kd_coeff)
+            loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], state.hyper.kd_coeff)
             return loss * scale, (loss, ce, kd)
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -113,12 +116,12 @@ def train_step(
     attack = settings.adversarial
     if attack.method != "none":
         grads = adversarial.adversarial_gradients(
-            grad_fn, state.params, grads, method=attack.method, epsilon=attack.epsilon, alpha=attack.alpha,
+            grad_fn, state.params, grads, method=attack.method, epsilon=state.hyper.adversarial_epsilon, alpha=attack.alpha,
             steps=attack.steps,
         )  # fmt: skip
     grads = jax.tree.map(lambda g: g / scale, grads)
-    tx = optim.make_optimizer(settings.optim)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=state.schedule(state.step))
+    tx = optim.make_optimizer(settings.optim, weight_decay=state.hyper.weight_decay)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=state.hyper.schedule(state.step))
     params = optax.apply_updates(state.params, updates)
     slow_params = state.slow_params
     if slow_params is not None:
@@ -172,7 +175,7 @@ def _create(settings: Settings, total_steps: int, compute_dtype: Any, models: Mo
         create_train_state, settings=settings, compute_dtype=compute_dtype,
         eval_ema_starts=total_steps > settings.sda.eval_ema_start_step,
     )  # fmt: skip
-    return models.lift(create, in_axes=(0, None))
+    return models.lift(create, in_axes=(0, 0))
 
 
 def abstract_train_state(
@@ -182,7 +185,7 @@ def abstract_train_state(
     `jax.eval_shape` from the parameters' shapes on the axis: what compiling needs, with nothing
     allocated (also for a device that is not there)."""
     create = _create(settings, total_steps, compute_dtype, models)
-    shapes = jax.eval_shape(create, param_shapes, optim.Schedule.create(settings.optim, total_steps))
+    shapes = jax.eval_shape(create, param_shapes, models.hyperparameters(settings, total_steps))
     return models.abstract(shapes, mesh)
 
 
@@ -195,7 +198,7 @@ def place_state_and_step(
     abstract = abstract_train_state(params, settings, total_steps, model.dtype, mesh, models)
     state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
     create = _create(settings, total_steps, model.dtype, models)
-    state = jax.jit(create, out_shardings=state_sharding)(params, optim.Schedule.create(settings.optim, total_steps))
+    state = jax.jit(create, out_shardings=state_sharding)(params, models.hyperparameters(settings, total_steps))
     return state, BucketedJit(jit_train_step(model, settings, mesh, state_sharding, models), batch_shape_key, clock)
 
 
@@ -245,34 +248,44 @@ def train_and_evaluate(settings: Settings, workdir: Any, *, fresh: bool = False,
 def _train(run: Run, programs: Programs, state: Any, clock: Stopwatch) -> dict[str, Any]:
     settings = run.settings
     with loop.Session(run, clock, state) as session:  # resumed from the newest intact checkpoint
-        report = loop.Report(session, optim.Schedule.create(settings.optim, run.total_steps))  # on the host, for the log
+        report = loop.Report(session, run.models.hyperparameters(settings, run.total_steps).schedule)  # for the log
         hooks = [loop.Evaluate(run, session, programs.eval), loop.Checkpoint(run, session)]
         state = loop.train(run, programs.train_fn, session, hooks, report)
         return finish(run, programs, state, session, clock)
 
 
 def finish(run: Run, programs: Programs, state: Any, session: loop.Session, clock: Stopwatch) -> dict[str, Any]:
-    """The test predictions of the models' best eval EMAs (their ensemble, and each seed's if asked),
-    the ensemble's dev metrics, the summary and the curves."""
+    """The test predictions of the models' best eval EMAs (the best combination's ensemble, or the
+    best model; each model's too if asked), their dev metrics, the sweep's table, the summary and
+    the curves."""
     settings, data = run.settings, run.data
     with clock.phase("prediction"):
         best_params, best_metrics = session.selection.restore(state)
         best = (averaging.Current(best_params["eval_ema"]),)
         (test_logits,) = programs.eval.logits(best, data.test)  # [models, examples, classes]
         (dev_logits,) = programs.eval.logits(best, data.dev)
-        ensemble_dev = evaluate.dev_metrics(dev_logits.mean(axis=0), data.dev.labels)
+    table = sweep_results.summary(run.models.describe(), best_metrics)
+    chosen = table["best_combination"]["models"] if settings.train.predict_with == "best_combination" else [table["best_model"]["model"]]
+    prediction = {
+        "with": settings.train.predict_with, "models": chosen,
+        **{f"dev_{k}": v for k, v in evaluate.dev_metrics(dev_logits[chosen].mean(axis=0), data.dev.labels).items()},
+    }  # fmt: skip
     counts = parallel.fetch({"step": state.step, "skipped_steps": state.skipped_steps})
     summary = run_summary.build(
-        run, programs, counts=counts, best_metrics=best_metrics, ensemble_dev=ensemble_dev, test_logits=test_logits,
+        run, programs, counts=counts, best_metrics=best_metrics, table=table, prediction=prediction,
+        ensemble_dev=evaluate.dev_metrics(dev_logits.mean(axis=0), data.dev.labels), test_logits=test_logits[chosen],
         start_step=session.start_step, examples_seen=session.examples_seen, stopwatch=clock,
         to_first_step=session.to_first_step,
     )  # fmt: skip
     if run.is_main:
         label = lambda logits: evaluate.argmax_labels(logits, settings.data.label_names)
-        evaluate.write_predictions(run.workdir.predictions(settings), data.test.ids, label(test_logits.mean(axis=0)))
-        if settings.train.per_seed_predictions:
-            for seed, logits in zip(run.models.seeds, test_logits, strict=True):
-                evaluate.write_predictions(run.workdir.predictions(settings, seed), data.test.ids, label(logits))
+        evaluate.write_predictions(run.workdir.predictions(settings), data.test.ids, label(test_logits[chosen].mean(axis=0)))
+        if settings.train.per_model_predictions:
+            for i, logits in enumerate(test_logits):
+                evaluate.write_predictions(run.workdir.predictions(settings, i), data.test.ids, label(logits))
+        if settings.sweep:
+            for path, text in zip(run.workdir.sweep_tables, (sweep_results.to_csv(table), sweep_results.to_markdown(table)), strict=True):
+                atomic_write.write_text(path, text)
         run_summary.write(run.workdir, summary)
         plot_training_curves(run.workdir)
         print(run_summary.format_summary(summary))

@@ -10,7 +10,8 @@
     checkpoints/best/model_<i>/   each model's best parameter sets by dev accuracy
     checkpoints/damaged/     checkpoints found damaged when a run resumed, moved aside (never deleted)
     summary.json             the run's summary (`run_summary`)
-    <train.predict_file>     the CLUE submission (and, with train.per_seed_predictions, one per seed)
+    sweep.csv, sweep.md      a sweep's table: per combination of its values, mean ± std over its seeds
+    <train.predict_file>     the CLUE submission (and, with train.per_model_predictions, one per model)
     .lock                    held by the run that uses the folder (`RunLock`)
 
 Export and prediction need nothing but the workdir. A workdir that holds a run with other
@@ -41,6 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "training_curves.png"
 SUMMARY_FILE = "summary.json"
+SWEEP_FILES = ("sweep.csv", "sweep.md")
 CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 # A lock that cannot work on this filesystem (some network filesystems): a note, not a crash.
@@ -99,16 +101,22 @@ class Workdir:
         except ValueError:
             return str(path)
 
-    def predictions(self, settings: Settings, seed: int | None = None) -> pathlib.Path:
-        """The submission file; with `seed`, that seed's own beside it (train.per_seed_predictions)."""
+    def predictions(self, settings: Settings, model: int | None = None) -> pathlib.Path:
+        """The submission file; with `model`, that model's own beside it (train.per_model_predictions)."""
         path = self.path / settings.train.predict_file
-        return path if seed is None else path.with_name(f"{path.stem}.seed{seed}{path.suffix}")
+        return path if model is None else path.with_name(f"{path.stem}.model{model}{path.suffix}")
+
+    @property
+    def sweep_tables(self) -> tuple[pathlib.Path, pathlib.Path]:
+        """sweep.csv and sweep.md."""
+        return tuple(self.path / name for name in SWEEP_FILES)
 
     def outputs(self, settings: Settings) -> list[pathlib.Path]:
         """Everything a run writes here: what starting afresh removes, and nothing else."""
-        fixed = (SETTINGS_FILE, MODEL_DIR, METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE, SUMMARY_FILE, CHECKPOINTS_DIR)
-        per_seed = [self.predictions(settings, seed) for seed in settings.train.seeds or ()]
-        return [self.path / name for name in fixed] + [self.predictions(settings), *per_seed]
+        fixed = (SETTINGS_FILE, MODEL_DIR, METRICS_FILE, TENSORBOARD_DIR, CURVES_FILE, SUMMARY_FILE, CHECKPOINTS_DIR, *SWEEP_FILES)
+        submission = self.predictions(settings)
+        per_model = sorted(self.path.glob(f"{submission.stem}.model*{submission.suffix}"))
+        return [self.path / name for name in fixed] + [submission, *per_model]
 
     # --- starting a run ----------------------------------------------------------------------
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from sda_jax import input_pipeline, optim, splits, tokenization
+from sda_jax import input_pipeline, splits, tokenization
 from sda_jax.bert_config import BertConfig
+from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
 from sda_jax.train import create_train_state, train_step
@@ -60,8 +61,7 @@ def _steps(dtype, device, batches, settings) -> tuple[list[float], dict]:
     with jax.default_device(device):
         model = BertForSequenceClassification(CONFIG, dtype=dtype)
         params = init_params(CONFIG, jax.random.key(0))
-        schedule = optim.Schedule.create(settings.optim, total_steps=100)
-        state = create_train_state(params, schedule, settings, compute_dtype=dtype)
+        state = create_train_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=dtype)
         step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(1), model=model, settings=settings))
         losses = []
         for batch in batches:

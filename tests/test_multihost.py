@@ -49,7 +49,7 @@ def _launch(workdir, *launch_args, env_extra=None, extra_flags=()):
 @pytest.mark.parametrize("seeds", [(), (2021, 2022)], ids=["one seed", "two seeds"])
 def test_two_processes_match_one(tmp_path, seeds):
     """With two seeds, each process holds one seed's state and feeds every row of the batch."""
-    extra = [f"--config.train.seeds={seeds}"] if seeds else []
+    extra = [f"--config.sweep.seed={seeds}"] if seeds else []
     single = _launch(tmp_path / "one", extra_flags=extra)
     _out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err[-3000:]

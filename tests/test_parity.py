@@ -40,8 +40,9 @@ import transformers
 
 from tests.torch_reference import RecipeConfig, SdaTrainer, torch_batch
 from configs import default
-from sda_jax import export, input_pipeline, optim, splits, tokenization
+from sda_jax import export, input_pipeline, splits, tokenization
 from sda_jax.bert_config import BertConfig
+from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.clue_files import read_clue_file
 from sda_jax.hf_checkpoint import params_from_state_dict, state_dict_from_params
 from sda_jax.models import BertForSequenceClassification
@@ -201,8 +202,7 @@ def trajectory(afqmc_dir, tokenizer):
     initial = _torch_params(model.named_parameters())
 
     # sda_jax, built as train.train_and_evaluate builds it.
-    schedule = optim.Schedule.create(settings.optim, TOTAL_STEPS)
-    state = create_train_state(params, schedule, settings, compute_dtype=jnp.float32)
+    state = create_train_state(params, Hyperparameters.of(settings, TOTAL_STEPS), settings, compute_dtype=jnp.float32)
     step_fn = jax.jit(functools.partial(train_step, model=BertForSequenceClassification(config), settings=settings))
 
     reference = SdaTrainer(model, TOTAL_STEPS, RecipeConfig.from_settings(settings))

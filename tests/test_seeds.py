@@ -1,4 +1,4 @@
-"""The model axis: N models (`train.seeds`) side by side in one program, each its own run; one model
+"""The model axis: N models (`sweep.seed`) side by side in one program, each its own run; one model
 is the plain train step.
 
 What is held: one model on the model axis is the plain jitted `train_step`, bit for bit, from the
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax import checkpoints, export, hf_checkpoint, input_pipeline, optim, parallel, splits, tokenization, train
+from sda_jax import checkpoints, export, hf_checkpoint, input_pipeline, parallel, splits, tokenization, train
 from sda_jax.bert_config import BertConfig
+from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.errors import InputError
 from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, init_params
@@ -55,9 +56,7 @@ def test_one_model_is_the_plain_train_step_bit_for_bit(tmp_path):
     (init_key,), dropout_key = Models.of(settings).keys()
     config = BertConfig.from_json_file(tmp_path / "run" / "model" / "config.json")
     model = BertForSequenceClassification(config)
-    state = train.create_train_state(
-        init_params(config, init_key), optim.Schedule.create(settings.optim, 12), settings, compute_dtype=jnp.float32
-    )
+    state = train.create_train_state(init_params(config, init_key), Hyperparameters.of(settings, 12), settings, compute_dtype=jnp.float32)
     step = jax.jit(functools.partial(train.train_step, model=model, settings=settings))
     batches = input_pipeline.train_batches(data.train, batch_size=16, bucket_multiplier=200, bucket_lengths=(64,), seed=settings.seed)
     for batch in itertools.islice(batches, 12):
@@ -76,14 +75,13 @@ def test_a_seed_trained_among_others_equals_that_seed_alone(bert_base_chinese_di
     dev = splits.read_split(settings.data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
     batches = list(itertools.islice(input_pipeline.eval_batches(dev, batch_size=16, bucket_lengths=(32, 64)), 20))
     model = BertForSequenceClassification(CONFIG)
-    models = Models(SEEDS)
+    models = Models.of_seeds(SEEDS)
     init_keys, dropout_keys = models.keys()
     params = [init_params(CONFIG, key) for key in init_keys]
     mesh = parallel.make_mesh(models.count)
     together, step_together = train.place_state_and_step(models.stack(params), model, settings, 100, mesh, models)
     keys = models.put(dropout_keys, mesh)
-    schedule = optim.Schedule.create(settings.optim, total_steps=100)
-    alone = [train.create_train_state(p, schedule, settings, compute_dtype=jnp.float32) for p in params]
+    alone = [train.create_train_state(p, Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.float32) for p in params]
     step_alone = jax.jit(lambda s, b, r: train.train_step(s, b, r, model=model, settings=settings))
     for batch in batches:
         together, metrics = step_together(together, parallel.put_global_batch(batch, mesh), keys)
@@ -112,7 +110,7 @@ def test_a_checkpoint_is_read_once_for_all_models(tmp_path, monkeypatch):
     config = BertConfig.from_json_file(tmp_path / "config.json", num_labels=2)  # the file's 3-label head is of no use
     reads, read = [], hf_checkpoint.read_state_dict
     monkeypatch.setattr(hf_checkpoint, "read_state_dict", lambda path: reads.append(path) or read(path))
-    init_keys, _ = Models((1, 2, 3)).keys()
+    init_keys, _ = Models.of_seeds((1, 2, 3)).keys()
     params, report = hf_checkpoint.load_pretrained_models(tmp_path, config, init_keys)
     assert len(reads) == 1 and len(params) == 3 and report.fresh_heads == ("classifier",)
     np.testing.assert_array_equal(params[0]["bert"]["pooler"]["dense"]["kernel"], params[2]["bert"]["pooler"]["dense"]["kernel"])
@@ -125,8 +123,8 @@ def test_too_many_models_for_the_device_is_a_clear_error():
     state = {"w": jax.ShapeDtypeStruct((8, 1024, 1024), jnp.float32)}  # 32 MiB
     device = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": 16 * 2**20})
     mesh = types.SimpleNamespace(devices=np.array([device]), shape={parallel.MODELS_AXIS: 1, parallel.DATA_AXIS: 1})
-    models = Models(tuple(range(8)))
-    with pytest.raises(InputError, match=r"train.seeds: the train states of 8 model\(s\) need 0.0 GiB per device .* 0.0 GiB"):
+    models = Models.of_seeds(tuple(range(8)))
+    with pytest.raises(InputError, match=r"sweep.\*: the train states of 8 model\(s\) need 0.0 GiB per device .* 0.0 GiB"):
         models.check_fits(state, mesh)
     roomy = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": 2**30})]), shape={})
     models.check_fits(state, roomy)  # fits: no error
@@ -149,7 +147,7 @@ def varied_model_dir(tmp_path_factory, bert_base_chinese_dir):
 @pytest.fixture(scope="module")
 def two_seeds(tmp_path_factory, varied_model_dir):
     workdir = tmp_path_factory.mktemp("seeds") / "run"
-    overrides = {**RUN, "train.seeds": SEEDS, "train.per_seed_predictions": True, "train.eval_all_params": True,
+    overrides = {**RUN, "sweep.seed": SEEDS, "train.per_model_predictions": True, "train.eval_all_params": True,
                  "model.dir": varied_model_dir}  # fmt: skip
     train_in_process(workdir, overrides)
     return workdir
@@ -203,7 +201,7 @@ def test_summary_and_ensemble_predictions(two_seeds, bert_base_chinese_dir):
     for seed in SEEDS:
         params, _ = export.restore_best(workdir, "eval_ema", seed)
         logits.append(_logits(workdir, params, test))
-        written = [json.loads(line)["label"] for line in (workdir / f"afqmc_predict.seed{seed}.json").read_text().splitlines()]
+        written = [json.loads(line)["label"] for line in (workdir / f"afqmc_predict.model{SEEDS.index(seed)}.json").read_text().splitlines()]
         assert [int(x) for x in written] == logits[-1].argmax(-1).tolist()
     ensemble = np.mean(logits, axis=0).argmax(-1)
     written = [int(json.loads(line)["label"]) for line in (workdir / "afqmc_predict.json").read_text().splitlines()]
@@ -217,8 +215,8 @@ def test_one_model_exports_the_ensemble_does_not(two_seeds, tmp_path, cli):
     run = lambda *args: cli.run("sda_jax.export", f"--workdir={workdir}", *args, timeout=300)
     refused = run(f"--out={tmp_path / 'all'}")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
-    assert "trained 2 models (seeds 2021, 2022)" in refused.stderr and "--seed S or --model I" in refused.stderr
-    assert "not" in run(f"--out={tmp_path / 'x'}", "--seed=7").stderr
+    assert "trained 2 models (model=0, seed=2021; model=1, seed=2022)" in refused.stderr and "--seed S, --model I" in refused.stderr
+    assert "trained no model of {'seed': 7}" in run(f"--out={tmp_path / 'x'}", "--seed=7").stderr
     exported = run(f"--out={tmp_path / 'one'}", "--seed=2022")
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert "of model 1 (seed 2022)" in exported.stdout
@@ -236,7 +234,7 @@ def test_two_seeds_on_four_devices_match_one_device(tmp_path, cli):
     one-model cross-device tests, with BERT's usual initialisation)."""
     for devices in (1, 4):
         result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / str(devices)}",
-                         *flags_of({**RUN, "train.seeds": SEEDS}), devices=devices, timeout=600)  # fmt: skip
+                         *flags_of({**RUN, "sweep.seed": SEEDS}), devices=devices, timeout=600)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
     assert "4 x cpu" in json.loads((tmp_path / "4" / "summary.json").read_text())["devices"]
     losses = lambda w: [(r["step"], [m["loss"] for m in r["models"]]) for r in read_records(w, "train")]
@@ -250,8 +248,9 @@ def test_two_seeds_on_four_devices_match_one_device(tmp_path, cli):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def test_two_seeds_resume_bit_identically_after_sigkill(tmp_path, monkeypatch):
-    monkeypatch.setattr(test_resume, "TINY", [*test_resume.TINY, f"--config.train.seeds={SEEDS}"])
+def test_a_sweep_resumes_bit_identically_after_sigkill(tmp_path, monkeypatch):
+    """2 seeds × 2 distillation weights: 4 models, killed at a random step and resumed."""
+    monkeypatch.setattr(test_resume, "TINY", [*test_resume.TINY, f"--config.sweep.seed={SEEDS}", "--config.sweep.sda.kd_coeff=(0.5,1.0)"])
     uninterrupted = tmp_path / "uninterrupted"
     result = test_resume.run(uninterrupted)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -262,4 +261,4 @@ def test_two_seeds_resume_bit_identically_after_sigkill(tmp_path, monkeypatch):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step" in resumed.stdout
     test_resume.assert_same_run(uninterrupted, killed)
-    assert np.shape(load_train_state(killed, 40)["['step']"]) == (2,)  # the state really has two models
+    assert np.shape(load_train_state(killed, 40)["['step']"]) == (4,)  # the state really has four models

@@ -14,6 +14,7 @@ import pytest
 from configs import default
 from sda_jax import adversarial, averaging, export, input_pipeline, optim, splits, tokenization
 from sda_jax.bert_config import BertConfig
+from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.checkpoints import read_train_state
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
@@ -53,8 +54,7 @@ def settings_with(**overrides) -> Settings:
 def make_step(**overrides):
     model = BertForSequenceClassification(CONFIG)
     settings = settings_with(**overrides)
-    schedule = optim.Schedule.create(settings.optim, total_steps=100)
-    state = create_train_state(init_params(CONFIG, jax.random.key(0)), schedule, settings, compute_dtype=jnp.float32)
+    state = create_train_state(init_params(CONFIG, jax.random.key(0)), Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.float32)
     step = jax.jit(lambda state, batch, rng: train_step(state, batch, rng, model=model, settings=settings))
     return model, state, step
 
@@ -259,8 +259,7 @@ def test_16_bit_train_step_sums_nothing_in_16_bits(batches, dtype, teacher):
     told to refuse 16-bit sums, the whole step, FGM included, still traces."""
     model = BertForSequenceClassification(CONFIG, dtype=dtype)
     settings = settings_with(sda__teacher=teacher, adversarial__method="fgm")
-    schedule = optim.Schedule.create(settings.optim, total_steps=100)
-    state = create_train_state(init_params(CONFIG, jax.random.key(0)), schedule, settings, compute_dtype=dtype)
+    state = create_train_state(init_params(CONFIG, jax.random.key(0)), Hyperparameters.of(settings, 100), settings, compute_dtype=dtype)
     step = lambda state, batch: train_step(state, batch, jax.random.key(1), model=model, settings=settings)
     previous = jax.config.jax_allow_f16_reductions
     jax.config.update("jax_allow_f16_reductions", False)
