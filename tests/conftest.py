@@ -22,8 +22,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 # The suite runs many short trainings with identical programs: a persistent XLA cache (inherited
-# by every subprocess) turns their compilations into cache reads.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"))
+# by every subprocess) turns their compilations into cache reads. One per pytest-xdist worker:
+# JAX writes a cache entry in place, so a worker could read another's half-written entry.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cache" / f"jax-compilation-cache-{_WORKER}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # A 1-layer, 32-wide BERT on one bucket length (one compilation): for tests of the run's

@@ -86,6 +86,7 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     workdir = tmp_path / "run"
     code, _ = start_and_signal(workdir, signal.SIGKILL)
     assert code == -signal.SIGKILL
+    assert (workdir / ".lock").exists()  # the killed run's lock file stays; its flock died with it
     resumed = run(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step" in resumed.stdout

@@ -96,7 +96,7 @@ def test_tensorboard_events_and_curves_png(trained):
 
 
 def test_four_devices_agree_with_one(tmp_path, cli):
-    overrides = flags_of({**TINY, "train.max_steps": 30, "train.log_every": 1, "train.eval_every": 30, "data.bucket_lengths": (32, 64)})
+    overrides = flags_of({**TINY, "train.max_steps": 12, "train.log_every": 1, "train.eval_every": 12, "data.bucket_lengths": (32, 64)})
     runs = {}
     for devices in (1, 4):
         result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / str(devices)}",
@@ -106,7 +106,7 @@ def test_four_devices_agree_with_one(tmp_path, cli):
     assert "4 x cpu" in json.loads((runs[4] / "summary.json").read_text())["devices"]
     losses_one = [r["loss"] for r in read_records(runs[1], "train")]
     losses_four = [r["loss"] for r in read_records(runs[4], "train")]
-    assert len(losses_one) == len(losses_four) == 30
+    assert len(losses_one) == len(losses_four) == 12
     np.testing.assert_allclose(losses_four, losses_one, rtol=1e-4, atol=1e-5)
     dev_one, dev_four = read_records(runs[1], "dev")[-1], read_records(runs[4], "dev")[-1]
     np.testing.assert_allclose(dev_four["loss"], dev_one["loss"], rtol=1e-4)
