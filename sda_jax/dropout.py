@@ -3,13 +3,15 @@
 `Dropout` is what `models` applies after embeddings, attention probabilities and each residual
 branch. Three costs of `flax.linen.Dropout` are avoided:
 
-* it draws a 32-bit uniform per element; here each 32-bit draw gives two 16-bit uniforms, which
-  keep-probabilities need no more than;
-* it writes its draws to memory and reads them back where the mask is applied; here every
-  element hashes its own draw's counter (the pair of elements that share a draw hash it twice),
-  so the mask is an elementwise function of the position that XLA fuses into the kernel applying
-  it: on an H100, BERT-base's train step moves 1.3 GB less (benchmarks/RESULTS.md), and on CPU the
-  small model's step is no slower for the doubled hashing;
+* it draws a 32-bit uniform per element; here each 32-bit draw gives two 16-bit uniforms, so half
+  the hashing (the small model's CPU train step: 6% of it spent on dropout with Flax's, 3.5% here);
+* it writes its draws to memory and reads them back where the mask is applied. With
+  `per_element_draws` (what the model asks for in 16-bit compute, i.e. on GPUs) every element
+  hashes its own draw's counter instead (the two elements that share a draw hash it twice): the
+  same bits, but the mask is an elementwise function of the position, which XLA fuses into the
+  kernel applying it (BERT-base's train step on an H100 moves 1.3 GB less; benchmarks/RESULTS.md).
+  float32 models keep the draws whole: XLA:CPU fuses the two forms differently, which moves
+  float32 results by rounding, and the float32 path is the reference the parity tests measure;
 * on CPU, JAX lowers its Threefry hash as a 5-iteration while loop, which made XLA:CPU spend ~4 s
   more compiling each train step (10.5 s instead of 6.4 s for the small model); the rounds here
   are written out, as JAX itself does on GPU.
@@ -77,21 +79,23 @@ def _threefry_hash(key: jax.Array, counter: jax.Array) -> jax.Array:
     return x0 ^ x1
 
 
-def uint16_halves(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+def uint16_halves(key: jax.Array, shape: Sequence[int], *, per_element: bool = False) -> jax.Array:
     """16-bit uniforms (as uint32) for `shape`: the high then the low half of each 32-bit draw of
     `jax.random.bits(key, (*leading, ceil(last / 2)), jnp.uint32)`, along the last axis.
 
-    For a threefry2x32 key each element computes its own: the counter of its draw, hashed
-    (`threefry_bits`' bits, element by element), then its half. Other generators draw their bits
-    whole and split them.
+    `per_element` (threefry2x32 keys): each element computes its own, its draw's counter hashed
+    (`threefry_bits`' bits, element by element) and its half taken, rather than all draws being
+    taken whole and split. The same values either way.
     """
     *leading, last = shape
     draws = -(-last // 2)
-    if str(jax.random.key_impl(key)) != "threefry2x32" or not _partitionable_threefry():
-        bits = jax.random.bits(key, (*leading, draws), jnp.uint32)  # another generator's own bits: just as random
+    threefry = str(jax.random.key_impl(key)) == "threefry2x32" and _partitionable_threefry()
+    if not (per_element and threefry):
+        # Another generator's own bits are just as random.
+        bits = threefry_bits(key, (*leading, draws)) if threefry else jax.random.bits(key, (*leading, draws), jnp.uint32)
         return jnp.stack([bits >> 16, bits & 0xFFFF], axis=-1).reshape(*leading, -1)[..., :last]
     if math.prod(leading) * draws >= 2**32:
-        raise ValueError(f"dropout draws fewer than 2**32 values, asked for {math.prod(leading) * draws}")
+        raise ValueError(f"threefry_bits draws fewer than 2**32 values, asked for {math.prod(leading) * draws}")
     column = jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), len(shape) - 1)
     counter, stride = column >> np.uint32(1), draws
     for axis in reversed(range(len(leading))):
@@ -108,13 +112,16 @@ class Dropout(nn.Module):
     1e-5 of 1 - rate (0.899994 for rate 0.1); kept elements are scaled by 1 / (1 - rate) as in
     torch. The 32-bit draws are split along the last axis only, so a batch sharded over its first
     axis draws its mask where it lives, and the mask never depends on the device count.
+    `per_element_draws`: the same mask, each element drawing its own (see the module docstring).
     """
 
     rate: float
+    per_element_draws: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        keep = uint16_halves(self.make_rng("dropout"), x.shape) >= np.uint32(round(self.rate * 65536))
+        halves = uint16_halves(self.make_rng("dropout"), x.shape, per_element=self.per_element_draws)
+        keep = halves >= np.uint32(round(self.rate * 65536))
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))

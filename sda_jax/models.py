@@ -77,6 +77,12 @@ class Dense(nn.Module):
         return (y.astype(jnp.float32) + bias).astype(self.dtype)
 
 
+def _dropout(rate: float, dtype: Any) -> Dropout:
+    # 16-bit compute is the accelerators' (mixed_precision.compute_dtype), where what moves through
+    # memory is the cost and XLA fuses per-element draws into the kernel that applies them.
+    return Dropout(rate, per_element_draws=jnp.dtype(dtype) != jnp.float32)
+
+
 def _dense(config: BertConfig, features: int, dtype: Any, name: str) -> Dense:
     return Dense(features, dtype, hf_normal_init(config), name=name)
 
@@ -145,7 +151,7 @@ class BertEmbeddings(nn.Module):
             task_type = embed(cfg.task_type_vocab_size, "task_type_embeddings", normal)
             x = x + task_type(jnp.zeros((1, 1), jnp.int32))
         x = _layer_norm(cfg)(x)
-        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _dropout(cfg.hidden_dropout_prob, self.dtype)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -171,7 +177,7 @@ class BertSelfAttention(nn.Module):
         # row with every key masked (an all-padding example) gets a uniform softmax, not NaN.
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        probs = _dropout(cfg.attention_probs_dropout_prob, self.dtype)(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
         return context.reshape(*q.shape[:2], cfg.hidden_size)
 
@@ -186,7 +192,7 @@ class BertResidualOutput(nn.Module):
     def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, self.dtype, "dense")(x)
-        x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = _dropout(cfg.hidden_dropout_prob, self.dtype)(x, deterministic=deterministic)
         return _layer_norm(cfg)(x + residual)  # a compute-dtype branch plus the float32 stream: float32
 
 
@@ -362,7 +368,7 @@ class BertForSequenceClassification(nn.Module):
             input_ids, token_type_ids, attention_mask, deterministic=deterministic
         )
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled = Dropout(rate)(pooled, deterministic=deterministic)
+        pooled = _dropout(rate, self.dtype)(pooled, deterministic=deterministic)
         logits = _dense(cfg, cfg.num_labels, self.dtype, "classifier")(pooled)
         return logits.astype(jnp.float32)
 
