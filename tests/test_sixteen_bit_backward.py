@@ -1,6 +1,7 @@
 """What 16-bit models compute differently from float32 ones, against what it replaces: dropout's
-per-element draws, the same masks bit for bit (`sda_jax/dropout.py`; why: benchmarks/RESULTS.md,
-the deviceless H100 report of 2026-12-01)."""
+per-element draws (the same masks bit for bit) and the backward passes written out (the same
+gradients). `sda_jax/dropout.py`, `sda_jax/models.py`; why: benchmarks/RESULTS.md, the deviceless
+H100 report of 2026-12-01."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from sda_jax.dropout import Dropout, uint16_halves
+from sda_jax.models import ACTIVATIONS, _activation16, _add_bias16
 
 KEY = jax.random.key(0)
 
@@ -44,3 +46,34 @@ def test_other_generators_split_their_own_whole_draws() -> None:
     key = jax.random.key(3, impl="rbg")
     want = _halves_of_whole_draws(key, (4, 9))
     np.testing.assert_array_equal(np.asarray(uint16_halves(key, (4, 9), per_element=True)), want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16_bit_bias_add_has_autodiffs_gradients(dtype) -> None:
+    y = jax.random.normal(KEY, (6, 16, 48)).astype(dtype)
+    bias = jax.random.normal(jax.random.key(1), (48,))
+    upstream = jax.random.normal(jax.random.key(2), (6, 16, 48))
+
+    def loss(add):
+        return lambda y, b: jnp.sum(add(y, b).astype(jnp.float32) * upstream)
+
+    plain = lambda y, b: (y.astype(jnp.float32) + b).astype(y.dtype)
+    np.testing.assert_array_equal(_add_bias16(y, bias), plain(y, bias))
+    (dy, db), (want_dy, want_db) = (jax.grad(loss(f), (0, 1))(y, bias) for f in (_add_bias16, plain))
+    assert dy.dtype == dtype and db.dtype == jnp.float32
+    np.testing.assert_array_equal(dy, want_dy)
+    # The same 16-bit values summed in float32, in another order.
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(db, 0)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_16_bit_activation_recomputes_autodiffs_gradient(name) -> None:
+    u = (3 * jax.random.normal(KEY, (4, 8, 96))).astype(jnp.bfloat16)
+    upstream = jax.random.normal(jax.random.key(1), (4, 8, 96)).astype(jnp.bfloat16)
+    plain = lambda u: ACTIVATIONS[name](u.astype(jnp.float32)).astype(u.dtype)
+    np.testing.assert_array_equal(_activation16(name, u), plain(u))
+    grad = lambda f: jax.jit(jax.grad(lambda u: jnp.sum((f(u) * upstream).astype(jnp.float32))))(u)
+    got, want = grad(lambda u: _activation16(name, u)), grad(plain)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got, want)
