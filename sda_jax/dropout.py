@@ -91,8 +91,10 @@ def uint16_halves(key: jax.Array, shape: Sequence[int], *, per_element: bool = F
     draws = -(-last // 2)
     threefry = str(jax.random.key_impl(key)) == "threefry2x32" and _partitionable_threefry()
     if not (per_element and threefry):
-        # Another generator's own bits are just as random.
-        bits = threefry_bits(key, (*leading, draws)) if threefry else jax.random.bits(key, (*leading, draws), jnp.uint32)
+        if threefry:
+            bits = threefry_bits(key, (*leading, draws))
+        else:  # another generator's own bits: just as random
+            bits = jax.random.bits(key, (*leading, draws), jnp.uint32)
         return jnp.stack([bits >> 16, bits & 0xFFFF], axis=-1).reshape(*leading, -1)[..., :last]
     if math.prod(leading) * draws >= 2**32:
         raise ValueError(f"threefry_bits draws fewer than 2**32 values, asked for {math.prod(leading) * draws}")

@@ -322,7 +322,8 @@ class _ScannedLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
-        return _layer(self.config, self.dtype, x, key_mask, self.deterministic, cls_only=False, rematerialised=True), None
+        x = _layer(self.config, self.dtype, x, key_mask, self.deterministic, cls_only=False, rematerialised=True)
+        return x, None
 
 
 class BertEncoder(nn.Module):
