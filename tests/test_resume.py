@@ -75,7 +75,7 @@ def uninterrupted(tmp_path_factory):
 def test_checkpoint_holds_everything(uninterrupted):
     state = load_train_state(uninterrupted, 40)
     tops = {key.split("'")[1] for key in state}
-    assert {"step", "params", "opt_state", "teacher", "eval_ema", "schedule", "skipped_steps"} <= tops
+    assert {"step", "params", "opt_state", "teacher", "eval_ema", "hyper", "skipped_steps"} <= tops
     assert int(state["['step']"]) == 40
     position = json.loads((uninterrupted / "checkpoints/train/40/position/metadata").read_text())
     assert position["step"] == 40 and position["seed"] == 2021
