@@ -5,7 +5,8 @@ every instruction that launches work (a fusion, a library call such as cuBLAS, a
 collective, any op left unfused) counts as one kernel; a `while` loop counts its body as often
 as XLA knows it runs (`known_trip_count`), a `conditional` its largest branch, a `call` what it
 calls. Bytes moved are, per kernel, its operands' and its result's sizes: an upper bound on HBM
-traffic (a kernel that updates a buffer in place, or reads a slice, is counted whole).
+traffic, except that a kernel reading slices of a buffer (a scan's stacked parameters or
+residuals, also through a bitcast view of them) or updating one in place counts the slices.
 16-bit reductions are `reduce` and `all-reduce` instructions anywhere in the module (fused or
 not) whose result is bf16 or f16: sums carried out in 16 bits.
 """
@@ -218,14 +219,28 @@ def _bytes_moved(ins: Instruction, shapes: dict[str, str], computations: dict[st
     read = 0.0
     for index, size in enumerate(operand_bytes):
         name = parameters.get(index)
-        uses = users.get(name, []) if name else []
         if name in updated:
             continue  # updated in place: only the written slice moves
-        if uses and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == name for u in uses):
-            read += sum(shape_bytes(u.shape) for u in uses)
-        else:
-            read += size
+        sliced = _sliced_read(name, users) if name else None
+        read += size if sliced is None else sliced
     return read + written
+
+
+def _sliced_read(name: str, users: dict[str, list[Instruction]]) -> float | None:
+    """Bytes a fused parameter's uses read when every one of them is a (dynamic-)slice, seen
+    through bitcasts (a stacked buffer viewed in another layout, then sliced); None otherwise."""
+    uses = users.get(name, [])
+    if not uses:
+        return None
+    total = 0.0
+    for use in uses:
+        if use.opcode in ("dynamic-slice", "slice") and use.operands[0] == name:
+            total += shape_bytes(use.shape)
+        elif use.opcode == "bitcast" and (inner := _sliced_read(use.name, users)) is not None:
+            total += inner
+        else:
+            return None
+    return total
 
 
 def _kernel_count(computations: dict[str, list[Instruction]], name: str) -> int:

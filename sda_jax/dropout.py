@@ -1,13 +1,20 @@
-"""Dropout for the BERT model: torch's maths, JAX's Threefry bits, cheap to draw and to compile.
+"""Dropout for the BERT model: torch's maths, JAX's Threefry bits, cheap to draw, fuse and compile.
 
 `Dropout` is what `models` applies after embeddings, attention probabilities and each residual
-branch. Two costs of `flax.linen.Dropout` are avoided:
+branch. Three costs of `flax.linen.Dropout` are avoided:
 
 * it draws a 32-bit uniform per element; here each 32-bit draw gives two 16-bit uniforms, so half
   the hashing (the small model's CPU train step: 6% of it spent on dropout with Flax's, 3.5% here);
+* it writes its draws to memory and reads them back where the mask is applied. With
+  `per_element_draws` (what the model asks for in 16-bit compute, i.e. on GPUs) every element
+  hashes its own draw's counter instead (the two elements that share a draw hash it twice): the
+  same bits, but the mask is an elementwise function of the position, which XLA fuses into the
+  kernel applying it (BERT-base's train step on an H100 moves 1.3 GB less; benchmarks/RESULTS.md).
+  float32 models keep the draws whole: XLA:CPU fuses the two forms differently, which moves
+  float32 results by rounding, and the float32 path is the reference the parity tests measure;
 * on CPU, JAX lowers its Threefry hash as a 5-iteration while loop, which made XLA:CPU spend ~4 s
-  more compiling each train step (10.5 s instead of 6.4 s for the small model); `threefry_bits`
-  computes the same bits with the rounds written out, as JAX itself does on GPU.
+  more compiling each train step (10.5 s instead of 6.4 s for the small model); the rounds here
+  are written out, as JAX itself does on GPU.
 """
 
 from __future__ import annotations
@@ -47,16 +54,21 @@ def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     size = math.prod(shape)
     if size >= 2**32:
         raise ValueError(f"threefry_bits draws fewer than 2**32 values, asked for {size}")
-    key_words = jax.random.key_data(key)
-    k0, k1 = key_words[0], key_words[1]
-    keys = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
     # The high counter word is 0 below 2**32 elements; the low one is the flat index.
     counter = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for axis in reversed(range(len(shape))):
         counter = counter + jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), axis) * np.uint32(stride)
         stride *= shape[axis]
-    x0 = jnp.zeros(shape, jnp.uint32) + keys[0]
+    return _threefry_hash(key, counter)
+
+
+def _threefry_hash(key: jax.Array, counter: jax.Array) -> jax.Array:
+    """Threefry-2x32 of the 64-bit counters (0, counter), the two output words xor-ed."""
+    key_words = jax.random.key_data(key)
+    k0, k1 = key_words[0], key_words[1]
+    keys = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
+    x0 = jnp.zeros(counter.shape, jnp.uint32) + keys[0]
     x1 = counter + keys[1]
     for group in range(5):
         for rotation in _ROTATIONS[group % 2]:
@@ -67,10 +79,32 @@ def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
     return x0 ^ x1
 
 
-def _uint32_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
-    if str(jax.random.key_impl(key)) == "threefry2x32" and _partitionable_threefry():
-        return threefry_bits(key, shape)
-    return jax.random.bits(key, shape, jnp.uint32)  # another generator's own bits: just as random
+def uint16_halves(key: jax.Array, shape: Sequence[int], *, per_element: bool = False) -> jax.Array:
+    """16-bit uniforms (as uint32) for `shape`: the high then the low half of each 32-bit draw of
+    `jax.random.bits(key, (*leading, ceil(last / 2)), jnp.uint32)`, along the last axis.
+
+    `per_element` (threefry2x32 keys): each element computes its own, its draw's counter hashed
+    (`threefry_bits`' bits, element by element) and its half taken, rather than all draws being
+    taken whole and split. The same values either way.
+    """
+    *leading, last = shape
+    draws = -(-last // 2)
+    threefry = str(jax.random.key_impl(key)) == "threefry2x32" and _partitionable_threefry()
+    if not (per_element and threefry):
+        if threefry:
+            bits = threefry_bits(key, (*leading, draws))
+        else:  # another generator's own bits: just as random
+            bits = jax.random.bits(key, (*leading, draws), jnp.uint32)
+        return jnp.stack([bits >> 16, bits & 0xFFFF], axis=-1).reshape(*leading, -1)[..., :last]
+    if math.prod(leading) * draws >= 2**32:
+        raise ValueError(f"threefry_bits draws fewer than 2**32 values, asked for {math.prod(leading) * draws}")
+    column = jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), len(shape) - 1)
+    counter, stride = column >> np.uint32(1), draws
+    for axis in reversed(range(len(leading))):
+        counter = counter + jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), axis) * np.uint32(stride)
+        stride *= shape[axis]
+    bits = _threefry_hash(key, counter)
+    return jnp.where((column & np.uint32(1)) == 1, bits & np.uint32(0xFFFF), bits >> np.uint32(16))
 
 
 class Dropout(nn.Module):
@@ -80,16 +114,16 @@ class Dropout(nn.Module):
     1e-5 of 1 - rate (0.899994 for rate 0.1); kept elements are scaled by 1 / (1 - rate) as in
     torch. The 32-bit draws are split along the last axis only, so a batch sharded over its first
     axis draws its mask where it lives, and the mask never depends on the device count.
+    `per_element_draws`: the same mask, each element drawing its own (see the module docstring).
     """
 
     rate: float
+    per_element_draws: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        *leading, last = x.shape
-        bits = _uint32_bits(self.make_rng("dropout"), (*leading, -(-last // 2)))
-        halves = jnp.stack([bits >> 16, bits & 0xFFFF], axis=-1).reshape(*leading, -1)[..., :last]
+        halves = uint16_halves(self.make_rng("dropout"), x.shape, per_element=self.per_element_draws)
         keep = halves >= np.uint32(round(self.rate * 65536))
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
