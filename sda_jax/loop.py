@@ -86,6 +86,12 @@ class Session(contextlib.ExitStack):
         return self
 
 
+def restart_line(to_first_step: dict[str, float]) -> str:
+    """'Restarted: first new step after 12.3 s (startup 2.3, data 0.7, ...)', phases of 0.05 s or more."""
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in to_first_step.items() if k != "wall" and v >= 0.05)
+    return f"Restarted: first new step after {to_first_step['wall']:.1f} s ({phases})."
+
+
 Hook = Callable[[int, Any, Cadence], None]  # (step, state, cadence) on every step Cadence names
 
 
@@ -104,6 +110,8 @@ def train(run: Any, train_fn: Callable, session: Session, hooks: Sequence[Hook],
             if session.to_first_step is None:  # what a (re)start costs before it trains: by phase, in the summary
                 jax.block_until_ready(metrics)
                 session.to_first_step = session.clock.breakdown()
+                if session.start_step and run.is_main:  # said at once: a run killed again leaves no summary
+                    session.progress.write(restart_line(session.to_first_step))
             session.examples_seen += int(host_batch["weights"].sum())
             report.add(metrics)
             due = Cadence.at(step, run.total_steps, settings.train)

@@ -90,6 +90,8 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
     resumed = run(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step" in resumed.stdout
+    restarted = next(line for line in resumed.stdout.splitlines() if line.startswith("Restarted: first new step after "))
+    assert "startup" in restarted and "compile" in restarted, restarted  # the restart's cost by phase
     assert_same_run(uninterrupted, workdir)
 
 
