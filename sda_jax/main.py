@@ -1,6 +1,7 @@
 """The command lines, the only place that defines flags:
 
     python -m sda_jax.train --config configs/afqmc.py [--workdir DIR] [--fresh] [--config.KEY=VALUE ...]
+    python -m sda_jax.pretrain --config configs/afqmc_tapt.py [--workdir DIR] [--fresh] [--config.KEY=VALUE ...]
     python -m sda_jax.export --workdir DIR --out DIR [--params eval_ema|student|teacher] [--seed S | --model I]
     sda-jax train ... / sda-jax export ...    (the console script, `sda_jax.cli`)
 
@@ -86,7 +87,8 @@ def _set_nones(config, keys: list[str]) -> None:
 
 
 def run_train(train_and_evaluate, argv: list[str] | None = None) -> None:
-    """`python -m sda_jax.train`: train, evaluate, predict with `train_and_evaluate` (sda_jax.train's)."""
+    """`python -m sda_jax.train`: train, evaluate, predict with `train_and_evaluate` (sda_jax.train's);
+    `python -m sda_jax.pretrain` passes `pretrain.pretrain`, which takes the same flags."""
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file(
