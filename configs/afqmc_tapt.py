@@ -9,8 +9,10 @@ The default here is the 4-layer small model of configs/afqmc_small.py from scrat
 
     python -m sda_jax.pretrain --config configs/afqmc_tapt.py --workdir runs/tapt
     python -m sda_jax.export --workdir runs/tapt --out exported/tapt
-    python -m sda_jax.train --config configs/afqmc_small.py --config.model.dir=exported/tapt \\
-        --config.model.from_scratch=False --workdir runs/afqmc_from_tapt
+    python -m sda_jax.train --config configs/afqmc.py --config.model.dir=exported/tapt \\
+        --config.optim.learning_rate=1e-4 --config.train.eval_every=200 --workdir runs/afqmc_from_tapt
+
+(the last is configs/afqmc_small.py's recipe, its architecture now read from the export).
 """
 
 from configs import afqmc_small

@@ -292,3 +292,17 @@ def test_bad_input_is_one_line_naming_the_file_or_key(tmp_path, small_data, cli)
     assert not (tmp_path / "run").exists()
     result = cli.run("sda_jax.pretrain", *pretrain_args(tmp_path / "run", small_data, "--config.pretrain.heldout_split=train"))
     one_line_error(result, "pretrain.heldout_split")
+
+
+def test_a_workdir_holds_one_kind_of_run(tapt_run, tmp_path):
+    import shutil
+
+    from sda_jax.errors import InputError
+    from sda_jax.settings import Settings
+    from sda_jax.workdir import Workdir
+
+    shutil.copytree(tapt_run / "model", tmp_path / "model")
+    workdir = Workdir(tmp_path)
+    assert workdir.is_masked_lm()
+    with workdir.lock() as lock, pytest.raises(InputError, match="holds a masked-LM pretraining run"):
+        workdir.prepare(Settings(), fresh=False, lock=lock)  # sda_jax.train's
