@@ -128,25 +128,14 @@ def pretrain(settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch
     with workdir.lock() as lock:
         run = prepare(settings, workdir, fresh=fresh, clock=clock, abstract_state=abstract_state, lock=lock,
                       read_data=pretrain_data.read_corpus, masked_lm=True)  # fmt: skip
-        state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state(run.params, settings, run.total_steps, None, run.mesh, run.models))
-        hyper = run.models.hyperparameters(settings, run.total_steps)
-        state = jax.jit(functools.partial(create_state, settings=settings), out_shardings=state_sharding)(run.params, hyper)
-        step = functools.partial(mlm_train_step, model=run.model, settings=settings)
-        per_model = run.models.sharding(run.mesh)
-        train_fn = BucketedJit(jax.jit(step, in_shardings=(state_sharding, parallel.batch_sharding(run.mesh), per_model),
-                                       out_shardings=(state_sharding, per_model), donate_argnums=0), batch_shape_key, clock)  # fmt: skip
-        eval_fn = BucketedJit(jax.jit(functools.partial(mlm_eval_step, model=run.model)), batch_shape_key, clock)
-        with clock.phase("compile"):
-            batches = [abstract_batch(settings, n, run.mesh) for n in run.buckets.lengths]
-            params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
-            tasks = [(train_fn, (state, b, run.dropout_keys)) for b in batches] + [(eval_fn, (params, b)) for b in batches]
-            compile_wall = compile_concurrently(tasks)
+        state, train_fn, eval_fn, compile_wall = compile_programs(run, clock)
         heldout = pretrain_data.heldout_batches(run.data, settings, run.buckets.lengths)
-        with loop.Session(run, clock, state) as session:
-            report = loop.Report(session, hyper.schedule, keys=("loss", "accuracy"))
+        with loop.Session(run, clock, state) as session:  # resumed from the newest intact checkpoint
+            schedule = run.models.hyperparameters(settings, run.total_steps).schedule  # the state's own is donated
+            report = loop.Report(session, schedule, keys=("loss", "accuracy"))
             hooks = [HeldOut(run, session, eval_fn, heldout), loop.Checkpoint(run, session)]
-            train = pretrain_data.mlm_batches(run.data, settings, run.buckets.lengths, session.start_step)
-            state = loop.run_steps(run, train_fn, session, hooks, report, train)
+            batches = pretrain_data.mlm_batches(run.data, settings, run.buckets.lengths, session.start_step)
+            loop.run_steps(run, train_fn, session, hooks, report, batches)
             best = session.selection.best[0].best_metrics
         summary = _summary(run, session, best, train_fn, eval_fn, compile_wall, clock)
         if run.is_main:
@@ -154,6 +143,29 @@ def pretrain(settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch
             plot_training_curves(run.workdir)
             print(format_summary(summary))
         return summary
+
+
+def compile_programs(run: Run, clock: Stopwatch) -> tuple[MlmState, BucketedJit, BucketedJit, float]:
+    """The initial state on the mesh, the train step (donated) and the held-out step, each compiled
+    up front for every bucket length, side by side; and the compiles' wall seconds."""
+    settings, mesh = run.settings, run.mesh
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state(run.params, settings, run.total_steps, None, mesh, run.models))
+    create = jax.jit(functools.partial(create_state, settings=settings), out_shardings=state_sharding)
+    state = create(run.params, run.models.hyperparameters(settings, run.total_steps))
+    per_model = run.models.sharding(mesh)
+    step = jax.jit(
+        functools.partial(mlm_train_step, model=run.model, settings=settings),
+        in_shardings=(state_sharding, parallel.batch_sharding(mesh), per_model), out_shardings=(state_sharding, per_model),
+        donate_argnums=0,
+    )  # fmt: skip
+    train_fn = BucketedJit(step, batch_shape_key, clock)
+    eval_fn = BucketedJit(jax.jit(functools.partial(mlm_eval_step, model=run.model)), batch_shape_key, clock)
+    with clock.phase("compile"):
+        batches = [abstract_batch(settings, n, mesh) for n in run.buckets.lengths]
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
+        tasks = [(train_fn, (state, b, run.dropout_keys)) for b in batches] + [(eval_fn, (params, b)) for b in batches]
+        wall = compile_concurrently(tasks)
+    return state, train_fn, eval_fn, wall
 
 
 class HeldOut:

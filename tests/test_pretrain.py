@@ -22,6 +22,7 @@ import transformers
 from sda_jax.bert_config import BertConfig
 from sda_jax.hf_checkpoint import load_pretrained_models, state_dict_from_params
 from sda_jax.masked_lm import BertForMaskedLM
+from tests.conftest import TINY_RUN, flags_of, load_train_state, one_line_error, read_records, train_in_process
 
 VOCAB = 21128
 TINY = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 64}
@@ -190,7 +191,7 @@ def test_whole_word_masking_masks_every_character_of_a_word_or_none(dev_inputs):
 # --- a short run: resume, export, fill-mask, fine-tuning from the export ------------------------------
 
 RUN = {
-    **{k: v for k, v in __import__("tests.conftest", fromlist=["TINY_RUN"]).TINY_RUN.items() if k != "train.eval_all_params"},
+    **{k: v for k, v in TINY_RUN.items() if k != "train.eval_all_params"},
     "train.max_steps": 24, "train.log_every": 3, "train.eval_every": 12, "train.checkpoint_every": 6,
 }  # fmt: skip
 
@@ -206,8 +207,6 @@ def small_data(tmp_path_factory, afqmc_dir):
 
 
 def pretrain_args(workdir, data, *extra):
-    from tests.conftest import flags_of
-
     return ["--config", "configs/afqmc_tapt.py", f"--workdir={workdir}", *flags_of({**RUN, **data}), *extra]
 
 
@@ -220,8 +219,6 @@ def tapt_run(tmp_path_factory, small_data, cli):
 
 
 def test_metrics_and_summary_have_the_held_out_masked_lm_figures(tapt_run):
-    from tests.conftest import read_records
-
     dev = read_records(tapt_run, "dev")
     assert [r["step"] for r in dev] == [12, 24]
     assert {"loss", "accuracy", "perplexity", "predicted_tokens"} <= dev[0].keys()
@@ -235,8 +232,6 @@ def test_metrics_and_summary_have_the_held_out_masked_lm_figures(tapt_run):
 def test_sigkill_then_resume_is_bit_identical(tapt_run, tmp_path, small_data, cli):
     import signal
     import time
-
-    from tests.conftest import load_train_state
 
     workdir = tmp_path / "run"
     process = cli.start("sda_jax.pretrain", *pretrain_args(workdir, small_data))
@@ -259,7 +254,6 @@ def test_sigkill_then_resume_is_bit_identical(tapt_run, tmp_path, small_data, cl
 
 def test_export_fills_masks_and_fine_tunes(tapt_run, tmp_path, small_data, capsys):
     from sda_jax.export import export
-    from tests.conftest import train_in_process
 
     out = tmp_path / "tapt"
     info = export(tapt_run, out)
@@ -283,8 +277,6 @@ def test_export_fills_masks_and_fine_tunes(tapt_run, tmp_path, small_data, capsy
 
 
 def test_bad_input_is_one_line_naming_the_file_or_key(tmp_path, small_data, cli):
-    from tests.conftest import one_line_error
-
     broken = tmp_path / "dev.json"
     broken.write_text('{"sentence1": "a", "sentence2": "b"}\n{"sentence1": \n', encoding="utf-8")
     result = cli.run("sda_jax.pretrain", *pretrain_args(tmp_path / "run", {**small_data, "data.dev_file": broken}))
