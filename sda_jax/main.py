@@ -181,7 +181,8 @@ def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = N
         except NoSpaceError as err:
             exit_with_error(err, status=NO_SPACE_EXIT)
         checkpoint = info["checkpoint"]
-        accuracy = f", dev accuracy {checkpoint['accuracy']:.4f}" if "accuracy" in checkpoint else ""
+        scored = "held-out masked-LM" if "perplexity" in checkpoint else "dev"  # a pretraining run's checkpoint, or fine-tuning's
+        accuracy = f", {scored} accuracy {checkpoint['accuracy']:.4f}" if "accuracy" in checkpoint else ""
         print(
             f"Exported the {info['params']} parameters of model {info['model']} (seed {info['seed']}) of step "
             f"{checkpoint['step']}{accuracy} to {out.value}"
