@@ -282,7 +282,8 @@ def test_bad_input_is_one_line_naming_the_file_or_key(tmp_path, small_data, cli)
     result = cli.run("sda_jax.pretrain", *pretrain_args(tmp_path / "run", {**small_data, "data.dev_file": broken}))
     one_line_error(result, f"{broken}:2", "malformed JSON")
     assert not (tmp_path / "run").exists()
-    result = cli.run("sda_jax.pretrain", *pretrain_args(tmp_path / "run", small_data, "--config.pretrain.heldout_split=train"))
+    # The console script's `sda-jax pretrain` is the same command.
+    result = cli.run("sda_jax.cli", "pretrain", *pretrain_args(tmp_path / "run", small_data, "--config.pretrain.heldout_split=train"))
     one_line_error(result, "pretrain.heldout_split")
 
 
