@@ -22,6 +22,8 @@ from sda_jax.errors import InputError
 
 # The `model_type`s this encoder computes exactly, and the HF classifier each is written back as.
 MODEL_TYPES = {"bert": "BertForSequenceClassification", "ernie": "ErnieForSequenceClassification"}
+# ... and the masked-LM model (masked-LM pretraining's runs and exports).
+MASKED_LM_TYPES = {"bert": "BertForMaskedLM", "ernie": "ErnieForMaskedLM"}
 # Fields only ERNIE configs have (transformers.ErnieConfig); a BERT config neither reads nor writes them.
 _ERNIE_FIELDS = ("use_task_id", "task_type_vocab_size")
 
@@ -158,9 +160,9 @@ class BertConfig:
     def replace(self, **changes: Any) -> BertConfig:
         return dataclasses.replace(self, **changes)
 
-    def to_hf_dict(self, label_names: Sequence[str]) -> dict[str, Any]:
+    def to_hf_dict(self, label_names: Sequence[str], masked_lm: bool = False) -> dict[str, Any]:
         """A `config.json` dict that `transformers.BertForSequenceClassification` (for ERNIE,
-        `ErnieForSequenceClassification`) loads as is."""
+        `ErnieForSequenceClassification`; with `masked_lm`, Bert/ErnieForMaskedLM) loads as is."""
         labels = list(label_names)
         if len(labels) != self.num_labels:
             raise ValueError(f"got {len(labels)} label names for num_labels={self.num_labels}")
@@ -173,7 +175,7 @@ class BertConfig:
             for name in _ERNIE_FIELDS:
                 del fields[name]
         return {
-            "architectures": [MODEL_TYPES[self.model_type]],
+            "architectures": [(MASKED_LM_TYPES if masked_lm else MODEL_TYPES)[self.model_type]],
             "model_type": self.model_type,
             **fields,
             "position_embedding_type": "absolute",

@@ -1,14 +1,17 @@
-"""The `sda-jax` console script: `sda-jax train ...` and `sda-jax export ...`.
+"""The `sda-jax` console script: `sda-jax train ...`, `sda-jax pretrain ...` and `sda-jax export ...`.
 
-The same commands as `python -m sda_jax.train` and `python -m sda_jax.export` (flags and all, see
-`sda_jax.main`); this module only picks one by its first argument.
+The same commands as `python -m sda_jax.train`, `python -m sda_jax.pretrain` and `python -m
+sda_jax.export` (flags and all, see `sda_jax.main`); this module only picks one by its first argument.
 """
 
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: sda-jax train --config FILE [--workdir DIR] [...] | sda-jax export --workdir DIR --out DIR [...]"
+USAGE = (
+    "usage: sda-jax train --config FILE [--workdir DIR] [...] | sda-jax pretrain --config FILE [--workdir DIR] [...] | "
+    "sda-jax export --workdir DIR --out DIR [...]"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,6 +23,11 @@ def main(argv: list[str] | None = None) -> None:
         from sda_jax import train
 
         commands.run_train(train.train_and_evaluate, [program, *rest])
+    elif command == "pretrain":
+        from sda_jax import main as commands
+        from sda_jax import pretrain
+
+        commands.run_train(pretrain.pretrain, [program, *rest])
     elif command == "export":
         from sda_jax import export
         from sda_jax import main as commands

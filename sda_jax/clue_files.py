@@ -44,10 +44,11 @@ def read_clue_file(
     require_labels: bool,
     text_a_key: str = "sentence1",
     text_b_key: str = "sentence2",
-    label_key: str = "label",
+    label_key: str | None = "label",
     id_key: str = "id",
 ) -> Examples:
-    """Read a CLUE-style JSON-lines file; any problem raises `InputError` naming file and line."""
+    """Read a CLUE-style JSON-lines file; any problem raises `InputError` naming file and line.
+    With `label_key` None no label is read (masked-LM pretraining's text: whatever the rows hold there)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")

@@ -1,5 +1,7 @@
 """Export a run's best checkpoint as a Hugging Face `BertForSequenceClassification` folder
-(`ErnieForSequenceClassification` for a run of an ERNIE checkpoint).
+(`ErnieForSequenceClassification` for a run of an ERNIE checkpoint); a masked-LM pretraining run's
+(`sda_jax.pretrain`) as a `BertForMaskedLM` (`ErnieForMaskedLM`) folder, which `fill-mask` serves
+and `model.dir` fine-tunes from.
 
     python -m sda_jax.export --workdir runs/afqmc_small --out exported/afqmc_small
     python -m sda_jax.export --workdir runs/afqmc_small --out exported/teacher --params teacher
@@ -53,6 +55,8 @@ def check_workdir(
         raise InputError(f"--params: {params_name!r} is not one of {', '.join(PARAM_SETS)}")
     workdir.check_is_run()
     settings = workdir.read_settings()
+    if params_name == "teacher" and workdir.is_masked_lm():
+        raise InputError(f"{workdir.path}: a masked-LM pretraining run has no teacher; export --params eval_ema or student (the same: its one set)")
     if params_name == "teacher" and settings.sda.teacher == "vote":
         raise InputError(
             f"{workdir.path}: its vote teacher averages the logits of several student snapshots and is not one model; "
@@ -147,9 +151,15 @@ def _restore(run: Workdir, settings: Settings, index: int, params_name: str) -> 
 
     from sda_jax.models import init_params
 
+    from sda_jax.masked_lm import init_mlm_params
+
     config, _ = run.read_model()
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), settings.model.scan_layers))
-    return checkpoints.restore_best_params(run.best_checkpoint(index), params_name, shapes)
+    # A pretraining run keeps one set, the student, which is what its eval_ema would be (as in a
+    # fine-tuning run before its eval EMA starts).
+    masked_lm = run.is_masked_lm()
+    init = init_mlm_params if masked_lm else init_params
+    shapes = jax.eval_shape(lambda: init(config, jax.random.key(0), settings.model.scan_layers))
+    return checkpoints.restore_best_params(run.best_checkpoint(index), "student" if masked_lm else params_name, shapes)
 
 
 def export(
@@ -172,7 +182,7 @@ def export(
     config, label_names = run.read_model()
     params, metrics = _restore(run, settings, index, params_name)
     info = {
-        "workdir": str(run.path.resolve()), "params": params_name, **Models.of(settings).describe()[index],
+        "workdir": str(run.path.resolve()), "params": "student" if run.is_masked_lm() else params_name, **Models.of(settings).describe()[index],
         "checkpoint": metrics, "while_training": holder is not None,
     }  # fmt: skip
     try:
@@ -180,9 +190,9 @@ def export(
             for source in sorted(run.model_dir.iterdir()):  # the tokenizer files
                 if source.is_file() and source.name != "config.json":
                     shutil.copy2(source, tmp / source.name)
-            hf_config = config.to_hf_dict(label_names)
+            hf_config = config.to_hf_dict(label_names, masked_lm=run.is_masked_lm())
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-            state_dict = state_dict_from_params(params, config.model_type)  # Bert- or ErnieForSequenceClassification
+            state_dict = state_dict_from_params(params, config.model_type)  # Bert/Ernie ForSequenceClassification or ForMaskedLM
             safetensors.numpy.save_file(state_dict, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             check_out(out)  # again: someone may have filled it meanwhile

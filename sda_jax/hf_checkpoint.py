@@ -8,7 +8,11 @@ without the `bert.` prefix and with legacy `LayerNorm.gamma/beta` names. For a c
 `embeddings.task_type_embeddings` when the config has `use_task_id`; ERNIE's tree is ours under
 the same `bert/...` paths. Every tensor in the file is either loaded or reported unused; heads the
 file lacks or that do not fit the config (pooler, classifier) are initialised fresh and reported,
-while any other missing or misshapen tensor is an `InputError`.
+while any other missing or misshapen tensor is an `InputError`. With `masked_lm` the same holds
+for `masked_lm.BertForMaskedLM` (transformers' Bert/ErnieForMaskedLM): no pooler or classifier,
+the `cls.predictions` head instead (fresh when the file has none), whose decoder is the word
+embedding table (`cls.predictions.decoder.*` in a file are those tied copies, neither loaded nor
+reported).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from flax import traverse_util
 
 from sda_jax.bert_config import BertConfig
 from sda_jax.errors import InputError
+from sda_jax.masked_lm import init_mlm_params
 from sda_jax.models import hf_normal_init, init_params, scans_layers
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -46,6 +51,11 @@ _DISPLAY_NAMES = {"bert": "a BERT", "ernie": "an ERNIE"}
 
 # Non-trainable buffers some HF versions serialise; they carry no weights.
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# A masked-LM file's copies of the tensors its decoder is tied to (the word embeddings, cls.predictions.bias).
+_TIED_MLM_DECODER = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+# The heads of each kind of model, which a file may lack (then they are initialised fresh).
+_HEADS = {False: ("pooler", "classifier"), True: ("mlm",)}
+_HEAD_NAMES = {"pooler": "pooler", "classifier": "classifier", "mlm": "masked-LM head (cls.predictions)"}
 
 # Raw safetensors dtypes numpy lacks natively; ml_dtypes ships with JAX.
 _SAFETENSORS_DTYPES = {
@@ -190,7 +200,7 @@ class _Tensor(NamedTuple):
     hf_name: str  # as in a transformers.BertForSequenceClassification (ErnieFor...) state dict
     path: tuple[str, ...]  # in our param tree
     is_linear_weight: bool  # torch Linear [out, in] is a Flax kernel [in, out]
-    head: str | None  # "pooler"/"classifier": may be initialised fresh; None: required
+    head: str | None  # "pooler"/"classifier"/"mlm": may be initialised fresh; None: required
     index: int | None = None  # the slice of a stacked leaf (layers under nn.scan) this tensor is
 
     @property
@@ -199,8 +209,11 @@ class _Tensor(NamedTuple):
         return self.hf_name.split(".", 1)[1] if self.hf_name.startswith(tuple(_PREFIXES.values())) else self.hf_name
 
 
-def _tensors(num_layers: int, scan_layers: bool, model_type: str = "bert", use_task_id: bool = False) -> list[_Tensor]:
-    """Every tensor of the model, in HF state-dict order, under the names of `model_type`.
+def _tensors(
+    num_layers: int, scan_layers: bool, model_type: str = "bert", use_task_id: bool = False, masked_lm: bool = False
+) -> list[_Tensor]:
+    """Every tensor of the model, in HF state-dict order, under the names of `model_type`; of the
+    classifier, or with `masked_lm` of the masked-LM model (no pooler: the `cls.predictions` head).
 
     With `scan_layers`, layers 0 .. L-2 are slices of the stacked leaves under
     `bert/encoder/layers` (see `models.BertEncoder`); else every layer is `bert/encoder/layer_{i}`.
@@ -234,6 +247,12 @@ def _tensors(num_layers: int, scan_layers: bool, model_type: str = "bert", use_t
         add(f"{hf}.intermediate.dense", (*ours, "intermediate", "dense"), "linear", index=index)
         add(f"{hf}.output.dense", (*ours, "output", "dense"), "linear", index=index)
         add(f"{hf}.output.LayerNorm", (*ours, "output", "LayerNorm"), "norm", index=index)
+    if masked_lm:
+        head = ("cls", "predictions")
+        add("cls.predictions.transform.dense", (*head, "transform", "dense"), "linear", head="mlm")
+        add("cls.predictions.transform.LayerNorm", (*head, "transform", "LayerNorm"), "norm", head="mlm")
+        out.append(_Tensor("cls.predictions.bias", (*head, "bias"), False, "mlm"))
+        return out
     add(f"{prefix}pooler.dense", ("bert", "pooler", "dense"), "linear", head="pooler")
     add("classifier", ("classifier",), "linear", head="classifier")
     return out
@@ -254,18 +273,19 @@ def _fresh_heads(
     by_name: Mapping[str, str],
     config: BertConfig,
     source: str,
+    masked_lm: bool = False,
 ) -> dict[str, str]:
     """Heads to initialise fresh, with the reason why."""
     fresh = {}
-    for head in ("pooler", "classifier"):
-        weight, bias = (t for t in _tensors(0, scan_layers=False) if t.head == head)
-        present = [t.canonical for t in (weight, bias) if t.canonical in by_name]
-        if len(present) == 1:
-            raise InputError(f"{source}: has {by_name[present[0]]} but not the rest of the {head}")
+    for head in _HEADS[masked_lm]:
+        tensors = [t for t in _tensors(0, scan_layers=False, masked_lm=masked_lm) if t.head == head]
+        present = [t.canonical for t in tensors if t.canonical in by_name]
+        if present and len(present) < len(tensors):
+            raise InputError(f"{source}: has {by_name[present[0]]} but not the rest of the {_HEAD_NAMES[head]}")
         if not present:
-            fresh[head] = f"the checkpoint has no {head}"
+            fresh[head] = f"the checkpoint has no {_HEAD_NAMES[head]}"
         elif head == "classifier":
-            rows, wanted = np.shape(state_dict[by_name[weight.canonical]])[0], config.num_labels
+            rows, wanted = np.shape(state_dict[by_name[tensors[0].canonical]])[0], config.num_labels
             if rows != wanted:
                 # A head trained for another label set is of no use; it is left in `unused`.
                 fresh[head] = f"the checkpoint's head has {rows} labels, the config {wanted}"
@@ -273,10 +293,11 @@ def _fresh_heads(
 
 
 def params_from_state_dict(
-    state_dict: Mapping[str, np.ndarray], config: BertConfig, rng: jax.Array, *, source: str, scan_layers: bool = True
-) -> tuple[dict[str, Any], LoadReport]:
-    """Map an HF BERT state dict onto our param tree (the inner dict of `init_params`), in the
-    layout of `scan_layers`.
+    state_dict: Mapping[str, np.ndarray], config: BertConfig, rng: jax.Array, *, source: str, scan_layers: bool = True,
+    masked_lm: bool = False,
+) -> tuple[dict[str, Any], LoadReport]:  # fmt: skip
+    """Map an HF BERT state dict onto our param tree (the inner dict of `init_params`, or with
+    `masked_lm` of `init_mlm_params`), in the layout of `scan_layers`.
 
     `source` names the checkpoint in error messages and the report. `rng` seeds heads that are
     initialised fresh.
@@ -289,23 +310,23 @@ def params_from_state_dict(
                 f"{source}: tensors {by_name[canonical]} and {original} are the same weight"
             )
         by_name[canonical] = original
-    for buffer in _BUFFERS:
+    for buffer in (*_BUFFERS, *(_TIED_MLM_DECODER if masked_lm else ())):
         by_name.pop(buffer, None)
 
-    specs = _tensors(config.num_hidden_layers, scan_layers, config.model_type, config.use_task_id)
+    specs = _tensors(config.num_hidden_layers, scan_layers, config.model_type, config.use_task_id, masked_lm)
     missing = [t.hf_name for t in specs if t.head is None and t.canonical not in by_name]
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         shown = ", ".join(missing[:4]) + more
         name = _DISPLAY_NAMES[config.model_type]
         raise InputError(f"{source}: not {name} checkpoint for this config, missing {shown}")
-    fresh = _fresh_heads(state_dict, by_name, config, source)
+    fresh = _fresh_heads(state_dict, by_name, config, source, masked_lm)
 
-    params = _fresh_head_params(config, tuple(fresh), rng, scan_layers)
+    params = _fresh_head_params(config, tuple(fresh), rng, scan_layers, masked_lm)
     slices: dict[tuple[str, ...], list[np.ndarray]] = {}  # stacked leaves, one array per layer
     loaded: list[str] = []
     initialized = [t.hf_name for t in specs if t.head in fresh]
-    shapes = _leaf_shapes(config, scan_layers)
+    shapes = _leaf_shapes(config, scan_layers, masked_lm)
     for t in specs:
         if t.head in fresh:
             continue
@@ -337,20 +358,22 @@ def params_from_state_dict(
     return traverse_util.unflatten_dict(params), report
 
 
-def _leaf_shapes(config: BertConfig, scan_layers: bool) -> dict[tuple[str, ...], tuple[int, ...]]:
+def _leaf_shapes(config: BertConfig, scan_layers: bool, masked_lm: bool = False) -> dict[tuple[str, ...], tuple[int, ...]]:
     # The model defines the shapes; eval_shape traces init without computing anything.
-    shapes = jax.eval_shape(lambda key: init_params(config, key, scan_layers), jax.random.key(0))
+    init = init_mlm_params if masked_lm else init_params
+    shapes = jax.eval_shape(lambda key: init(config, key, scan_layers), jax.random.key(0))
     return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
 
 
-def _fresh_head_params(config: BertConfig, heads: tuple[str, ...], rng: jax.Array, scan_layers: bool) -> dict:
-    """HF's initialisation of the `heads` ("pooler", "classifier") from `rng`: {tree path: array}."""
+def _fresh_head_params(config: BertConfig, heads: tuple[str, ...], rng: jax.Array, scan_layers: bool, masked_lm: bool = False) -> dict:
+    """HF's initialisation of the `heads` ("pooler", "classifier"; "mlm") from `rng`: {tree path: array}."""
     keys = dict(zip(heads, jax.random.split(rng, max(len(heads), 1))))
-    shapes = _leaf_shapes(config, scan_layers)
+    shapes = _leaf_shapes(config, scan_layers, masked_lm)
     out = {}
-    for t in _tensors(config.num_hidden_layers, scan_layers, config.model_type, config.use_task_id):
+    for t in _tensors(config.num_hidden_layers, scan_layers, config.model_type, config.use_task_id, masked_lm):
         if t.head in heads:
-            init = hf_normal_init(config) if t.is_linear_weight else jax.nn.initializers.zeros
+            is_scale = t.path[-2:] == ("LayerNorm", "scale")
+            init = hf_normal_init(config) if t.is_linear_weight else (jax.nn.initializers.ones if is_scale else jax.nn.initializers.zeros)
             out[t.path] = init(keys[t.head], shapes[t.path], jnp.float32)
     return out
 
@@ -358,7 +381,8 @@ def _fresh_head_params(config: BertConfig, heads: tuple[str, ...], rng: jax.Arra
 def state_dict_from_params(params: Mapping[str, Any], model_type: str = "bert") -> dict[str, np.ndarray]:
     """Our params as a `transformers.BertForSequenceClassification` state dict, or for
     `model_type="ernie"` an `ErnieForSequenceClassification` one (with the task-type table if
-    the params have it).
+    the params have it); a masked-LM model's (`cls` in the params) as a Bert/ErnieForMaskedLM
+    one, without the decoder's tied copies (transformers ties them on loading).
 
     Float32, C-contiguous numpy arrays under HF's names, ready for `safetensors.numpy.save_file`.
     """
@@ -374,7 +398,7 @@ def state_dict_from_params(params: Mapping[str, Any], model_type: str = "bert") 
         num_layers = sum(1 for key in encoder if key.startswith("layer_"))
     flat = traverse_util.flatten_dict(params)
     out = {}
-    for t in _tensors(num_layers, scans_layers(params), model_type, use_task_id):
+    for t in _tensors(num_layers, scans_layers(params), model_type, use_task_id, masked_lm="cls" in params):
         array = np.asarray(flat[t.path] if t.index is None else flat[t.path][t.index], dtype=np.float32)
         out[t.hf_name] = np.ascontiguousarray(array.T if t.is_linear_weight else array)
     return out
@@ -389,7 +413,7 @@ def load_pretrained(
 
 
 def load_pretrained_models(
-    model_dir: Path, config: BertConfig, rngs: list[jax.Array], scan_layers: bool = True
+    model_dir: Path, config: BertConfig, rngs: list[jax.Array], scan_layers: bool = True, masked_lm: bool = False
 ) -> tuple[list[dict[str, Any]], LoadReport]:
     """Find, read and convert the weights in an HF model folder, once, for as many models as `rngs`:
     each model gets the file's weights and its own fresh heads (from its rng), where the file has none."""
@@ -400,10 +424,12 @@ def load_pretrained_models(
             f"{model_dir}: no {SAFETENSORS_NAME} or {PYTORCH_NAME} (whole or sharded) found; to train from scratch "
             "on purpose, set model.from_scratch=True"
         )
-    params, report = params_from_state_dict(read_state_dict(path), config, rngs[0], source=str(path), scan_layers=scan_layers)
+    params, report = params_from_state_dict(
+        read_state_dict(path), config, rngs[0], source=str(path), scan_layers=scan_layers, masked_lm=masked_lm
+    )
     models = [params]
     for rng in rngs[1:]:
         flat = traverse_util.flatten_dict(params)
-        flat.update(_fresh_head_params(config, report.fresh_heads, rng, scan_layers))
+        flat.update(_fresh_head_params(config, report.fresh_heads, rng, scan_layers, masked_lm))
         models.append(traverse_util.unflatten_dict(flat))
     return models, report

@@ -134,21 +134,25 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches; global step s is batch s % steps_per_epoch of epoch
     s // steps_per_epoch, so starting at step k equals skipping k batches."""
-    per_epoch = steps_per_epoch(len(encoded), batch_size)
+    for _, indices in batch_indices(encoded.lengths, batch_size=batch_size, bucket_multiplier=bucket_multiplier, seed=seed,
+                                    start_step=start_step):  # fmt: skip
+        yield make_batch(encoded, indices, batch_size=batch_size, bucket_lengths=bucket_lengths)
+
+
+def batch_indices(
+    lengths: np.ndarray, *, batch_size: int, bucket_multiplier: int, seed: int, start_step: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, example indices) of every training batch from `start_step` on, endlessly: the
+    `epoch_order` of each epoch in turn."""
+    per_epoch = steps_per_epoch(len(lengths), batch_size)
     order: list[np.ndarray] = []
     order_epoch = -1
     for step in itertools.count(start_step):
         epoch, index = divmod(step, per_epoch)
         if epoch != order_epoch:
-            order = epoch_order(
-                encoded.lengths,
-                batch_size=batch_size,
-                bucket_multiplier=bucket_multiplier,
-                seed=seed,
-                epoch=epoch,
-            )
+            order = epoch_order(lengths, batch_size=batch_size, bucket_multiplier=bucket_multiplier, seed=seed, epoch=epoch)
             order_epoch = epoch
-        yield make_batch(encoded, order[index], batch_size=batch_size, bucket_lengths=bucket_lengths)
+        yield epoch, order[index]
 
 
 def eval_order(encoded: Encoded) -> np.ndarray:

@@ -97,12 +97,19 @@ Hook = Callable[[int, Any, Cadence], None]  # (step, state, cadence) on every st
 
 def train(run: Any, train_fn: Callable, session: Session, hooks: Sequence[Hook], report: Report) -> Any:
     """Steps from the session's start to the run's end; returns the final state."""
-    state = session.state
     settings = run.settings
     batches = input_pipeline.train_batches(
         run.data.train, batch_size=settings.train.batch_size, bucket_lengths=run.buckets.lengths,
         bucket_multiplier=settings.data.bucket_multiplier, seed=settings.seed, start_step=session.start_step,
     )  # fmt: skip
+    return run_steps(run, train_fn, session, hooks, report, batches)
+
+
+def run_steps(run: Any, train_fn: Callable, session: Session, hooks: Sequence[Hook], report: Report, batches) -> Any:
+    """`train_fn(state, batch, dropout keys)` on each host batch of `batches` (those of the steps from
+    the session's start on), the hooks on the steps `Cadence` names; returns the final state."""
+    state = session.state
+    settings = run.settings
     device_batches = parallel.prefetch_to_mesh(itertools.islice(batches, run.total_steps - session.start_step), run.mesh)
     with session.clock.phase("train loop"):
         for step, (host_batch, batch) in enumerate(device_batches, start=session.start_step + 1):
@@ -122,11 +129,11 @@ def train(run: Any, train_fn: Callable, session: Session, hooks: Sequence[Hook],
 
 
 class Report:
-    """Logs the mean losses of the steps since the last report, over the models and per model;
-    stops a diverged run."""
+    """Logs the mean losses (`keys` of the step's metrics) of the steps since the last report, over
+    the models and per model; stops a diverged run."""
 
-    def __init__(self, session: Session, schedule: optim.Schedule):  # the models' schedules, on the axis
-        self.session, self.schedule, self.window = session, schedule, []
+    def __init__(self, session: Session, schedule: optim.Schedule, keys: Sequence[str] = ("loss", "ce", "kd")):
+        self.session, self.schedule, self.window, self.keys = session, schedule, [], tuple(keys)  # the schedules on the axis
         self.models = session.run.models
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
@@ -141,16 +148,18 @@ class Report:
                 "checkpoint was saved before that and is what a restart resumes from"
             )
         rates = np.ravel(self.models.expand(self.schedule(step - 1)))  # each model's (a sweep's may differ)
-        means = {key: float(stacked[key].mean()) for key in ("loss", "ce", "kd")}
+        means = {key: float(stacked[key].mean()) for key in self.keys}
         means["learning_rate"] = float(rates.mean())
-        means["skipped_steps"] = int(stacked["skipped_steps"][-1].max())
+        if "skipped_steps" in stacked:  # fine-tuning's (masked-LM pretraining skips none)
+            means["skipped_steps"] = int(stacked["skipped_steps"][-1].max())
         if "loss_scale" in stacked:
             means["loss_scale"] = float(stacked["loss_scale"][-1].mean())
         per_model = []
         for i in range(stacked["loss"].shape[1]):
-            model = {key: float(stacked[key][:, i].mean()) for key in ("loss", "ce", "kd")}
+            model = {key: float(stacked[key][:, i].mean()) for key in self.keys}
             model["learning_rate"] = float(rates[i])
-            model["skipped_steps"] = int(stacked["skipped_steps"][-1, i])
+            if "skipped_steps" in stacked:
+                model["skipped_steps"] = int(stacked["skipped_steps"][-1, i])
             if "loss_scale" in stacked:
                 model["loss_scale"] = float(stacked["loss_scale"][-1, i])
             per_model.append(model)
@@ -228,4 +237,4 @@ def save_train_state(checkpoints: TrainCheckpoints, state: Any, step: int, run: 
 
 @jax.jit
 def _all_params_finite(state: Any) -> jax.Array:
-    return mixed_precision.all_finite((state.params, state.teacher, state.eval_ema))
+    return mixed_precision.all_finite(state.parameter_sets())

@@ -1,6 +1,7 @@
 """The command lines, the only place that defines flags:
 
     python -m sda_jax.train --config configs/afqmc.py [--workdir DIR] [--fresh] [--config.KEY=VALUE ...]
+    python -m sda_jax.pretrain --config configs/afqmc_tapt.py [--workdir DIR] [--fresh] [--config.KEY=VALUE ...]
     python -m sda_jax.export --workdir DIR --out DIR [--params eval_ema|student|teacher] [--seed S | --model I]
     sda-jax train ... / sda-jax export ...    (the console script, `sda_jax.cli`)
 
@@ -86,7 +87,8 @@ def _set_nones(config, keys: list[str]) -> None:
 
 
 def run_train(train_and_evaluate, argv: list[str] | None = None) -> None:
-    """`python -m sda_jax.train`: train, evaluate, predict with `train_and_evaluate` (sda_jax.train's)."""
+    """`python -m sda_jax.train`: train, evaluate, predict with `train_and_evaluate` (sda_jax.train's);
+    `python -m sda_jax.pretrain` passes `pretrain.pretrain`, which takes the same flags."""
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file(
@@ -179,7 +181,8 @@ def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = N
         except NoSpaceError as err:
             exit_with_error(err, status=NO_SPACE_EXIT)
         checkpoint = info["checkpoint"]
-        accuracy = f", dev accuracy {checkpoint['accuracy']:.4f}" if "accuracy" in checkpoint else ""
+        scored = "held-out masked-LM" if "perplexity" in checkpoint else "dev"  # a pretraining run's checkpoint, or fine-tuning's
+        accuracy = f", {scored} accuracy {checkpoint['accuracy']:.4f}" if "accuracy" in checkpoint else ""
         print(
             f"Exported the {info['params']} parameters of model {info['model']} (seed {info['seed']}) of step "
             f"{checkpoint['step']}{accuracy} to {out.value}"

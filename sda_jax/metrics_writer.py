@@ -243,8 +243,15 @@ def plot_training_curves(workdir: Workdir) -> Path:
     _decorate(ax, "Train loss (window means)", "loss", has_data="loss" in train or "ce" in train)
 
     ax = axes[0, 1]
-    _lines(ax, train, [("kd", "KD = MSE(student, teacher logits)", "tab:purple")])
-    _decorate(ax, "Train distillation term", "KD", has_data="kd" in train)
+    # A masked-LM pretraining run (sda_jax.pretrain) has no distillation and no F1: its masked-token
+    # accuracy and held-out perplexity take those panels.
+    masked_lm = any("perplexity" in r for r in dev) or ("kd" not in train and "accuracy" in train)
+    if masked_lm:
+        _lines(ax, train, [("accuracy", "masked-token accuracy", "tab:purple")])
+        _decorate(ax, "Train masked-token accuracy", "accuracy", has_data="accuracy" in train)
+    else:
+        _lines(ax, train, [("kd", "KD = MSE(student, teacher logits)", "tab:purple")])
+        _decorate(ax, "Train distillation term", "KD", has_data="kd" in train)
 
     ax = axes[0, 2]
     # No legend here (it would hide the curves): the axis labels carry the line colours.
@@ -260,7 +267,9 @@ def plot_training_curves(workdir: Workdir) -> Path:
     _decorate(ax, title, "learning rate", has_data="learning_rate" in train, legend=False)
     ax.yaxis.label.set_color("tab:red")
 
-    for ax, key, title in zip(axes[1], ("accuracy", "f1", "loss"), ("Dev accuracy", "Dev F1", "Dev loss"), strict=True):
+    panels = (("accuracy", "perplexity", "loss"), ("Held-out masked-LM accuracy", "Held-out perplexity", "Held-out masked-LM loss")) \
+        if masked_lm else (("accuracy", "f1", "loss"), ("Dev accuracy", "Dev F1", "Dev loss"))  # fmt: skip
+    for ax, key, title in zip(axes[1], *panels, strict=True):
         for (name, _), series in per_model.items():
             if key in series:
                 ax.plot(series["step"], series[key], color=_PARAMS_COLORS.get(name), alpha=0.3, linewidth=0.8)

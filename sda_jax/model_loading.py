@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from sda_jax import hf_checkpoint
 from sda_jax.bert_config import BertConfig
 from sda_jax.errors import InputError
+from sda_jax.masked_lm import BertForMaskedLM, init_mlm_params
 from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.settings import Settings
@@ -41,19 +42,21 @@ def bert_config(settings: Settings, vocab_size: int) -> BertConfig:
 
 
 def load_models(
-    settings: Settings, vocab_size: int, models: Models, init_keys: list[jax.Array], dtype: jnp.dtype
-) -> tuple[BertForSequenceClassification, dict[str, Any], str]:
+    settings: Settings, vocab_size: int, models: Models, init_keys: list[jax.Array], dtype: jnp.dtype, masked_lm: bool = False
+) -> tuple[Any, dict[str, Any], str]:
     """Returns (model, float32 params of every model stacked on the model axis, a one-paragraph
-    note of where they came from). A checkpoint is read and converted once for all models; each
-    model's own key initialises its fresh heads, or all of its weights when training from scratch."""
+    note of where they came from); the classifier, or with `masked_lm` `masked_lm.BertForMaskedLM`.
+    A checkpoint is read and converted once for all models; each model's own key initialises its
+    fresh heads, or all of its weights when training from scratch."""
     config = bert_config(settings, vocab_size)
     scan = settings.model.scan_layers
-    model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan)
+    model = (BertForMaskedLM if masked_lm else BertForSequenceClassification)(config=config, dtype=dtype, scan_layers=scan)
+    init = init_mlm_params if masked_lm else init_params
     if settings.model.from_scratch:
         note = (
             f"Initialised a {config.num_hidden_layers}-layer, {config.hidden_size}-wide {config.model_type.upper()} from "
             f"scratch (model.from_scratch=True); architecture from {settings.model.dir / 'config.json'}."
         )
-        return model, models.stack([init_params(config, key, scan) for key in init_keys]), note
-    params, report = hf_checkpoint.load_pretrained_models(settings.model.dir, config, init_keys, scan)
+        return model, models.stack([init(config, key, scan) for key in init_keys]), note
+    params, report = hf_checkpoint.load_pretrained_models(settings.model.dir, config, init_keys, scan, masked_lm)
     return model, models.stack(params), report.summary()

@@ -327,18 +327,20 @@ class _ScannedLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """The layer stack; returns the last layer's [CLS] row, [batch, hidden].
+    """The layer stack; returns the last layer's [CLS] row, [batch, hidden] (with `every_row`,
+    every row: [batch, length, hidden], what a masked-LM head reads).
 
     Layers 0 .. L-2 are one `nn.scan` (params stacked under `layers`, a dropout key per layer)
     or, without `scan_layers`, unrolled (`layer_0` ...); only the [CLS] row of the last layer
     reaches the pooler, so that layer (`layer_{L-1}`) projects queries, attends, and runs its
     output and feed-forward blocks for that row alone: the same logits for 10/12 less of one
-    layer's matmul work per token.
+    layer's matmul work per token. The parameter layout is the same either way.
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     scan_layers: bool = True
+    every_row: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -359,8 +361,10 @@ class BertEncoder(nn.Module):
                 length=last,
             )
             x, _ = layers(self.config, self.dtype, deterministic, name="layers")(x, key_mask)
-        x = BertLayer(self.config, self.dtype, name=f"layer_{last}")(x, key_mask, deterministic=deterministic, cls_only=True)
-        return x[:, 0]
+        x = BertLayer(self.config, self.dtype, name=f"layer_{last}")(
+            x, key_mask, deterministic=deterministic, cls_only=not self.every_row
+        )
+        return x if self.every_row else x[:, 0]
 
 
 class BertPooler(nn.Module):
@@ -375,11 +379,14 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """Embeddings, encoder and pooler; returns the pooled [batch, hidden] output."""
+    """Embeddings, encoder and pooler; returns the pooled [batch, hidden] output. Without
+    `add_pooling_layer` (transformers' name; its masked-LM models have no pooler) it returns the
+    last layer's every row, [batch, length, hidden]."""
 
     config: BertConfig
     dtype: Any = jnp.float32
     scan_layers: bool = True
+    add_pooling_layer: bool = True
 
     @nn.compact
     def __call__(
@@ -390,13 +397,32 @@ class BertModel(nn.Module):
         *,
         deterministic: bool,
     ) -> jax.Array:
+        check_inputs(self.config, input_ids, token_type_ids, attention_mask)
         x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
             input_ids, token_type_ids, deterministic=deterministic
         )
-        x = BertEncoder(self.config, self.dtype, self.scan_layers, name="encoder")(
+        every_row = not self.add_pooling_layer
+        x = BertEncoder(self.config, self.dtype, self.scan_layers, every_row, name="encoder")(
             x, attention_mask.astype(bool), deterministic=deterministic
         )
-        return BertPooler(self.config, self.dtype, name="pooler")(x)
+        return x if every_row else BertPooler(self.config, self.dtype, name="pooler")(x)
+
+
+def check_inputs(config: BertConfig, input_ids: jax.Array, token_type_ids: jax.Array, attention_mask: jax.Array) -> None:
+    """ValueError unless the inputs share one [batch, length] shape that the position table covers."""
+    if input_ids.ndim != 2 or token_type_ids.shape != input_ids.shape or (
+        attention_mask.shape != input_ids.shape
+    ):
+        raise ValueError(
+            "input_ids, token_type_ids and attention_mask must share a [batch, length] shape, "
+            f"got {input_ids.shape}, {token_type_ids.shape}, {attention_mask.shape}"
+        )
+    # JAX clamps out-of-range gathers, so a too-long input would silently reuse position 511.
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {input_ids.shape[1]} exceeds "
+            f"max_position_embeddings {config.max_position_embeddings}"
+        )
 
 
 class BertForSequenceClassification(nn.Module):
@@ -422,19 +448,6 @@ class BertForSequenceClassification(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         cfg = self.config
-        if input_ids.ndim != 2 or token_type_ids.shape != input_ids.shape or (
-            attention_mask.shape != input_ids.shape
-        ):
-            raise ValueError(
-                "input_ids, token_type_ids and attention_mask must share a [batch, length] shape, "
-                f"got {input_ids.shape}, {token_type_ids.shape}, {attention_mask.shape}"
-            )
-        # JAX clamps out-of-range gathers, so a too-long input would silently reuse position 511.
-        if input_ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds "
-                f"max_position_embeddings {cfg.max_position_embeddings}"
-            )
         pooled = BertModel(cfg, self.dtype, self.scan_layers, name="bert")(
             input_ids, token_type_ids, attention_mask, deterministic=deterministic
         )

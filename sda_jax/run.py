@@ -19,7 +19,7 @@ from sda_jax.bucket_policy import BucketChoice
 from sda_jax.errors import InputError
 from sda_jax.model_axis import Models
 from sda_jax.model_loading import bert_config, load_models
-from sda_jax.models import BertForSequenceClassification, init_params
+from sda_jax.models import init_params
 from sda_jax.settings import Settings
 from sda_jax.stopwatch import Stopwatch
 from sda_jax.workdir import RunLock, Workdir
@@ -29,9 +29,9 @@ from sda_jax.workdir import RunLock, Workdir
 class Run:
     settings: Settings
     workdir: Workdir
-    data: splits.Splits
+    data: Any  # splits.Splits; of masked-LM pretraining, a pretrain_data.Corpus
     models: Models
-    model: BertForSequenceClassification
+    model: Any  # BertForSequenceClassification, or masked_lm.BertForMaskedLM
     params: Any  # float32 initial parameters, stacked over the models (host or default device)
     dropout_keys: jax.Array  # each model's dropout key, placed on the model axis
     dtype: Any  # the compute dtype
@@ -45,14 +45,19 @@ class Run:
         return jax.process_index() == 0
 
 
-def prepare(settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwatch, abstract_state, lock: RunLock) -> Run:
+def prepare(
+    settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwatch, abstract_state, lock: RunLock, read_data=None,
+    masked_lm: bool = False,
+) -> Run:  # fmt: skip
     """The run's inputs, checked, and its workdir ready and held (`lock`, by process 0);
     `abstract_state(param_shapes, settings, total_steps, dtype, mesh, models)` gives the train
-    state's shapes, for the memory check before anything is loaded."""
+    state's shapes, for the memory check before anything is loaded. A fine-tuning run by default;
+    masked-LM pretraining passes its `read_data(settings)` (a `pretrain_data.Corpus`, whose `train`
+    its steps and bucket lengths follow) and `masked_lm`."""
     if workdir.path.exists():
         _on_process_0(lock.hold)  # a live run's folder is refused at once, before any input is read
     with clock.phase("data"):
-        data = splits.load_splits(settings.data, settings.model.dir)
+        data = read_data(settings) if read_data else splits.load_splits(settings.data, settings.model.dir)
     models = Models.of(settings)
     dtype = mixed_precision.compute_dtype(settings.model.dtype, jax.devices()[0].platform)
     mesh = parallel.make_mesh(models.count)
@@ -66,7 +71,7 @@ def prepare(settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwat
         config = bert_config(settings, len(data.tokenizer))
         shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), settings.model.scan_layers))
         models.check_fits(abstract_state(models.shapes(shapes), settings, total_steps, dtype, mesh, models), mesh)
-        model, params, load_note = load_models(settings, len(data.tokenizer), models, init_keys, dtype)
+        model, params, load_note = load_models(settings, len(data.tokenizer), models, init_keys, dtype, masked_lm)
     # Every process reads the whole train set, so all of them choose the same lengths.
     buckets = bucket_policy.choose(
         settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch,
@@ -79,8 +84,8 @@ def prepare(settings: Settings, workdir: Workdir, *, fresh: bool, clock: Stopwat
     )  # fmt: skip
 
     def ready_workdir() -> None:
-        workdir.prepare(settings, fresh=fresh, lock=lock)
-        workdir.write_records(settings, model.config, data.tokenizer)
+        workdir.prepare(settings, fresh=fresh, lock=lock, masked_lm=masked_lm)
+        workdir.write_records(settings, model.config, data.tokenizer, masked_lm)
         print(f"{load_note} {models.count} model(s) on the model axis: seed {', '.join(map(str, models.seeds))}.")
         if buckets.note:
             print(buckets.note)

@@ -40,6 +40,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHERS = ("ema", "window", "vote")
 ADVERSARIAL_METHODS = ("none", "fgm", "pgd")
 PREDICT_WITH = ("best_combination", "best_model")
+SPLIT_NAMES = ("train", "dev", "test")
 TFDS_PREFIX = "tfds:"
 # The keys a sweep can take several values of: none of them changes a program's shapes, each is an
 # array in the train state (see `sda_jax/hyperparameters.py`), and `seed` draws a model's own init and dropout.
@@ -58,6 +59,7 @@ _NOT_SWEEPABLE = (
     ("adversarial.", "the attack's method and steps change the train step's program; sweep adversarial.epsilon"),
     ("optim.", "not among the sweep keys; sweep optim.learning_rate, optim.warmup_ratio or optim.weight_decay"),
     ("fp16.", "the loss scale's rules are not among the sweep keys"),
+    ("pretrain.", "masked-LM pretraining trains one model"),
 )
 ARCHITECTURE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
@@ -171,6 +173,19 @@ class Fp16Settings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainSettings:
+    splits: tuple[str, ...] = key(("train", "test"), "masked-LM pretraining (sda_jax.pretrain) trains on these splits' sentences; labels never read")
+    heldout_split: str = key("dev", "the split whose sentences score the masked-LM loss and accuracy every train.eval_every steps",
+                             choices=SPLIT_NAMES)  # fmt: skip
+    pairs: bool = key(True, "inputs as [CLS] a [SEP] b [SEP] (the fine-tuning format); False: each sentence alone")
+    mask_prob: float = key(0.15, "share of each input's tokens to predict (specials never), rounded per input", above=0.0, maximum=1.0)
+    mask_token_ratio: float = key(0.8, "of the predicted tokens, the share replaced by [MASK]", minimum=0.0, maximum=1.0)
+    random_token_ratio: float = key(0.1, "of the predicted tokens, the share replaced by a random token (the rest: kept)",
+                                    minimum=0.0, maximum=1.0)  # fmt: skip
+    whole_word_masking: bool = key(False, "predict every character of a word or none (words from jieba: the wwm extra)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     seed: int = key(2021, "the one seed: init, dropout, data order and fresh heads (with sweep.seed: the data order)", minimum=0)
     data: DataSettings = DataSettings()
@@ -180,6 +195,7 @@ class Settings:
     sda: SdaSettings = SdaSettings()
     adversarial: AdversarialSettings = AdversarialSettings()
     fp16: Fp16Settings = Fp16Settings()
+    pretrain: PretrainSettings = PretrainSettings()
     # ((sweep key, its values), ...) in SWEEP_KEYS order: the grid of models a run trains side by side.
     sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
@@ -438,6 +454,17 @@ def _check_together(settings: Settings) -> None:
         raise InputError("config key data.tfds_splits: expected three split names (train, dev, test)")
     if len(data.label_names) < 2:
         raise InputError("config key data.label_names: needs at least two distinct labels")
+    pretrain = settings.pretrain
+    unknown = [name for name in pretrain.splits if name not in SPLIT_NAMES]
+    if not pretrain.splits or unknown or len(set(pretrain.splits)) != len(pretrain.splits):
+        raise InputError(f"config key pretrain.splits: expected distinct names of {', '.join(SPLIT_NAMES)}, got {pretrain.splits!r}")
+    if pretrain.heldout_split in pretrain.splits:
+        raise InputError(
+            f"config key pretrain.heldout_split: {pretrain.heldout_split} is also in pretrain.splits; the held-out "
+            "sentences must not be trained on"
+        )
+    if pretrain.mask_token_ratio + pretrain.random_token_ratio > 1.0:
+        raise InputError("config keys pretrain.mask_token_ratio + pretrain.random_token_ratio: must not exceed 1")
     if model.overrides and not model.from_scratch:
         raise InputError(
             f"config keys model.{'/'.join(ARCHITECTURE_KEYS)} change the architecture: only allowed with model.from_scratch=True"

@@ -15,6 +15,7 @@ import transformers
 
 from sda_jax import tokenization
 from sda_jax.clue_files import Examples, read_clue_file
+from sda_jax.errors import InputError
 from sda_jax.settings import DataSettings
 from sda_jax.tokenization import Encoded
 
@@ -29,13 +30,18 @@ class Splits:
     tokenizer: transformers.PreTrainedTokenizerFast
 
 
-def read_examples(data: DataSettings, split: str) -> Examples:
+def read_examples(data: DataSettings, split: str, *, labels: bool = True) -> Examples:
     """The rows of one split (`train`, `dev` or `test`) from the configured files or TFDS set.
 
-    Train and dev need labels, test does not.
+    Train and dev need labels, test does not; without `labels` (the text alone, for masked-LM
+    pretraining) none is read, from files only.
     """
     keys = {"text_a_key": data.text_a_key, "text_b_key": data.text_b_key, "label_key": data.label_key, "id_key": data.id_key}
-    require_labels = split != "test"
+    require_labels = labels and split != "test"
+    if not labels:
+        if data.source != "files":
+            raise InputError(f"config key data.source: masked-LM pretraining reads the three files, not {data.source}")
+        keys["label_key"] = None
     if data.source == "files":
         path = {"train": data.train_file, "dev": data.dev_file, "test": data.test_file}[split]
         return read_clue_file(path, data.label_names, require_labels=require_labels, **keys)

@@ -49,11 +49,12 @@ class Encoded:
 
 
 def load_tokenizer(model_dir: Path) -> transformers.PreTrainedTokenizerFast:
-    """The fast (Rust-backed) WordPiece tokenizer from a model folder's vocab.txt."""
+    """The fast (Rust-backed) WordPiece tokenizer from a model folder's vocab.txt, or its
+    tokenizer.json (what transformers 5 and sda-jax's exports write, without vocab.txt)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: no such folder (expected a BERT model folder with vocab.txt)")
-    if not (model_dir / "vocab.txt").is_file():
+    if not (model_dir / "vocab.txt").is_file() and not (model_dir / "tokenizer.json").is_file():
         raise InputError(f"{model_dir / 'vocab.txt'}: no such file")
     # Imported here because importing transformers takes about a second, which the bucketing
     # code and its tests do not need to pay.

@@ -58,6 +58,10 @@ class TrainState:
     loss_scale: mixed_precision.LossScale | None  # float16 only
     skipped_steps: jax.Array  # int32: fp16 steps skipped for non-finite gradients
 
+    def parameter_sets(self) -> tuple[Any, ...]:
+        """Every set of parameters the state holds (what a checkpoint must hold finite)."""
+        return self.params, self.teacher, self.eval_ema
+
 
 def create_train_state(
     params: Params, hyper: Hyperparameters, settings: Settings, *, compute_dtype: Any, eval_ema_starts: bool = True

@@ -32,7 +32,7 @@ import shutil
 import socket
 
 from sda_jax import atomic_write
-from sda_jax.bert_config import BertConfig
+from sda_jax.bert_config import MASKED_LM_TYPES, BertConfig
 from sda_jax.errors import InputError
 from sda_jax.settings import Settings
 
@@ -120,12 +120,13 @@ class Workdir:
 
     # --- starting a run ----------------------------------------------------------------------
 
-    def prepare(self, settings: Settings, *, fresh: bool, lock: RunLock) -> None:
-        """Creates the folder and takes its `lock`, then checks that the run it holds is this one;
-        `fresh` removes the old run (never a live run's: the lock comes first).
+    def prepare(self, settings: Settings, *, fresh: bool, lock: RunLock, masked_lm: bool = False) -> None:
+        """Creates the folder and takes its `lock`, then checks that the run it holds is this one
+        (a fine-tuning run, or with `masked_lm` a pretraining one); `fresh` removes the old run
+        (never a live run's: the lock comes first).
 
         InputError if the folder is not writable, is in use by another run, or holds a run with
-        other settings and `fresh` is not set.
+        other settings or of the other kind and `fresh` is not set.
         """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -135,6 +136,11 @@ class Workdir:
         except OSError as err:
             raise InputError(f"{self.path}: cannot write to the workdir ({err.strerror})") from None
         lock.hold()
+        if (self.model_dir / "config.json").is_file() and not fresh and self.is_masked_lm() != masked_lm:
+            kinds = ("a fine-tuning run (sda_jax.train)", "a masked-LM pretraining run (sda_jax.pretrain)")
+            raise InputError(
+                f"{self.path}: holds {kinds[not masked_lm]}, not {kinds[masked_lm]}; use another --workdir or pass --fresh"
+            )
         if self.settings_file.exists() and not fresh:
             old = json.loads(self.settings_file.read_text(encoding="utf-8"))
             changed = sorted(_changed_keys(old, json.loads(settings.to_record())))
@@ -150,11 +156,11 @@ class Workdir:
                 elif path.exists():
                     path.unlink()
 
-    def write_records(self, settings: Settings, config: BertConfig, tokenizer) -> None:
-        """settings.json and model/{config.json, tokenizer files}."""
+    def write_records(self, settings: Settings, config: BertConfig, tokenizer, masked_lm: bool = False) -> None:
+        """settings.json and model/{config.json (of the classifier or the masked-LM model), tokenizer files}."""
         atomic_write.write_text(self.settings_file, settings.to_record())
         self.model_dir.mkdir(exist_ok=True)
-        hf_config = config.to_hf_dict(settings.data.label_names)
+        hf_config = config.to_hf_dict(settings.data.label_names, masked_lm)
         atomic_write.write_text(self.model_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
         tokenizer.save_pretrained(str(self.model_dir))
 
@@ -192,6 +198,11 @@ class Workdir:
         """InputError unless the folder holds an sda-jax run (its model record, at least)."""
         if not (self.model_dir / "config.json").is_file():
             raise InputError(f"{self.path}: not an sda-jax run folder (no {MODEL_DIR}/config.json)")
+
+    def is_masked_lm(self) -> bool:
+        """Whether the folder holds a masked-LM pretraining run (its model record says so)."""
+        record = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+        return record.get("architectures", [""])[0] in MASKED_LM_TYPES.values()
 
     def read_settings(self) -> Settings:
         return Settings.from_record(self.settings_file)
