@@ -58,6 +58,7 @@ from configs import default as default_config
 from sda_jax import bucket_policy, input_pipeline, mixed_precision, parallel, splits, tokenization
 from sda_jax import main as sda_main
 from sda_jax.bert_config import BertConfig
+from sda_jax.errors import InputError, exit_with_error
 from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
 from sda_jax.settings import Settings
@@ -346,7 +347,10 @@ def main() -> None:
         config.data.bucket_lengths = tuple(int(n) for n in args.bucket_lengths.split(","))
     if args.num_buckets:
         config.data.num_buckets = args.num_buckets
-    settings = Settings.from_config(config)
+    try:
+        settings = Settings.from_config(config)
+    except InputError as err:  # e.g. --bucket-lengths not ending at data.max_seq_len
+        exit_with_error(err)
     if args.pipeline_only:
         print(json.dumps(pipeline_seconds(settings)))
         return
