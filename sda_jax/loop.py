@@ -27,7 +27,7 @@ from sda_jax.evaluate import EvalPrograms, Scores
 from sda_jax.metrics_writer import MetricsWriter
 from sda_jax.preemption import Preempted, PreemptionGuard
 from sda_jax.settings import TrainSettings
-from sda_jax.stopwatch import Stopwatch
+from sda_jax.stopwatch import Stopwatch, format_phases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +88,7 @@ class Session(contextlib.ExitStack):
 
 def restart_line(to_first_step: dict[str, float]) -> str:
     """'Restarted: first new step after 12.3 s (startup 2.3, data 0.7, ...)', phases of 0.05 s or more."""
-    phases = ", ".join(f"{k} {v:.1f}" for k, v in to_first_step.items() if k != "wall" and v >= 0.05)
-    return f"Restarted: first new step after {to_first_step['wall']:.1f} s ({phases})."
+    return f"Restarted: first new step after {to_first_step['wall']:.1f} s ({format_phases(to_first_step)})."
 
 
 Hook = Callable[[int, Any, Cadence], None]  # (step, state, cadence) on every step Cadence names

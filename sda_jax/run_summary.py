@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sda_jax import atomic_write, splits
+from sda_jax.stopwatch import format_phases
 
 
 def dev_line(step: int, params_name: str, scores: Any, improved: list[bool]) -> str:
@@ -117,8 +118,7 @@ def write(workdir, summary: dict[str, Any]) -> None:
 
 def format_summary(summary: dict[str, Any]) -> str:
     resumed = f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""
-    phases = summary["seconds_by_phase"]
-    breakdown = ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items() if seconds >= 0.05)
+    breakdown = format_phases(summary["seconds_by_phase"])
     count = len(summary["models"])
     values = lambda m: ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items() if k == "seed" or "." in k)
     best, prediction = summary["best_combination"], summary["prediction"]

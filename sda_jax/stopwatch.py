@@ -54,3 +54,8 @@ class Stopwatch:
             inner = now - began
         wall = now - self.start
         return {**seconds, "other": max(wall - sum(seconds.values()), 0.0), "wall": wall}
+
+
+def format_phases(seconds: dict[str, float]) -> str:
+    """'startup 2.3, data 0.7, ...': a breakdown's phases of 0.05 s or more (its `wall` left out)."""
+    return ", ".join(f"{name} {value:.1f}" for name, value in seconds.items() if name != "wall" and value >= 0.05)
