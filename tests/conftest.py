@@ -22,10 +22,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 # The suite runs many short trainings with identical programs: a persistent XLA cache (inherited
-# by every subprocess) turns their compilations into cache reads. One per pytest-xdist worker:
-# JAX writes a cache entry in place, so a worker could read another's half-written entry.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cache" / f"jax-compilation-cache-{_WORKER}"))
+# by every subprocess) turns their compilations into cache reads. One for the whole session, set
+# by pytest-xdist's controller before it starts the workers, so a program one worker compiled is
+# read by the other. JAX writes an entry in place; a half-written one that a reader meets is a
+# warning and a compilation (jax._src.compiler._cache_read), not an error.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # A 1-layer, 32-wide BERT on one bucket length (one compilation): for tests of the run's

@@ -1,5 +1,5 @@
 """Nothing lost when two runs share a workdir, a checkpoint is damaged or the disk fills, and a
-time-based checkpoint cadence that every process agrees on.
+time-based checkpoint cadence (that two processes agree on it: tests/test_multihost.py).
 
 Each fault is made by hand on a run of the 1-layer model, and the run that follows it is held
 to an undisturbed one: bit-identical final state, metrics and predictions.
@@ -216,28 +216,13 @@ def test_a_resume_from_a_time_based_checkpoint_is_bit_exact(undisturbed, tmp_pat
     summary, printed = _train(workdir, **{"train.checkpoint_every_seconds": 1e-3, "train.checkpoint_every": 1000})
     assert "resuming from 36" in printed and summary["resumed_from_step"] == 36
     restart = summary["seconds_to_first_step"]
-    assert restart["checkpointing"] > 0 and sum(v for k, v in restart.items() if k != "wall") == pytest.approx(restart["wall"], rel=1e-3)
+    phases = [v for k, v in restart.items() if k != "wall"]
+    # Each figure is rounded to the millisecond: their sum is the wall to within half of one per figure.
+    assert restart["checkpointing"] > 0 and sum(phases) == pytest.approx(restart["wall"], abs=5e-4 * (len(phases) + 1))
     _same_run(uninterrupted, workdir)
     # A run with the step cadence trains the same state (its log has records at its checkpoint steps too).
     np.testing.assert_array_equal(load_train_state(undisturbed, 40)["['params']['classifier']['kernel']"],
                                   load_train_state(workdir, 40)["['params']['classifier']['kernel']"])  # fmt: skip
-
-
-def test_two_processes_agree_on_the_time_based_checkpoints(tmp_path):
-    """Process 0's clock decides and both save the same steps (orbax's save is collective: a
-    disagreement would hang or fail the run)."""
-    from tests.test_multihost import _free_port, _launch
-
-    flags = flags_of({"train.checkpoint_every_seconds": 1e-3, "train.checkpoint_every": 1000, "train.log_every": 3,
-                      "train.keep_checkpoints": 3})  # fmt: skip
-    port, workdir = _free_port(), tmp_path / "two"
-    procs = [_launch(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), extra_flags=flags)
-             for i in range(2)]  # fmt: skip
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints" / "train").iterdir() if p.name.isdigit())
-    assert steps == [6, 9, 12], steps  # every log step (3) of the 12, the last three kept
 
 
 # --- A newcomer's two commands -------------------------------------------------------------------

@@ -14,16 +14,17 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_RUN_FLAGS, Cli, load_train_state, moved_by_rounding_alone
+from tests.conftest import TINY_RUN, Cli, flags_of, load_train_state, moved_by_rounding_alone, train_in_process
 
-TINY = [
-    *TINY_RUN_FLAGS,
-    "--config.train.max_steps=40",
-    "--config.train.log_every=5",
-    "--config.train.eval_every=20",
-    "--config.train.checkpoint_every=10",
-    "--config.sda.eval_ema_start_step=15",
-]
+RUN = {
+    **TINY_RUN,
+    "train.max_steps": 40,
+    "train.log_every": 5,
+    "train.eval_every": 20,
+    "train.checkpoint_every": 10,
+    "sda.eval_ema_start_step": 15,
+}
+TINY = flags_of(RUN)
 CLI = Cli()
 
 
@@ -66,9 +67,10 @@ def assert_same_run(a: pathlib.Path, b: pathlib.Path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """The undisturbed run, in this process: a command-line run compiles the same programs, so the
+    runs of the tests below, killed and resumed through the command line, must end bit-identical to it."""
     workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = run(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(workdir, RUN)
     return workdir
 
 

@@ -147,10 +147,12 @@ def varied_model_dir(tmp_path_factory, bert_base_chinese_dir):
 @pytest.fixture(scope="module")
 def two_seeds(tmp_path_factory, varied_model_dir):
     workdir = tmp_path_factory.mktemp("seeds") / "run"
-    overrides = {**RUN, "sweep.seed": SEEDS, "train.per_model_predictions": True, "train.eval_all_params": True,
-                 "model.dir": varied_model_dir}  # fmt: skip
-    train_in_process(workdir, overrides)
+    train_in_process(workdir, two_seeds_overrides(varied_model_dir))
     return workdir
+
+
+def two_seeds_overrides(model_dir):
+    return {**RUN, "sweep.seed": SEEDS, "train.per_model_predictions": True, "train.eval_all_params": True, "model.dir": model_dir}
 
 
 def _logits(workdir, params, encoded):
@@ -229,19 +231,18 @@ def test_one_model_exports_the_ensemble_does_not(two_seeds, tmp_path, cli):
 # --- Through the command line: other device counts, signals ---------------------------------------
 
 
-def test_two_seeds_on_four_devices_match_one_device(tmp_path, cli):
-    """2 model groups × 2 data shards: the same runs up to the order of the gradient sums (as the
-    one-model cross-device tests, with BERT's usual initialisation)."""
-    for devices in (1, 4):
-        result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / str(devices)}",
-                         *flags_of({**RUN, "sweep.seed": SEEDS}), devices=devices, timeout=600)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
+def test_two_seeds_on_four_devices_match_one_device(two_seeds, varied_model_dir, tmp_path, cli):
+    """2 model groups × 2 data shards: the same runs as the one-device `two_seeds` up to the order
+    of the gradient sums (as the one-model cross-device tests)."""
+    result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / '4'}",
+                     *flags_of(two_seeds_overrides(varied_model_dir)), devices=4, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "4 x cpu" in json.loads((tmp_path / "4" / "summary.json").read_text())["devices"]
     losses = lambda w: [(r["step"], [m["loss"] for m in r["models"]]) for r in read_records(w, "train")]
-    one, four = losses(tmp_path / "1"), losses(tmp_path / "4")
+    one, four = losses(two_seeds), losses(tmp_path / "4")
     assert [x[0] for x in one] == [x[0] for x in four]
     np.testing.assert_allclose([x[1] for x in four], [x[1] for x in one], rtol=1e-4, atol=1e-5)
-    a, b = load_train_state(tmp_path / "1", 12), load_train_state(tmp_path / "4", 12)
+    a, b = load_train_state(two_seeds, 12), load_train_state(tmp_path / "4", 12)
     assert a.keys() == b.keys()
     for key in a:
         if not moved_by_rounding_alone(key):
@@ -250,10 +251,10 @@ def test_two_seeds_on_four_devices_match_one_device(tmp_path, cli):
 
 def test_a_sweep_resumes_bit_identically_after_sigkill(tmp_path, monkeypatch):
     """2 seeds × 2 distillation weights: 4 models, killed at a random step and resumed."""
-    monkeypatch.setattr(test_resume, "TINY", [*test_resume.TINY, f"--config.sweep.seed={SEEDS}", "--config.sweep.sda.kd_coeff=(0.5,1.0)"])
+    sweep = {"sweep.seed": SEEDS, "sweep.sda.kd_coeff": (0.5, 1.0)}
+    monkeypatch.setattr(test_resume, "TINY", flags_of({**test_resume.RUN, **sweep}))
     uninterrupted = tmp_path / "uninterrupted"
-    result = test_resume.run(uninterrupted)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(uninterrupted, {**test_resume.RUN, **sweep})  # as test_resume's: in this process
     killed = tmp_path / "killed"
     code, _ = test_resume.start_and_signal(killed, signal.SIGKILL)
     assert code == -signal.SIGKILL
