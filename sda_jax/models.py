@@ -12,8 +12,8 @@ row alone, is `bert/encoder/layer_{L-1}` either way.
 Parameters are always float32; `dtype` only sets the compute dtype, as torch autocast does: the
 matmuls run in that dtype (accumulating in float32) and add their bias in float32; LayerNorm,
 the residual stream it feeds, the attention softmax and the returned logits stay float32. In 16
-bits two backward passes are written out (`_add_bias16`, `_activation16`) so that XLA moves
-less memory on a GPU; they compute the same gradients, and the float32 model does not use them.
+bits two backward passes are written out (`sda_jax.sixteen_bit`) so that XLA moves less memory
+on a GPU; they compute the same gradients, and the float32 model does not use them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 from sda_jax.bert_config import ACTIVATION_NAMES, BertConfig
 from sda_jax.dropout import Dropout
+from sda_jax.sixteen_bit import activation16
+from sda_jax.sixteen_bit import add_bias16 as _add_bias16
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form. jax.nn.gelu evaluates it as x/2 * erfc(-x/sqrt(2)); torch's
@@ -54,31 +56,6 @@ def word_embedding_init(config: BertConfig) -> nn.initializers.Initializer:
         return table.at[config.pad_token_id].set(0.0)
 
     return init
-
-
-@jax.custom_vjp
-def _add_bias16(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """(y + bias) in float32, rounded once to y's 16-bit dtype; its bias gradient is a float32 sum.
-
-    Autodiff of the same expression sums the bias gradient over a float32 copy of the incoming
-    bf16 gradient, which XLA writes out and reads back ([tokens, 3072] for the feed-forward
-    layer). Here the sum is a product with a row of ones that accumulates in float32: the same
-    bf16 values summed in float32, read once (0.9 GB less per BERT-base step on an H100).
-    """
-    return (y.astype(jnp.float32) + bias).astype(y.dtype)
-
-
-def _add_bias16_fwd(y: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
-    return _add_bias16(y, bias), None
-
-
-def _add_bias16_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    rows = list(range(g.ndim - 1))
-    ones = jnp.ones(g.shape[:-1], g.dtype)
-    return g, jnp.einsum(ones, rows, g, [*rows, g.ndim - 1], [g.ndim - 1], preferred_element_type=jnp.float32)
-
-
-_add_bias16.defvjp(_add_bias16_fwd, _add_bias16_bwd)
 
 
 class Dense(nn.Module):
@@ -241,32 +218,9 @@ class BertAttention(nn.Module):
         )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _activation16(name: str, u: jax.Array) -> jax.Array:
-    """The activation of 16-bit `u`, evaluated in float32 and rounded once, whose backward pass
-    recomputes it from `u`.
-
-    Autodiff of the same function keeps its float32 intermediates (GELU's input and erfc, 2 ×
-    [tokens, 3072] float32 per layer) from the forward pass to the backward; recomputing them
-    from the bf16 input, which the backward reads anyway, moves less (0.8 GB per unrolled
-    BERT-base step on an H100). The gradient is autodiff's, op for op.
-    """
-    return ACTIVATIONS[name](u.astype(jnp.float32)).astype(u.dtype)
-
-
-def _activation16_fwd(name: str, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _activation16(name, u), u
-
-
-def _activation16_bwd(name: str, u: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    # Without the barrier XLA merges the recomputation with the forward pass's, and keeps its
-    # float32 results alive until here again.
-    u = jax.lax.optimization_barrier(u)
-    _, vjp = jax.vjp(ACTIVATIONS[name], u.astype(jnp.float32))
-    return (vjp(g.astype(jnp.float32))[0].astype(u.dtype),)
-
-
-_activation16.defvjp(_activation16_fwd, _activation16_bwd)
+    """The activation of 16-bit `u` in float32, rounded once; its backward recomputes it from `u`."""
+    return activation16(ACTIVATIONS[name], u)
 
 
 class BertIntermediate(nn.Module):
