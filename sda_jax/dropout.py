@@ -79,13 +79,17 @@ def _threefry_hash(key: jax.Array, counter: jax.Array) -> jax.Array:
     return x0 ^ x1
 
 
-def uint16_halves(key: jax.Array, shape: Sequence[int], *, per_element: bool = False) -> jax.Array:
+def uint16_halves(
+    key: jax.Array, shape: Sequence[int], *, per_element: bool = False, in_loop: bool = False
+) -> jax.Array:
     """16-bit uniforms (as uint32) for `shape`: the high then the low half of each 32-bit draw of
     `jax.random.bits(key, (*leading, ceil(last / 2)), jnp.uint32)`, along the last axis.
 
     `per_element` (threefry2x32 keys): each element computes its own, its draw's counter hashed
     (`threefry_bits`' bits, element by element) and its half taken, rather than all draws being
-    taken whole and split. The same values either way.
+    taken whole and split. The same values either way. `in_loop` (with `per_element`): drawn in
+    the body of a loop whose iterations draw with different keys (the scan over layers); the
+    counters are then made to depend on the key, so that XLA does not hoist them out of the loop.
     """
     *leading, last = shape
     draws = -(-last // 2)
@@ -98,10 +102,22 @@ def uint16_halves(key: jax.Array, shape: Sequence[int], *, per_element: bool = F
         return jnp.stack([bits >> 16, bits & 0xFFFF], axis=-1).reshape(*leading, -1)[..., :last]
     if math.prod(leading) * draws >= 2**32:
         raise ValueError(f"threefry_bits draws fewer than 2**32 values, asked for {math.prod(leading) * draws}")
-    column = jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), len(shape) - 1)
+    index = lambda axis: jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), axis)
+    if in_loop:
+        # Counters that do not depend on the key are loop-invariant: XLA computes them once before
+        # the loop and reads them back as uint32 arrays at every draw (BERT-base's scanned train
+        # step on an H100: 0.38 GB). A zero it cannot see through (from the key, behind a
+        # barrier) added to each 1-D index keeps them in the loop; a full-shape iota is hoisted
+        # whatever is added to it.
+        word = jax.random.key_data(key)[0]
+        zero = word ^ jax.lax.optimization_barrier(word)
+        index = lambda axis: jax.lax.broadcast_in_dim(
+            jax.lax.iota(jnp.uint32, shape[axis]) + zero, tuple(shape), (axis,)
+        )
+    column = index(len(shape) - 1)
     counter, stride = column >> np.uint32(1), draws
     for axis in reversed(range(len(leading))):
-        counter = counter + jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), axis) * np.uint32(stride)
+        counter = counter + index(axis) * np.uint32(stride)
         stride *= shape[axis]
     bits = _threefry_hash(key, counter)
     return jnp.where((column & np.uint32(1)) == 1, bits & np.uint32(0xFFFF), bits >> np.uint32(16))
@@ -114,16 +130,20 @@ class Dropout(nn.Module):
     1e-5 of 1 - rate (0.899994 for rate 0.1); kept elements are scaled by 1 / (1 - rate) as in
     torch. The 32-bit draws are split along the last axis only, so a batch sharded over its first
     axis draws its mask where it lives, and the mask never depends on the device count.
-    `per_element_draws`: the same mask, each element drawing its own (see the module docstring).
+    `per_element_draws`: the same mask, each element drawing its own (see the module docstring);
+    `in_loop`: drawn in the scan over layers (see `uint16_halves`).
     """
 
     rate: float
     per_element_draws: bool = False
+    in_loop: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        halves = uint16_halves(self.make_rng("dropout"), x.shape, per_element=self.per_element_draws)
+        halves = uint16_halves(
+            self.make_rng("dropout"), x.shape, per_element=self.per_element_draws, in_loop=self.in_loop
+        )
         keep = halves >= np.uint32(round(self.rate * 65536))
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))

@@ -12,8 +12,9 @@ row alone, is `bert/encoder/layer_{L-1}` either way.
 Parameters are always float32; `dtype` only sets the compute dtype, as torch autocast does: the
 matmuls run in that dtype (accumulating in float32) and add their bias in float32; LayerNorm,
 the residual stream it feeds, the attention softmax and the returned logits stay float32. In 16
-bits two backward passes are written out (`_add_bias16`, `_activation16`) so that XLA moves
-less memory on a GPU; they compute the same gradients, and the float32 model does not use them.
+bits some backward passes are written out (`sda_jax.sixteen_bit`) and the query, key and value
+products are one product, so that XLA moves less memory on a GPU; the float32 model runs none
+of that code.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 
 from sda_jax.bert_config import ACTIVATION_NAMES, BertConfig
 from sda_jax.dropout import Dropout
+from sda_jax.sixteen_bit import activation16, layer_norm, layer_norm16
+from sda_jax.sixteen_bit import add_bias16 as _add_bias16
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form. jax.nn.gelu evaluates it as x/2 * erfc(-x/sqrt(2)); torch's
@@ -56,31 +59,6 @@ def word_embedding_init(config: BertConfig) -> nn.initializers.Initializer:
     return init
 
 
-@jax.custom_vjp
-def _add_bias16(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """(y + bias) in float32, rounded once to y's 16-bit dtype; its bias gradient is a float32 sum.
-
-    Autodiff of the same expression sums the bias gradient over a float32 copy of the incoming
-    bf16 gradient, which XLA writes out and reads back ([tokens, 3072] for the feed-forward
-    layer). Here the sum is a product with a row of ones that accumulates in float32: the same
-    bf16 values summed in float32, read once (0.9 GB less per BERT-base step on an H100).
-    """
-    return (y.astype(jnp.float32) + bias).astype(y.dtype)
-
-
-def _add_bias16_fwd(y: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
-    return _add_bias16(y, bias), None
-
-
-def _add_bias16_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    rows = list(range(g.ndim - 1))
-    ones = jnp.ones(g.shape[:-1], g.dtype)
-    return g, jnp.einsum(ones, rows, g, [*rows, g.ndim - 1], [g.ndim - 1], preferred_element_type=jnp.float32)
-
-
-_add_bias16.defvjp(_add_bias16_fwd, _add_bias16_bwd)
-
-
 class Dense(nn.Module):
     """torch's Linear under autocast: a product in the compute dtype whose bias is added in float32.
 
@@ -106,10 +84,25 @@ class Dense(nn.Module):
         return _add_bias16(y, bias)
 
 
-def _dropout(rate: float, dtype: Any) -> Dropout:
+class _DenseKernel(nn.Module):
+    """`Dense`'s parameters for a caller that takes the product itself; returns the kernel in the
+    compute dtype (the caller reads the float32 bias from its variables)."""
+
+    features: int
+    dtype: Any
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), jnp.float32)
+        self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return kernel.astype(self.dtype)
+
+
+def _dropout(rate: float, dtype: Any, in_loop: bool = False) -> Dropout:
     # 16-bit compute is the accelerators' (mixed_precision.compute_dtype), where what moves through
     # memory is the cost and XLA fuses per-element draws into the kernel that applies them.
-    return Dropout(rate, per_element_draws=jnp.dtype(dtype) != jnp.float32)
+    return Dropout(rate, per_element_draws=jnp.dtype(dtype) != jnp.float32, in_loop=in_loop)
 
 
 def _dense(config: BertConfig, features: int, dtype: Any, name: str) -> Dense:
@@ -127,6 +120,8 @@ class LayerNorm(nn.Module):
     """
 
     epsilon: float
+    dtype: Any = jnp.float32  # the model's compute dtype
+    rematerialised: bool = False  # under `nn.remat`, where 16 bits take `sixteen_bit.layer_norm16`
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -134,15 +129,14 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         x = x.astype(jnp.float32)
-        centered = x - jnp.mean(x, axis=-1, keepdims=True)
-        variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
-        normalised = centered * jax.lax.rsqrt(variance + self.epsilon)
-        return normalised * scale + bias
+        if jnp.dtype(self.dtype) != jnp.float32 and self.rematerialised:
+            return layer_norm16(x, scale, bias, self.epsilon)
+        return layer_norm(x, scale, bias, self.epsilon)
 
 
-def _layer_norm(config: BertConfig) -> LayerNorm:
+def _layer_norm(config: BertConfig, dtype: Any, rematerialised: bool = False) -> LayerNorm:
     # Its float32 output is the residual stream, as autocast keeps it: the next matmul casts.
-    return LayerNorm(config.layer_norm_eps, name="LayerNorm")
+    return LayerNorm(config.layer_norm_eps, dtype, rematerialised, name="LayerNorm")
 
 
 class BertEmbeddings(nn.Module):
@@ -179,13 +173,14 @@ class BertEmbeddings(nn.Module):
             # row 0 is added to every position: the same sums as a lookup of all-zero ids.
             task_type = embed(cfg.task_type_vocab_size, "task_type_embeddings", normal)
             x = x + task_type(jnp.zeros((1, 1), jnp.int32))
-        x = _layer_norm(cfg)(x)
+        x = _layer_norm(cfg, self.dtype)(x)
         return _dropout(cfg.hidden_dropout_prob, self.dtype)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
+    rematerialised: bool = False  # the body of the scan over layers
 
     @nn.compact
     def __call__(
@@ -198,17 +193,36 @@ class BertSelfAttention(nn.Module):
             y = _dense(cfg, cfg.hidden_size, self.dtype, name)(inputs)
             return y.reshape(*inputs.shape[:2], cfg.num_attention_heads, cfg.head_dim)
 
-        q = project("query", x[:, :1] if cls_only else x)
-        k, v = project("key", x), project("value", x)
+        if jnp.dtype(self.dtype) != jnp.float32 and not cls_only:
+            q, k, v = self._fused_projections(x)
+        else:
+            q = project("query", x[:, :1] if cls_only else x)
+            k, v = project("key", x), project("value", x)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores * (cfg.head_dim**-0.5)
         # Equal to HF's additive finfo.min mask after rounding, but cannot overflow to -inf, so a
         # row with every key masked (an all-padding example) gets a uniform softmax, not NaN.
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        probs = _dropout(cfg.attention_probs_dropout_prob, self.dtype)(probs, deterministic=deterministic)
+        probs = _dropout(cfg.attention_probs_dropout_prob, self.dtype, self.rematerialised)(probs, deterministic=deterministic)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
         return context.reshape(*q.shape[:2], cfg.hidden_size)
+
+    def _fused_projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The query, key and value products as one, [hidden, 3 * hidden] (16-bit compute).
+
+        XLA merges the three forward products itself, but not their input gradients: three
+        products, each rounded to 16 bits, and a float32 sum of them. One product's input gradient
+        sums all three in its float32 accumulator (BERT-base's step: 176 kernels fewer scanned, 110
+        unrolled, for 0.15 / 0.09 GB more, XLA writing that gradient in two layouts).
+        """
+        cfg, names = self.config, ("query", "key", "value")
+        kernels = [_DenseKernel(cfg.hidden_size, self.dtype, hf_normal_init(cfg), name=n)(x.shape[-1]) for n in names]
+        bias = jnp.concatenate([self.variables["params"][n]["bias"] for n in names])
+        y = jax.lax.dot_general(x.astype(self.dtype), jnp.concatenate(kernels, axis=1), (((x.ndim - 1,), (0,)), ((), ())))
+        y = _add_bias16(y, bias)
+        y = y.reshape(*x.shape[:2], 3, cfg.num_attention_heads, cfg.head_dim)
+        return y[:, :, 0], y[:, :, 1], y[:, :, 2]
 
 
 class BertResidualOutput(nn.Module):
@@ -216,57 +230,37 @@ class BertResidualOutput(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    rematerialised: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, residual: jax.Array, *, deterministic: bool) -> jax.Array:
         cfg = self.config
         x = _dense(cfg, cfg.hidden_size, self.dtype, "dense")(x)
-        x = _dropout(cfg.hidden_dropout_prob, self.dtype)(x, deterministic=deterministic)
-        return _layer_norm(cfg)(x + residual)  # a compute-dtype branch plus the float32 stream: float32
+        x = _dropout(cfg.hidden_dropout_prob, self.dtype, self.rematerialised)(x, deterministic=deterministic)
+        # A compute-dtype branch plus the float32 stream: float32.
+        return _layer_norm(cfg, self.dtype, self.rematerialised)(x + residual)
 
 
 class BertAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
+    rematerialised: bool = False
 
     @nn.compact
     def __call__(
         self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool, cls_only: bool = False
     ) -> jax.Array:
-        context = BertSelfAttention(self.config, self.dtype, name="self")(
+        context = BertSelfAttention(self.config, self.dtype, self.rematerialised, name="self")(
             x, key_mask, deterministic=deterministic, cls_only=cls_only
         )
-        return BertResidualOutput(self.config, self.dtype, name="output")(
+        return BertResidualOutput(self.config, self.dtype, self.rematerialised, name="output")(
             context, x[:, :1] if cls_only else x, deterministic=deterministic
         )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _activation16(name: str, u: jax.Array) -> jax.Array:
-    """The activation of 16-bit `u`, evaluated in float32 and rounded once, whose backward pass
-    recomputes it from `u`.
-
-    Autodiff of the same function keeps its float32 intermediates (GELU's input and erfc, 2 ×
-    [tokens, 3072] float32 per layer) from the forward pass to the backward; recomputing them
-    from the bf16 input, which the backward reads anyway, moves less (0.8 GB per unrolled
-    BERT-base step on an H100). The gradient is autodiff's, op for op.
-    """
-    return ACTIVATIONS[name](u.astype(jnp.float32)).astype(u.dtype)
-
-
-def _activation16_fwd(name: str, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _activation16(name, u), u
-
-
-def _activation16_bwd(name: str, u: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    # Without the barrier XLA merges the recomputation with the forward pass's, and keeps its
-    # float32 results alive until here again.
-    u = jax.lax.optimization_barrier(u)
-    _, vjp = jax.vjp(ACTIVATIONS[name], u.astype(jnp.float32))
-    return (vjp(g.astype(jnp.float32))[0].astype(u.dtype),)
-
-
-_activation16.defvjp(_activation16_fwd, _activation16_bwd)
+    """The activation of 16-bit `u` in float32, rounded once; its backward recomputes it from `u`."""
+    return activation16(ACTIVATIONS[name], u)
 
 
 class BertIntermediate(nn.Module):
@@ -295,9 +289,15 @@ def _layer(
     rematerialised: bool = False,
 ):  # fmt: skip
     """One transformer layer's submodules, created in the calling module (BertLayer or a scanned one)."""
-    x = BertAttention(config, dtype, name="attention")(x, key_mask, deterministic=deterministic, cls_only=cls_only)
+    x = BertAttention(config, dtype, rematerialised, name="attention")(x, key_mask, deterministic=deterministic, cls_only=cls_only)
+    if rematerialised and jnp.dtype(dtype) != jnp.float32:
+        # Written out once: otherwise XLA recomputes the attention block's LayerNorm inside the
+        # output block's, which then reads the layer's input (the scan's carry) while writing the
+        # layer's output, and the new carry is copied (BERT-base's scanned step: 22 kernels fewer;
+        # the copies' 0.55 GB go, most of it spent again on this array; eval: 36 copies -> 3).
+        x = jax.lax.optimization_barrier(x)
     h = BertIntermediate(config, dtype, rematerialised, name="intermediate")(x)
-    return BertResidualOutput(config, dtype, name="output")(h, x, deterministic=deterministic)
+    return BertResidualOutput(config, dtype, rematerialised, name="output")(h, x, deterministic=deterministic)
 
 
 class BertLayer(nn.Module):
