@@ -11,6 +11,7 @@ import pytest
 
 from sda_jax import parallel
 from sda_jax.errors import InputError
+from tests import test_resume
 from tests.conftest import TINY_RUN_FLAGS, flags_of, read_records, train_in_process
 
 TINY = {
@@ -96,21 +97,20 @@ def test_tensorboard_events_and_curves_png(trained):
 
 
 def test_four_devices_agree_with_one(tmp_path, cli):
-    # The 1-layer model on one bucket length: what is held is the sharding's arithmetic, and each
-    # further program would be compiled twice (1 and 4 devices) for nothing.
-    overrides = flags_of({"train.max_steps": 12, "train.log_every": 1, "train.eval_every": 12})
-    runs = {}
-    for devices in (1, 4):
-        result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / str(devices)}",
-                         *TINY_RUN_FLAGS, *overrides, devices=devices)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[devices] = tmp_path / str(devices)
-    assert "4 x cpu" in json.loads((runs[4] / "summary.json").read_text())["devices"]
-    losses_one = [r["loss"] for r in read_records(runs[1], "train")]
-    losses_four = [r["loss"] for r in read_records(runs[4], "train")]
-    assert len(losses_one) == len(losses_four) == 12
+    """test_resume's 1-layer run (whose 4-device programs its resume on 4 devices shares) from
+    scratch on 4 devices, against the same run in this process on one."""
+    overrides = {**test_resume.RUN, "train.log_every": 1}
+    train_in_process(tmp_path / "1", overrides)
+    result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / '4'}", *flags_of(overrides),
+                     devices=4)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 x cpu" in json.loads((tmp_path / "4" / "summary.json").read_text())["devices"]
+    losses_one = [r["loss"] for r in read_records(tmp_path / "1", "train")]
+    losses_four = [r["loss"] for r in read_records(tmp_path / "4", "train")]
+    assert len(losses_one) == len(losses_four) == 40
     np.testing.assert_allclose(losses_four, losses_one, rtol=1e-4, atol=1e-5)
-    dev_one, dev_four = read_records(runs[1], "dev")[-1], read_records(runs[4], "dev")[-1]
+    dev_one, dev_four = read_records(tmp_path / "1", "dev")[-1], read_records(tmp_path / "4", "dev")[-1]
+    assert dev_one["step"] == dev_four["step"] == 40
     np.testing.assert_allclose(dev_four["loss"], dev_one["loss"], rtol=1e-4)
 
 
