@@ -14,6 +14,7 @@ from sda_jax.bert_config import BertConfig
 from sda_jax.dropout import uint16_halves
 from sda_jax.models import BertForSequenceClassification, BertSelfAttention, init_params
 from sda_jax.sixteen_bit import layer_norm, layer_norm16
+from tests.conftest import moved_by_rounding_alone
 
 CONFIG = BertConfig(
     vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
@@ -86,8 +87,14 @@ def test_16_bit_model_gradients_follow_float32_without_16_bit_sums(scan_layers) 
             return jax.jit(jax.grad(loss))(params)
 
     full, half = grads(jnp.float32), grads(jnp.bfloat16)
+    largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(full))
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(half), jax.tree.leaves(full)):
         assert got.dtype == jnp.float32, path
+        if moved_by_rounding_alone(jax.tree_util.keystr(path)):
+            # Exactly zero (softmax ignores a key bias): rounding noise alone, which the 16-bit
+            # scores' backward (torch autocast's) makes ~1e-6 rather than float32's ~1e-11.
+            assert np.abs(got).max() <= 1e-4 * largest, (jax.tree_util.keystr(path), np.abs(got).max(), largest)
+            continue
         np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max() + 1e-6, err_msg=jax.tree_util.keystr(path))
 
 
