@@ -80,7 +80,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-        if jnp.dtype(self.dtype) == jnp.float32:
+        if not _is_16_bit(self.dtype):
             return (y.astype(jnp.float32) + bias).astype(self.dtype)
         return _add_bias16(y, bias)
 
@@ -100,10 +100,15 @@ class _DenseKernel(nn.Module):
         return kernel.astype(self.dtype)
 
 
+def _is_16_bit(dtype: Any) -> bool:
+    # The accelerators' compute dtypes (mixed_precision.compute_dtype), where what moves through
+    # memory is the cost: they take the written-out forms (sda_jax.sixteen_bit, fused products,
+    # barriers, per-element dropout draws that XLA fuses into the kernel applying them).
+    return jnp.dtype(dtype) != jnp.float32
+
+
 def _dropout(rate: float, dtype: Any, in_loop: bool = False) -> Dropout:
-    # 16-bit compute is the accelerators' (mixed_precision.compute_dtype), where what moves through
-    # memory is the cost and XLA fuses per-element draws into the kernel that applies them.
-    return Dropout(rate, per_element_draws=jnp.dtype(dtype) != jnp.float32, in_loop=in_loop)
+    return Dropout(rate, per_element_draws=_is_16_bit(dtype), in_loop=in_loop)
 
 
 def _dense(config: BertConfig, features: int, dtype: Any, name: str) -> Dense:
@@ -130,7 +135,7 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         x = x.astype(jnp.float32)
-        if jnp.dtype(self.dtype) != jnp.float32 and self.rematerialised:
+        if _is_16_bit(self.dtype) and self.rematerialised:
             return layer_norm16(x, scale, bias, self.epsilon)
         return layer_norm(x, scale, bias, self.epsilon)
 
@@ -194,12 +199,12 @@ class BertSelfAttention(nn.Module):
             y = _dense(cfg, cfg.hidden_size, self.dtype, name)(inputs)
             return y.reshape(*inputs.shape[:2], cfg.num_attention_heads, cfg.head_dim)
 
-        if jnp.dtype(self.dtype) != jnp.float32 and not cls_only:
+        if _is_16_bit(self.dtype) and not cls_only:
             q, k, v = self._fused_projections(x)
         else:
             q = project("query", x[:, :1] if cls_only else x)
             k, v = project("key", x), project("value", x)
-        if jnp.dtype(self.dtype) == jnp.float32:
+        if not _is_16_bit(self.dtype):
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (cfg.head_dim**-0.5)
         else:
             # torch autocast's q @ kᵀ / √d: a 16-bit product divided in 16 bits, then float32 (mask, softmax);
@@ -284,7 +289,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _dense(self.config, self.config.intermediate_size, self.dtype, "dense")(x)
-        if jnp.dtype(self.dtype) != jnp.float32 and not self.rematerialised:
+        if _is_16_bit(self.dtype) and not self.rematerialised:
             return _activation16(self.config.hidden_act, x)
         # Evaluated in float32 and rounded once, as torch's GELU kernel does for bf16/fp16 input.
         return ACTIVATIONS[self.config.hidden_act](x.astype(jnp.float32)).astype(self.dtype)
@@ -296,7 +301,7 @@ def _layer(
 ):  # fmt: skip
     """One transformer layer's submodules, created in the calling module (BertLayer or a scanned one)."""
     x = BertAttention(config, dtype, rematerialised, name="attention")(x, key_mask, deterministic=deterministic, cls_only=cls_only)
-    if rematerialised and jnp.dtype(dtype) != jnp.float32:
+    if rematerialised and _is_16_bit(dtype):
         # Written out once: otherwise XLA recomputes the attention block's LayerNorm inside the
         # output block's, which then reads the layer's input (the scan's carry) while writing the
         # layer's output, and the new carry is copied (BERT-base's scanned step: 22 kernels fewer;
