@@ -95,12 +95,26 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
+def _barriers_of(folder: pathlib.Path) -> ocp.options.MultiprocessingOptions:
+    """Barrier names of their own for the manager of `folder`, the same on every host.
+
+    Orbax names a save's cross-process barriers by the step alone (`_async_write_complete.12`), so
+    two managers saving the same step at once (the train checkpoint and a best checkpoint at an
+    evaluation step) met in each other's barriers when several processes ran: a hang or a timeout
+    at the end of the run. The folder's last two names (`checkpoints.train`, `best.model_0`) tell
+    the managers of a run apart and, unlike the full path, do not depend on where a host mounts
+    the workdir.
+    """
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"{folder.parent.name}.{folder.name}")
+
+
 class _Checkpoints:
     """An orbax manager of one folder whose writes end in a manifest and a clear no-space error."""
 
     def __init__(self, folder: pathlib.Path, keep: int):
         self.folder = folder.resolve()
-        self._manager = ocp.CheckpointManager(self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, multiprocessing_options=_barriers_of(self.folder))
+        self._manager = ocp.CheckpointManager(self.folder, options=options)
         self._unrecorded: list[int] = []  # steps saved whose manifest is not written yet
 
     def latest_step(self) -> int | None:

@@ -40,3 +40,20 @@ def test_best_checkpoint_only_improves_and_survives_reopen(tmp_path):
     np.testing.assert_array_equal(restored["eval_ema"]["w"], [2.0, 2.0])
     assert metrics["step"] == 15
     reopened.close()
+
+
+def test_every_checkpoint_folder_of_a_run_has_barriers_of_its_own(tmp_path):
+    """Orbax names a save's cross-process barriers by the step: without a prefix of their own, the
+    train and best checkpoints saved at one step met in each other's barriers (a hang with two
+    processes). The prefixes tell a run's folders apart and are the same wherever a host mounts the
+    workdir."""
+    from sda_jax.checkpoints import _barriers_of
+
+    def prefixes(root):
+        workdir = Workdir(root)
+        folders = [workdir.train_checkpoints, *(workdir.best_checkpoint(i) for i in range(3))]
+        return [_barriers_of(folder.resolve()).barrier_sync_key_prefix for folder in folders]
+
+    here = prefixes(tmp_path / "host_a" / "run")
+    assert len(set(here)) == 4, here
+    assert prefixes(tmp_path / "elsewhere" / "mnt" / "run") == here

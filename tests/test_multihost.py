@@ -1,4 +1,5 @@
-"""Two local CPU processes through launch.sh train the same model as one process on the same batches."""
+"""Two local CPU processes through launch.sh train the same model as one process on the same batches,
+and agree on the time-based checkpoints that process 0's clock decides."""
 
 import os
 import pathlib
@@ -41,22 +42,44 @@ def _launch(workdir, *launch_args, env_extra=None, extra_flags=()):
     )  # fmt: skip
 
 
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr) once all have ended. If one is still running after
+    `timeout` s, all are killed and the test fails with its output: a hung collective must fail
+    the test, not hang the suite."""
+    results = []
+    for proc in procs:
+        try:
+            results.append(proc.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail(f"a process was still running after {timeout} s (all killed): {proc.communicate()[1][-3000:]}")
+    return results
+
+
 @pytest.mark.parametrize("seeds", [(), (2021, 2022)], ids=["one seed", "two seeds"])
 def test_two_processes_match_one(tmp_path, seeds):
-    """With two seeds, each process holds one seed's state and feeds every row of the batch."""
+    """With two seeds, each process holds one seed's state and feeds every row of the batch. The
+    two processes checkpoint by time at every log step, and at step 12 the train checkpoint and
+    the best checkpoints are written at once: orbax's saves are collective, so a step on which the
+    processes disagreed, or two checkpoint managers whose barriers met (as they did before they had
+    names of their own: a hang at the last save in most runs), would hang or fail the run."""
     sweep = {"sweep.seed": seeds} if seeds else {}
     # The reference: one process (this one; a command-line run compiles the same programs).
     train_in_process(tmp_path / "one", {**RUN, **sweep})
+    by_time = {"train.checkpoint_every_seconds": 1e-3, "train.checkpoint_every": 1000, "train.log_every": 3, "train.keep_checkpoints": 3}
     port = _free_port()
     workdir = tmp_path / "two"
     procs = [
         _launch(workdir, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                extra_flags=flags_of(sweep))
+                extra_flags=flags_of({**sweep, **by_time}))
         for i in range(2)
     ]  # fmt: skip
-    results = [p.communicate(timeout=600) for p in procs]
+    results = _wait_all(procs, timeout=300)
     for proc, (_, err) in zip(procs, results):
         assert proc.returncode == 0, err[-3000:]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints" / "train").iterdir() if p.name.isdigit())
+    assert steps == [6, 9, 12], steps  # every log step (3) of the 12, the last three kept
     assert "2 processes" in results[0][0]  # process 0 prints the summary
     assert "dev accuracy" not in results[1][0]  # process 1 writes and prints nothing of its own
 

@@ -1,6 +1,5 @@
 """Nothing lost when two runs share a workdir, a checkpoint is damaged or the disk fills, and a
-time-based checkpoint cadence (in one process: two processes saving at consecutive log steps
-hang at their last save: README, "Known problem").
+time-based checkpoint cadence (that two processes agree on it: tests/test_multihost.py).
 
 Each fault is made by hand on a run of the 1-layer model, and the run that follows it is held
 to an undisturbed one: bit-identical final state, metrics and predictions.
