@@ -35,6 +35,7 @@ class BertForMaskedLM(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     scan_layers: bool = True
+    attention: str = "xla"  # as BertForSequenceClassification's
 
     @nn.compact
     def __call__(
@@ -47,7 +48,7 @@ class BertForMaskedLM(nn.Module):
         positions: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
-        hidden = BertModel(cfg, self.dtype, self.scan_layers, add_pooling_layer=False, name="bert")(
+        hidden = BertModel(cfg, self.dtype, self.scan_layers, add_pooling_layer=False, attention=self.attention, name="bert")(
             input_ids, token_type_ids, attention_mask, deterministic=deterministic
         )
         if positions is not None:

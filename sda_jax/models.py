@@ -30,9 +30,11 @@ import jax.numpy as jnp
 
 from sda_jax.bert_config import ACTIVATION_NAMES, BertConfig
 from sda_jax.dropout import Dropout
+from sda_jax.fused_attention import attention16
 from sda_jax.sixteen_bit import activation16, layer_norm, layer_norm16
 from sda_jax.sixteen_bit import add_bias16 as _add_bias16
 
+ATTENTION = ("xla", "fused", "fused_interpreted")  # how self-attention is computed (BertForSequenceClassification)
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form. jax.nn.gelu evaluates it as x/2 * erfc(-x/sqrt(2)); torch's
     # x/2 * (1 + erf(x/sqrt(2))) is 3% faster on CPU in XLA but lands 4x further from torch's
@@ -187,6 +189,7 @@ class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     rematerialised: bool = False  # the body of the scan over layers
+    attention: str = "xla"  # ATTENTION: 16-bit models may take `fused_attention.attention16`'s kernels
 
     @nn.compact
     def __call__(
@@ -199,6 +202,8 @@ class BertSelfAttention(nn.Module):
             y = _dense(cfg, cfg.hidden_size, self.dtype, name)(inputs)
             return y.reshape(*inputs.shape[:2], cfg.num_attention_heads, cfg.head_dim)
 
+        if _is_16_bit(self.dtype) and not cls_only and self.attention != "xla":
+            return self._fused_attention(x, key_mask, deterministic)
         if _is_16_bit(self.dtype) and not cls_only:
             q, k, v = self._fused_projections(x)
         else:
@@ -227,13 +232,40 @@ class BertSelfAttention(nn.Module):
         sums all three in its float32 accumulator (BERT-base's step: 176 kernels fewer scanned, 110
         unrolled, for 0.15 / 0.09 GB more, XLA writing that gradient in two layouts).
         """
-        cfg, names = self.config, ("query", "key", "value")
-        kernels = [_DenseKernel(cfg.hidden_size, self.dtype, hf_normal_init(cfg), name=n)(x.shape[-1]) for n in names]
-        bias = jnp.concatenate([self.variables["params"][n]["bias"] for n in names])
-        y = jax.lax.dot_general(x.astype(self.dtype), jnp.concatenate(kernels, axis=1), (((x.ndim - 1,), (0,)), ((), ())))
+        cfg = self.config
+        y, bias = self._fused_product(x)
         y = _add_bias16(y, bias)
         y = y.reshape(*x.shape[:2], 3, cfg.num_attention_heads, cfg.head_dim)
         return y[:, :, 0], y[:, :, 1], y[:, :, 2]
+
+    def _fused_product(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x times the [hidden, 3 * hidden] query/key/value kernel (16-bit), and the float32 bias."""
+        cfg, names = self.config, ("query", "key", "value")
+        kernels = [_DenseKernel(cfg.hidden_size, self.dtype, hf_normal_init(cfg), name=n)(x.shape[-1]) for n in names]
+        bias = jnp.concatenate([self.variables["params"][n]["bias"] for n in names])
+        return jax.lax.dot_general(x.astype(self.dtype), jnp.concatenate(kernels, axis=1), (((x.ndim - 1,), (0,)), ((), ()))), bias
+
+    def _fused_attention(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
+        """What the 16-bit path computes, in `attention16`'s kernels (the same values, bit for bit,
+        in Pallas' interpreter; the same dropout masks, drawn with the key `Dropout` would draw)."""
+        cfg = self.config
+        y, bias = self._fused_product(x)
+        rate = cfg.attention_probs_dropout_prob
+        key = None if deterministic or rate == 0.0 else _DropoutKey(name="Dropout_0")()
+        heads = 3 * cfg.num_attention_heads
+        context = attention16(
+            y.reshape(*x.shape[:2], heads, cfg.head_dim), bias.reshape(heads, cfg.head_dim), key_mask, key, rate,
+            interpret=self.attention == "fused_interpreted",
+        )  # fmt: skip
+        return context.reshape(*x.shape[:2], cfg.hidden_size)
+
+
+class _DropoutKey(nn.Module):
+    """The key a `Dropout` module of this name draws its mask with (Flax derives it from the name)."""
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.make_rng("dropout")
 
 
 class BertResidualOutput(nn.Module):
@@ -256,12 +288,13 @@ class BertAttention(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     rematerialised: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
         self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool, cls_only: bool = False
     ) -> jax.Array:
-        context = BertSelfAttention(self.config, self.dtype, self.rematerialised, name="self")(
+        context = BertSelfAttention(self.config, self.dtype, self.rematerialised, self.attention, name="self")(
             x, key_mask, deterministic=deterministic, cls_only=cls_only
         )
         return BertResidualOutput(self.config, self.dtype, self.rematerialised, name="output")(
@@ -297,10 +330,11 @@ class BertIntermediate(nn.Module):
 
 def _layer(
     config: BertConfig, dtype: Any, x: jax.Array, key_mask: jax.Array, deterministic: bool, cls_only: bool,
-    rematerialised: bool = False,
+    rematerialised: bool = False, attention: str = "xla",
 ):  # fmt: skip
     """One transformer layer's submodules, created in the calling module (BertLayer or a scanned one)."""
-    x = BertAttention(config, dtype, rematerialised, name="attention")(x, key_mask, deterministic=deterministic, cls_only=cls_only)
+    attention = BertAttention(config, dtype, rematerialised, attention, name="attention")
+    x = attention(x, key_mask, deterministic=deterministic, cls_only=cls_only)
     if rematerialised and _is_16_bit(dtype):
         # Written out once: otherwise XLA recomputes the attention block's LayerNorm inside the
         # output block's, which then reads the layer's input (the scan's carry) while writing the
@@ -316,12 +350,13 @@ class BertLayer(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
         self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool, cls_only: bool = False
     ) -> jax.Array:
-        return _layer(self.config, self.dtype, x, key_mask, deterministic, cls_only)
+        return _layer(self.config, self.dtype, x, key_mask, deterministic, cls_only, attention=self.attention)
 
 
 class _ScannedLayer(nn.Module):
@@ -330,10 +365,14 @@ class _ScannedLayer(nn.Module):
     config: BertConfig
     dtype: Any
     deterministic: bool
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
-        x = _layer(self.config, self.dtype, x, key_mask, self.deterministic, cls_only=False, rematerialised=True)
+        x = _layer(
+            self.config, self.dtype, x, key_mask, self.deterministic, cls_only=False, rematerialised=True,
+            attention=self.attention,
+        )  # fmt: skip
         return x, None
 
 
@@ -352,13 +391,14 @@ class BertEncoder(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = True
     every_row: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool) -> jax.Array:
         last = self.config.num_hidden_layers - 1
         if not self.scan_layers:
             for i in range(last):
-                x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, key_mask, deterministic=deterministic)
+                x = BertLayer(self.config, self.dtype, self.attention, name=f"layer_{i}")(x, key_mask, deterministic=deterministic)
         elif last:
             # Saving only the weight matmuls' outputs for the backward pass (the rest is recomputed)
             # keeps the scan from copying every intermediate into stacked buffers: on an H100 the
@@ -371,8 +411,8 @@ class BertEncoder(nn.Module):
                 in_axes=nn.broadcast,
                 length=last,
             )
-            x, _ = layers(self.config, self.dtype, deterministic, name="layers")(x, key_mask)
-        x = BertLayer(self.config, self.dtype, name=f"layer_{last}")(
+            x, _ = layers(self.config, self.dtype, deterministic, self.attention, name="layers")(x, key_mask)
+        x = BertLayer(self.config, self.dtype, self.attention, name=f"layer_{last}")(
             x, key_mask, deterministic=deterministic, cls_only=not self.every_row
         )
         return x if self.every_row else x[:, 0]
@@ -398,6 +438,7 @@ class BertModel(nn.Module):
     dtype: Any = jnp.float32
     scan_layers: bool = True
     add_pooling_layer: bool = True
+    attention: str = "xla"  # see BertForSequenceClassification
 
     @nn.compact
     def __call__(
@@ -413,7 +454,7 @@ class BertModel(nn.Module):
             input_ids, token_type_ids, deterministic=deterministic
         )
         every_row = not self.add_pooling_layer
-        x = BertEncoder(self.config, self.dtype, self.scan_layers, every_row, name="encoder")(
+        x = BertEncoder(self.config, self.dtype, self.scan_layers, every_row, self.attention, name="encoder")(
             x, attention_mask.astype(bool), deterministic=deterministic
         )
         return x if every_row else BertPooler(self.config, self.dtype, name="pooler")(x)
@@ -442,12 +483,16 @@ class BertForSequenceClassification(nn.Module):
     Call as `model.apply({"params": params}, input_ids, token_type_ids, attention_mask,
     deterministic=False, rngs={"dropout": key})` for training; the default
     `deterministic=True` needs no rng. Inputs are int [batch, length]; `attention_mask` is 1 for
-    real tokens and 0 for padding. `scan_layers` picks the encoder's layout (see `BertEncoder`).
+    real tokens and 0 for padding. `scan_layers` picks the encoder's layout (see `BertEncoder`);
+    `attention` (ATTENTION) is "xla" (XLA's ops), "fused" (16-bit models: self-attention in
+    `sda_jax.fused_attention`'s Triton kernels, a GPU's) or "fused_interpreted" (the same kernels
+    in Pallas' interpreter, on any platform: the tests').
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     scan_layers: bool = True
+    attention: str = "xla"
 
     @nn.compact
     def __call__(
@@ -459,7 +504,7 @@ class BertForSequenceClassification(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         cfg = self.config
-        pooled = BertModel(cfg, self.dtype, self.scan_layers, name="bert")(
+        pooled = BertModel(cfg, self.dtype, self.scan_layers, attention=self.attention, name="bert")(
             input_ids, token_type_ids, attention_mask, deterministic=deterministic
         )
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from sda_jax import bucket_policy, input_pipeline, mixed_precision, parallel, splits
+from sda_jax import bucket_policy, fused_attention, input_pipeline, mixed_precision, parallel, splits
 from sda_jax.bucket_policy import BucketChoice
 from sda_jax.errors import InputError
 from sda_jax.model_axis import Models
@@ -71,7 +71,10 @@ def prepare(
         config = bert_config(settings, len(data.tokenizer))
         shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), settings.model.scan_layers))
         models.check_fits(abstract_state(models.shapes(shapes), settings, total_steps, dtype, mesh, models), mesh)
-        model, params, load_note = load_models(settings, len(data.tokenizer), models, init_keys, dtype, masked_lm)
+        attention = fused_attention.implementation(
+            settings.model.attention, dtype, jax.devices()[0].platform, config, settings.data.max_seq_len
+        )
+        model, params, load_note = load_models(settings, len(data.tokenizer), models, init_keys, dtype, masked_lm, attention)
     # Every process reads the whole train set, so all of them choose the same lengths.
     buckets = bucket_policy.choose(
         settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch,
