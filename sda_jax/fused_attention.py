@@ -12,7 +12,8 @@ rematerialised forward and in the backward; here a program per (example, head) k
 
 The backward pass recomputes the forward from `y` and returns autodiff's gradients of the same
 expression, rounding for rounding (16-bit products accumulated in float32; the bias gradient the
-float32 sum of `sixteen_bit.add_bias16`). Lengths that are not a power of two are padded inside
+float32 sum of `sixteen_bit.add_bias16`), but for a rare one-ulp move of the key gradient, whose
+[key, query] operand is computed as such (`_keep`). Lengths that are not a power of two are padded inside
 the kernel (masked loads: Triton's blocks are powers of two); the head dimension must be one.
 `interpret=True` runs the kernels in Pallas' interpreter (any platform: the tests, on a CPU).
 """
@@ -32,8 +33,6 @@ from sda_jax.dropout import _KEY_PARITY, _ROTATIONS
 from sda_jax.errors import InputError
 
 _MIN = float(jnp.finfo(jnp.float32).min)
-
-
 MAX_LENGTH = 128  # a program holds [length, length] float32 tiles in registers: longer inputs take XLA's ops
 
 
