@@ -66,7 +66,11 @@ def threefry_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
 def _threefry_hash(key: jax.Array, counter: jax.Array) -> jax.Array:
     """Threefry-2x32 of the 64-bit counters (0, counter), the two output words xor-ed."""
     key_words = jax.random.key_data(key)
-    k0, k1 = key_words[0], key_words[1]
+    return threefry_words(key_words[0], key_words[1], counter)
+
+
+def threefry_words(k0: jax.Array, k1: jax.Array, counter: jax.Array) -> jax.Array:
+    """`_threefry_hash` with the key as its two uint32 words (what a kernel holds, `fused_attention`)."""
     keys = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
     x0 = jnp.zeros(counter.shape, jnp.uint32) + keys[0]
     x1 = counter + keys[1]

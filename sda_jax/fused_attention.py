@@ -29,8 +29,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
-from sda_jax.dropout import _KEY_PARITY, _ROTATIONS
+from sda_jax.dropout import threefry_words
 from sda_jax.errors import InputError
+from sda_jax.sixteen_bit import float32_column_sums
 
 _MIN = float(jnp.finfo(jnp.float32).min)
 MAX_LENGTH = 128  # a program holds [length, length] float32 tiles in registers: longer inputs take XLA's ops
@@ -59,20 +60,6 @@ def implementation(setting: str, dtype, platform: str, config, max_length: int) 
     return "fused" if platform == "gpu" else "fused_interpreted"
 
 
-def _threefry(k0, k1, counter):
-    """`dropout._threefry_hash` on the kernel's uint32 values (the same rounds, the same bits)."""
-    keys = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
-    x0 = jnp.zeros_like(counter) + keys[0]
-    x1 = counter + keys[1]
-    for group in range(5):
-        for rotation in _ROTATIONS[group % 2]:
-            x0 = x0 + x1
-            x1 = ((x1 << np.uint32(rotation)) | (x1 >> np.uint32(32 - rotation))) ^ x0
-        x0 = x0 + keys[(group + 1) % 3]
-        x1 = x1 + keys[(group + 2) % 3] + np.uint32(group + 1)
-    return x0 ^ x1
-
-
 def _dot(a, b, trans_b: bool = False):
     """a · b (a · bᵀ with `trans_b`) of 16-bit [n, n] tiles, accumulated and returned in float32."""
     return jax.lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -92,7 +79,7 @@ def _keep(key_ref, b, h, heads: int, length: int, padded: int, rate: float, tran
     draws = -(-length // 2)
     base = (b.astype(jnp.uint32) * np.uint32(heads) + h.astype(jnp.uint32)) * np.uint32(length * draws)
     counter = (cols >> np.uint32(1)) + rows * np.uint32(draws) + base
-    bits = _threefry(key_ref[0], key_ref[1], counter)
+    bits = threefry_words(key_ref[0], key_ref[1], counter)
     half = jnp.where((cols & np.uint32(1)) == 1, bits & np.uint32(0xFFFF), bits >> np.uint32(16))
     return half >= np.uint32(round(rate * 65536))
 
@@ -189,9 +176,8 @@ def _attention_fwd(y, bias, key_mask, key_data, rate, interpret):
 def _attention_bwd(rate, interpret, residuals, g):
     y, bias, key_mask, key_data = residuals
     dy = _call(_backward_kernel, y, bias, key_mask, key_data, (g,), jax.ShapeDtypeStruct(y.shape, y.dtype), rate, interpret)
-    # The bias gradient as `sixteen_bit.add_bias16`'s: the bf16 values summed in float32 by a product with ones.
-    ones = jnp.ones(dy.shape[:2], dy.dtype)
-    d_bias = jnp.einsum("bl,blhd->hd", ones, dy, preferred_element_type=jnp.float32).astype(bias.dtype)
+    # The bias gradient as `sixteen_bit.add_bias16`'s.
+    d_bias = float32_column_sums(dy.reshape(*dy.shape[:2], -1)).reshape(bias.shape).astype(bias.dtype)
     return dy, d_bias, None, None
 
 
