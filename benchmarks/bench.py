@@ -128,18 +128,18 @@ def model_flops(config: BertConfig, batches) -> float:
 
 def parse_form(name: str) -> tuple[str, int, bool]:
     """A `--forms` entry as (kind, seeds, scan_layers): `jax` (layers scanned, the default),
-    `jax-unrolled` (model.scan_layers=False), `jaxN` (N seeds in one program), `jax-fused`
-    (model.attention=fused: `sda_jax.fused_attention`'s kernels; kind `jax-fused`); `seed`, `eager`,
+    `jax-unrolled` (model.scan_layers=False), `jaxN` (N seeds in one program), `jax-pallas`
+    (model.kernels=pallas: `sda_jax.fused_attention`'s and `sda_jax.fused_layer_norm`'s kernels; kind `jax-pallas`); `seed`, `eager`,
     `compile` (the PyTorch forms)."""
     if name in ("seed", "eager", "compile"):
         return name, 1, True
     if name == "jax-unrolled":
         return "jax", 1, False
-    if name == "jax-fused":
-        return "jax-fused", 1, True
+    if name == "jax-pallas":
+        return "jax-pallas", 1, True
     if name.startswith("jax") and (name[3:] == "" or (name[3:].isdigit() and int(name[3:]) >= 1)):
         return "jax", int(name[3:] or 1), True
-    raise ValueError(f"unknown form {name!r}: jax, jax-unrolled, jax-fused, jaxN, seed, eager or compile")
+    raise ValueError(f"unknown form {name!r}: jax, jax-unrolled, jax-pallas, jaxN, seed, eager or compile")
 
 
 class JaxForm:
@@ -147,12 +147,12 @@ class JaxForm:
     `seeds` > 1, the step of that many seeds trained side by side (`sweep.seed`)."""
 
     def __init__(
-        self, settings: Settings, config: BertConfig, warmup, seeds: int = 1, scan: bool = True, fused: bool = False
+        self, settings: Settings, config: BertConfig, warmup, seeds: int = 1, scan: bool = True, pallas: bool = False
     ) -> None:
         platform = jax.devices()[0].platform
         dtype = mixed_precision.compute_dtype("auto", platform)
-        attention = fused_attention.implementation("fused" if fused else "xla", dtype, platform, config, settings.data.max_seq_len)
-        model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan, attention=attention)
+        kernels = fused_attention.implementation("pallas" if pallas else "xla", dtype, platform, config, settings.data.max_seq_len)
+        model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan, kernels=kernels)
         models = Models.of_seeds(tuple(range(1, seeds + 1)))  # the model axis of a sweep over this many seeds
         self.mesh = parallel.make_mesh(models.count)
         # The eval EMA averages from step 1, so that the timed steps do all the recipe's work.
@@ -378,10 +378,10 @@ def main() -> None:
     names = {"seed": "torch seed", "eager": "torch eager", "compile": "torch compile"}
     forms = {}
     for form, (kind, seeds, scan) in args.form_specs.items():
-        if kind in ("jax", "jax-fused"):
+        if kind in ("jax", "jax-pallas"):
             names[form] = "sda-jax" + ("" if scan else ", unrolled") + ("" if seeds == 1 else f", {seeds} seeds")
-            names[form] += ", fused attention" if kind == "jax-fused" else ""
-            forms[form] = JaxForm(settings, bert, warmup, seeds, scan, fused=kind == "jax-fused")
+            names[form] += ", Pallas kernels" if kind == "jax-pallas" else ""
+            forms[form] = JaxForm(settings, bert, warmup, seeds, scan, pallas=kind == "jax-pallas")
         else:
             forms[form] = TorchForm(settings, bert, warmup, form)
         print(f"{names[form]}: ready ({forms[form].warmup_seconds:.1f} s of warm-up)", flush=True)

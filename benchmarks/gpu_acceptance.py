@@ -13,8 +13,8 @@ so, keeping what it printed. The plan, with every estimate and how it was made, 
     tests   pytest -m gpu: bf16/fp16 steps against the float32 CPU step, one compile per program, export parity
     epoch   time to result: configs/afqmc.py (BERT-base from scratch: no weights travel) for one AFQMC
             epoch from a cold compilation cache, then again warm; command to predictions, seconds by phase
-    step    benchmarks.bench on BERT-base bf16 at the run's bucket length: sda-jax scanned (XLA's attention and
-            model.attention=fused) and unrolled,
+    step    benchmarks.bench on BERT-base bf16 at the run's bucket length: sda-jax scanned (XLA's ops and
+            model.kernels=pallas) and unrolled,
             the seed recipe as written, its best eager form, the best torch.compile form
     cmdbuf  the scanned step again with XLA's command buffers over while loops (XLA's CUDA graphs do not
             capture loops by default); the flags are checked against this jaxlib first, unknown ones dropped
@@ -148,7 +148,7 @@ def _bench(ctx: Context, label: str, forms: str, steps: int, rounds: int, env=No
 
 
 def _step_commands(ctx: Context) -> list[Command]:
-    return [_bench(ctx, "step", "jax,jax-fused,jax-unrolled,seed,eager,compile", steps=20, rounds=4)]
+    return [_bench(ctx, "step", "jax,jax-pallas,jax-unrolled,seed,eager,compile", steps=20, rounds=4)]
 
 
 def _cmdbuf_commands(ctx: Context) -> list[Command]:
@@ -174,8 +174,8 @@ PARTS = (
          "per run ~10 s start + data + model; cold: train program 16 CPU-s deviceless + eval programs + GEMM "
          "autotuning ~30 s; 537 steps at the deviceless 14 ms ~8 s; 3 checkpoints of the 1.5 GiB state, 2 dev "
          "evaluations, prediction ~15 s; warm: no compile", _epoch_commands),
-    Part("step", "benchmarks.bench, BERT-base bf16: sda-jax scanned, fused attention, unrolled; torch seed, eager, compile",
-         175, 270, "~15 s start and data; compiles: scanned ~25 s (twice: XLA's and the fused attention), unrolled 32 CPU-s deviceless + autotuning ~45 s, "
+    Part("step", "benchmarks.bench, BERT-base bf16: sda-jax scanned, Pallas kernels, unrolled; torch seed, eager, compile",
+         175, 270, "~15 s start and data; compiles: scanned ~25 s (twice: XLA's ops and the Pallas kernels), unrolled 32 CPU-s deviceless + autotuning ~45 s, "
          "torch.compile (reduce-overhead) of BERT-base forward+backward ~60 s; 20 timed steps per form",
          _step_commands),
     Part("cmdbuf", "the scanned step with command buffers over while loops", 45, 90,

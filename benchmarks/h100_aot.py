@@ -100,10 +100,10 @@ def step_flops(config: BertConfig, batch_size: int, length: int, program: str) -
 
 def report_rows(
     settings: Settings, config: BertConfig, lengths, programs_to_compile, mesh, batch_size, eval_sets, verbose=False, seeds=1,
-    fused_attention=False,
+    pallas=False,
 ) -> list[dict]:
     scan = settings.model.scan_layers
-    model = BertForSequenceClassification(config=config, dtype=jnp.bfloat16, scan_layers=scan, attention="fused" if fused_attention else "xla")
+    model = BertForSequenceClassification(config=config, dtype=jnp.bfloat16, scan_layers=scan, kernels="pallas" if pallas else "xla")
     models = Models.of_seeds(tuple(range(seeds)))  # the model axis of a sweep over this many seeds
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scan))
     state = train.abstract_train_state(models.shapes(params), settings, 537, model.dtype, mesh, models)
@@ -169,8 +169,8 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a note for the table's heading (what this build is)")
     parser.add_argument("--unrolled", action="store_true", help="model.scan_layers=False: the encoder layers unrolled")
     parser.add_argument("--seeds", type=int, default=1, help="sweep.seed of this many: N models in one program")
-    parser.add_argument("--attention", choices=("fused", "xla"), default="fused",
-                        help="self-attention in sda_jax.fused_attention's kernels (a run's default on one GPU) or as XLA's ops")
+    parser.add_argument("--kernels", choices=("xla", "pallas"), default="xla",
+                        help="model.kernels: XLA's ops (a run's default) or the Pallas kernels (fused_attention, fused_layer_norm)")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="also list the kernels that move the most bytes")
     args = parser.parse_args()
@@ -191,14 +191,14 @@ def main() -> None:
     start_wall, start_cpu = time.perf_counter(), _cpu_seconds()
     rows = report_rows(
         settings, config, lengths, programs, mesh, args.batch_size, args.eval_sets, args.verbose, args.seeds,
-        fused_attention=args.attention == "fused",
+        pallas=args.kernels == "pallas",
     )  # fmt: skip
     total_wall, total_cpu = time.perf_counter() - start_wall, _cpu_seconds() - start_cpu
     reductions = hlo_stats.reduction_summary([name for r in rows for name in r["sixteen_bit_reductions"]])
     title = (
         f"## {datetime.date.today().isoformat()}: deviceless H100 compile{f' ({args.label})' if args.label else ''}, "
         f"model {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{'unrolled' if args.unrolled else 'scanned'}, {args.attention} attention), bf16, batch {args.batch_size}"
+        f"{'unrolled' if args.unrolled else 'scanned'}, {args.kernels} kernels), bf16, batch {args.batch_size}"
         f"{f', {args.seeds} seeds in one program' if args.seeds > 1 else ''}"
     )
     body = "\n".join(format_row(r) for r in rows)

@@ -27,7 +27,7 @@ MASKED_LM_TYPES = {"bert": "BertForMaskedLM", "ernie": "ErnieForMaskedLM"}
 # Fields only ERNIE configs have (transformers.ErnieConfig); a BERT config neither reads nor writes them.
 _ERNIE_FIELDS = ("use_task_id", "task_type_vocab_size")
 
-# Activations the model implements (models.ACTIVATIONS), by their Hugging Face names.
+# Activations the model implements (layers.ACTIVATIONS), by their Hugging Face names.
 ACTIVATION_NAMES = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 # Fields without a default in our dataclass: a config.json lacking one of them is not a BERT config.

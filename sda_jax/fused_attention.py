@@ -1,6 +1,6 @@
 """Self-attention of 16-bit models as one GPU kernel per pass (Pallas, Triton), with the model's dropout.
 
-`attention16(y, bias, key_mask, key, rate)` is what `models.BertSelfAttention` computes from the
+`attention16(y, bias, key_mask, key, rate)` is what `layers.BertSelfAttention` computes from the
 fused query/key/value product `y` ([batch, length, 3 · heads, head_dim], bias not yet added) in
 16-bit compute, op for op: the bias added in float32 and rounded, q·kᵀ a 16-bit product divided
 by √d in 16 bits, the key mask and softmax in float32, dropout on the probabilities (the mask of
@@ -38,12 +38,13 @@ MAX_LENGTH = 128  # a program holds [length, length] float32 tiles in registers:
 
 
 def implementation(setting: str, dtype, platform: str, config, max_length: int) -> str:
-    """The model's `attention` (models.ATTENTION) for `model.attention` (auto, xla, fused).
+    """The model's `kernels` (layers.KERNELS) for `model.kernels` (auto, xla, pallas): this
+    module's and `fused_layer_norm`'s.
 
     auto: the kernels on one GPU in 16-bit compute for inputs of up to MAX_LENGTH tokens; XLA's
     ops elsewhere: on a CPU or TPU, in float32, and on several devices (a kernel is one custom
     call, which XLA does not partition: it would gather the sharded batch onto every device).
-    fused: the kernels wherever the run is 16-bit, in Pallas' interpreter off a GPU (slow: for
+    pallas: the kernels wherever the run is 16-bit, in Pallas' interpreter off a GPU (slow: for
     tests); an InputError where they cannot run.
     """
     sixteen_bit = jnp.dtype(dtype) != jnp.float32
@@ -51,13 +52,13 @@ def implementation(setting: str, dtype, platform: str, config, max_length: int) 
     if setting == "xla" or (setting == "auto" and not (sixteen_bit and fits and platform == "gpu")):
         return "xla"
     if not sixteen_bit:
-        raise InputError("config key model.attention: fused needs a 16-bit compute dtype (model.dtype bfloat16 or float16)")
+        raise InputError("config key model.kernels: pallas needs a 16-bit compute dtype (model.dtype bfloat16 or float16)")
     if not fits:
         raise InputError(
-            f"config key model.attention: fused needs one device ({jax.device_count()} here), a head dimension that "
+            f"config key model.kernels: pallas needs one device ({jax.device_count()} here), a head dimension that "
             f"is a power of two ({config.head_dim} here) and data.max_seq_len <= {MAX_LENGTH} ({max_length}); use auto or xla"
         )
-    return "fused" if platform == "gpu" else "fused_interpreted"
+    return "pallas" if platform == "gpu" else "pallas_interpreted"
 
 
 def _dot(a, b, trans_b: bool = False):

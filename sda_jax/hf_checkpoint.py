@@ -37,8 +37,9 @@ from flax import traverse_util
 
 from sda_jax.bert_config import BertConfig
 from sda_jax.errors import InputError
+from sda_jax.layers import hf_normal_init
 from sda_jax.masked_lm import init_mlm_params
-from sda_jax.models import hf_normal_init, init_params, scans_layers
+from sda_jax.models import init_params, scans_layers
 
 SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"

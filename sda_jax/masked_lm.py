@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from sda_jax.bert_config import BertConfig
-from sda_jax.models import ACTIVATIONS, BertModel, Dense, LayerNorm, hf_normal_init
+from sda_jax.layers import ACTIVATIONS, Dense, LayerNorm, hf_normal_init
+from sda_jax.models import BertModel
 
 
 class BertForMaskedLM(nn.Module):
@@ -35,7 +36,7 @@ class BertForMaskedLM(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     scan_layers: bool = True
-    attention: str = "xla"  # as BertForSequenceClassification's
+    kernels: str = "xla"  # as BertForSequenceClassification's
 
     @nn.compact
     def __call__(
@@ -48,7 +49,7 @@ class BertForMaskedLM(nn.Module):
         positions: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
-        hidden = BertModel(cfg, self.dtype, self.scan_layers, add_pooling_layer=False, attention=self.attention, name="bert")(
+        hidden = BertModel(cfg, self.dtype, self.scan_layers, add_pooling_layer=False, kernels=self.kernels, name="bert")(
             input_ids, token_type_ids, attention_mask, deterministic=deterministic
         )
         if positions is not None:

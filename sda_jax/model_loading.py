@@ -43,16 +43,16 @@ def bert_config(settings: Settings, vocab_size: int) -> BertConfig:
 
 def load_models(
     settings: Settings, vocab_size: int, models: Models, init_keys: list[jax.Array], dtype: jnp.dtype, masked_lm: bool = False,
-    attention: str = "xla",
+    kernels: str = "xla",
 ) -> tuple[Any, dict[str, Any], str]:
     """Returns (model, float32 params of every model stacked on the model axis, a one-paragraph
     note of where they came from); the classifier, or with `masked_lm` `masked_lm.BertForMaskedLM`.
     A checkpoint is read and converted once for all models; each model's own key initialises its
-    fresh heads, or all of its weights when training from scratch. `attention`: the model's
+    fresh heads, or all of its weights when training from scratch. `kernels`: the model's
     (`fused_attention.implementation`)."""
     config = bert_config(settings, vocab_size)
     scan = settings.model.scan_layers
-    model = (BertForMaskedLM if masked_lm else BertForSequenceClassification)(config=config, dtype=dtype, scan_layers=scan, attention=attention)
+    model = (BertForMaskedLM if masked_lm else BertForSequenceClassification)(config=config, dtype=dtype, scan_layers=scan, kernels=kernels)
     init = init_mlm_params if masked_lm else init_params
     if settings.model.from_scratch:
         note = (

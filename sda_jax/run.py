@@ -71,10 +71,10 @@ def prepare(
         config = bert_config(settings, len(data.tokenizer))
         shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), settings.model.scan_layers))
         models.check_fits(abstract_state(models.shapes(shapes), settings, total_steps, dtype, mesh, models), mesh)
-        attention = fused_attention.implementation(
-            settings.model.attention, dtype, jax.devices()[0].platform, config, settings.data.max_seq_len
+        kernels = fused_attention.implementation(
+            settings.model.kernels, dtype, jax.devices()[0].platform, config, settings.data.max_seq_len
         )
-        model, params, load_note = load_models(settings, len(data.tokenizer), models, init_keys, dtype, masked_lm, attention)
+        model, params, load_note = load_models(settings, len(data.tokenizer), models, init_keys, dtype, masked_lm, kernels)
     # Every process reads the whole train set, so all of them choose the same lengths.
     buckets = bucket_policy.choose(
         settings.data, data.train.lengths, model.config, jax.devices()[0].platform, total_steps / steps_per_epoch,

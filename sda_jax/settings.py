@@ -37,7 +37,7 @@ SHARED = next((p for p in (_REPO / "shared", _REPO.parent / "shared") if (p / "d
 
 TRUNCATIONS = ("longest_first", "reference")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_CHOICES = ("auto", "xla", "fused")
+KERNEL_CHOICES = ("auto", "xla", "pallas")
 TEACHERS = ("ema", "window", "vote")
 ADVERSARIAL_METHODS = ("none", "fgm", "pgd")
 PREDICT_WITH = ("best_combination", "best_model")
@@ -107,8 +107,9 @@ class ModelSettings:
     intermediate_size: int | None = key(None, "overrides config.json (from scratch only)", minimum=1)
     dtype: str = key("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16", choices=DTYPES)
     scan_layers: bool = key(True, "nn.scan (+remat) over the encoder layers: ~2x faster GPU compiles; False: unrolled")
-    attention: str = key("xla", "self-attention: xla (XLA's ops); fused (16-bit, one device: Pallas kernels, not yet run on a GPU); auto: fused where it can run",
-                         choices=ATTENTION_CHOICES)  # fmt: skip
+    kernels: str = key("xla", "xla (XLA's ops); pallas (16-bit, one device, inputs <= 128 tokens: self-attention and each residual block's "
+                       "bias/dropout/residual/LayerNorm as Pallas kernels, not yet run on a GPU); auto: pallas where it can run",
+                       choices=KERNEL_CHOICES)  # fmt: skip
 
     @property
     def overrides(self) -> tuple[tuple[str, int], ...]:

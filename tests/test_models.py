@@ -34,15 +34,8 @@ from sda_jax.hf_checkpoint import (
     read_state_dict,
     state_dict_from_params,
 )
-from sda_jax.models import (
-    BertForSequenceClassification,
-    BertModel,
-    BertSelfAttention,
-    Dense,
-    LayerNorm,
-    flops_per_token,
-    init_params,
-)
+from sda_jax.layers import BertSelfAttention, Dense, LayerNorm
+from sda_jax.models import BertForSequenceClassification, BertModel, flops_per_token, init_params
 from tests.conftest import shard_torch_state_dict
 
 TINY = {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sda_jax.dropout import Dropout, uint16_halves
-from sda_jax.models import ACTIVATIONS, _activation16, _add_bias16
+from sda_jax.layers import ACTIVATIONS, _activation16, _add_bias16
 
 KEY = jax.random.key(0)
 
@@ -69,11 +69,14 @@ def test_16_bit_bias_add_has_autodiffs_gradients(dtype) -> None:
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_16_bit_activation_recomputes_autodiffs_gradient(name) -> None:
-    u = (3 * jax.random.normal(KEY, (4, 8, 96))).astype(jnp.bfloat16)
+    y = (3 * jax.random.normal(KEY, (4, 8, 96))).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(2), (96,))
     upstream = jax.random.normal(jax.random.key(1), (4, 8, 96)).astype(jnp.bfloat16)
-    plain = lambda u: ACTIVATIONS[name](u.astype(jnp.float32)).astype(u.dtype)
-    np.testing.assert_array_equal(_activation16(name, u), plain(u))
-    grad = lambda f: jax.jit(jax.grad(lambda u: jnp.sum((f(u) * upstream).astype(jnp.float32))))(u)
-    got, want = grad(lambda u: _activation16(name, u)), grad(plain)
-    assert got.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(got, want)
+    plain = lambda y, bias: ACTIVATIONS[name](_add_bias16(y, bias).astype(jnp.float32)).astype(y.dtype)
+    np.testing.assert_array_equal(_activation16(name, y, bias), plain(y, bias))
+    grad = lambda f: jax.jit(jax.grad(lambda y, bias: jnp.sum((f(y, bias) * upstream).astype(jnp.float32)), (0, 1)))(y, bias)
+    (dy, d_bias), (want_dy, want_d_bias) = grad(lambda y, bias: _activation16(name, y, bias)), grad(plain)
+    assert dy.dtype == jnp.bfloat16 and d_bias.dtype == jnp.float32
+    np.testing.assert_array_equal(dy, want_dy)
+    np.testing.assert_array_equal(d_bias, want_d_bias)  # add_bias16's own float32 sum of the same values
+    assert not np.allclose(d_bias, 0)

@@ -12,7 +12,8 @@ import pytest
 
 from sda_jax.bert_config import BertConfig
 from sda_jax.dropout import uint16_halves
-from sda_jax.models import BertForSequenceClassification, BertSelfAttention, init_params
+from sda_jax.layers import BertSelfAttention
+from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.sixteen_bit import layer_norm, layer_norm16
 from tests.conftest import moved_by_rounding_alone
 

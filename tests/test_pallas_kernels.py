@@ -1,0 +1,161 @@
+"""`model.kernels=pallas`: the residual blocks' kernel (`sda_jax/fused_layer_norm.py`) in Pallas'
+interpreter against the 16-bit model's XLA expression, the model with both kernels against the
+model with XLA's ops, and which kernels a run takes. The attention kernel alone:
+tests/test_fused_attention.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sda_jax import fused_attention, fused_layer_norm
+from sda_jax.bert_config import BertConfig
+from sda_jax.dropout import uint16_halves
+from sda_jax.errors import InputError
+from sda_jax.models import BertForSequenceClassification, init_params
+from sda_jax.sixteen_bit import add_bias16, layer_norm
+from tests.conftest import TINY_RUN_FLAGS, one_line_error
+
+CONFIG = BertConfig(
+    vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+    max_position_embeddings=64, type_vocab_size=2, num_labels=2,
+)  # fmt: skip
+KEY = jax.random.key(5)
+
+
+def xla_block(y, dense_bias, residual, scale, bias, rate):
+    """`layers.BertResidualOutput`'s 16-bit expression after its product, with the output's 16-bit copy."""
+    z = add_bias16(y, dense_bias)
+    if rate:
+        z = jnp.where(uint16_halves(KEY, z.shape, per_element=True) >= round(rate * 65536), z / (1.0 - rate), jnp.zeros_like(z))
+    out = layer_norm(z + residual, scale, bias, 1e-12)
+    return out, out.astype(y.dtype)
+
+
+def _inputs(dtype, hidden=96):
+    keys = jax.random.split(jax.random.key(0), 7)
+    shape = (4, 24, hidden)
+    return (
+        jax.random.normal(keys[0], shape).astype(dtype), 0.1 * jax.random.normal(keys[1], (hidden,)),
+        jax.random.normal(keys[2], shape), 1 + 0.1 * jax.random.normal(keys[3], (hidden,)),
+        0.1 * jax.random.normal(keys[4], (hidden,)),
+    ), (jax.random.normal(keys[5], shape), jax.random.normal(keys[6], shape).astype(dtype))  # fmt: skip
+
+
+def _values_and_gradients(block, inputs, upstream):
+    g, g16 = upstream
+
+    def loss(*args):
+        out, out16 = block(*args)
+        return jnp.sum(out * g) + jnp.sum((out16 * g16).astype(jnp.float32))
+
+    return jax.jit(block)(*inputs), jax.jit(jax.grad(loss, argnums=range(5)))(*inputs)
+
+
+def _kernel(rate):
+    return lambda *args: fused_layer_norm.residual_layer_norm16(*args, KEY if rate else None, rate, 1e-12, interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("rate", [0.1, 0.0])
+def test_the_block_kernel_computes_the_xla_expression(dtype, rate):
+    """Outputs, the product's, residual's, dense bias's and LayerNorm scale's gradients bit for
+    bit; the LayerNorm bias gradient, a float32 sum in another order, within rounding. Float16
+    with dropout within a float16 rounding: XLA:CPU turns its division by 1 - rate into a product
+    with the float16 reciprocal, the kernel divides in float32 (as XLA:CPU does bfloat16)."""
+    inputs, upstream = _inputs(dtype)
+    (want, want_grads), (got, got_grads) = (
+        _values_and_gradients(block, inputs, upstream) for block in (lambda *a: xla_block(*a, rate), _kernel(rate))
+    )
+    exact = dtype == jnp.bfloat16 or rate == 0.0
+    for name, g, w in zip(("out", "out16", "y", "dense_bias", "residual", "scale", "bias"), (*got, *got_grads), (*want, *want_grads)):
+        assert g.dtype == w.dtype, name
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        if exact and name != "bias":
+            np.testing.assert_array_equal(g, w, err_msg=name)
+        else:
+            np.testing.assert_allclose(g, w, rtol=0, atol=(1e-6 if exact else 4e-3) * float(np.max(np.abs(w))), err_msg=name)
+    if rate:  # the dropout is there: another key draws another mask
+        other = fused_layer_norm.residual_layer_norm16(*inputs, jax.random.key(6), rate, 1e-12, interpret=True)
+        assert not np.array_equal(np.asarray(other[0]), np.asarray(got[0]))
+
+
+def test_the_gpu_tiling_pads_rows_and_columns_out_of_the_sums(monkeypatch):
+    """The GPU's tiling (blocks of ROWS rows, the hidden size padded to a power of two, the last
+    block partly outside the array) in the interpreter: the same values within rounding (a
+    LayerNorm of a block of rows rounds as XLA:CPU vectorises it), so the padding reaches no sum."""
+    monkeypatch.setattr(fused_layer_norm, "_tiling", lambda tokens, hidden, interpret: (fused_layer_norm.ROWS, 128))
+    inputs, upstream = _inputs(jnp.bfloat16, hidden=96)
+    inputs = tuple(x[:, :23] if x.ndim == 3 else x for x in inputs)  # 92 tokens: the last block has 4
+    upstream = tuple(x[:, :23] for x in upstream)
+    (want, want_grads), (got, got_grads) = (
+        _values_and_gradients(block, inputs, upstream) for block in (lambda *a: xla_block(*a, 0.1), _kernel(0.1))
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32), rtol=0, atol=0.02)
+    for g, w in zip(got_grads, want_grads):
+        scale = float(np.max(np.abs(np.asarray(w, np.float32))))
+        mismatch = np.abs(np.asarray(g, np.float32) - np.asarray(w, np.float32)) > 1e-4 * scale
+        assert np.mean(mismatch) < 0.01  # 16-bit gradients: a rare element one rounding away
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_the_model_with_pallas_kernels_is_the_model(scan_layers):
+    """The bf16 classifier's training loss and eval logits are XLA's ops' bit for bit (the kernels
+    draw the dropout masks `Dropout` would draw), and so is every gradient but those of the
+    LayerNorms and the embeddings: float32 sums (the LayerNorm's bias and scale columns, the
+    residual stream's gradient, which XLA:CPU rounds by how it fuses the LayerNorm backward)
+    that move by float32 rounding."""
+    params = init_params(CONFIG, jax.random.key(0), scan_layers)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 100, (4, 12)))
+    types = jnp.zeros((4, 12), jnp.int32)
+    mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [9], [5], [12]]), jnp.int32)
+    results = {}
+    for kernels in ("xla", "pallas_interpreted"):
+        model = BertForSequenceClassification(CONFIG, jnp.bfloat16, scan_layers, kernels=kernels)
+        loss = lambda p, model=model: model.apply({"params": p}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(5)}).sum()
+        results[kernels] = (*jax.value_and_grad(loss)(params), model.apply({"params": params}, ids, types, mask))
+    (want_loss, want_grads, want_logits), (got_loss, got_grads, got_logits) = results["xla"], results["pallas_interpreted"]
+    assert float(got_loss) == float(want_loss)
+    np.testing.assert_array_equal(got_logits, want_logits)
+    exact = 0
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "LayerNorm" in name or "embeddings" in name:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(np.max(np.abs(want))), err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+            exact += 1
+    assert exact >= 10
+
+
+def test_which_kernels_a_run_takes():
+    choose = lambda setting, dtype=jnp.bfloat16, platform="gpu", length=64: fused_attention.implementation(
+        setting, dtype, platform, CONFIG, length
+    )  # fmt: skip
+    assert jax.device_count() == 1  # the test process: one CPU device
+    assert choose("auto") == "pallas"
+    assert choose("auto", platform="cpu") == "xla"
+    assert choose("auto", platform="tpu") == "xla"
+    assert choose("auto", dtype=jnp.float32) == "xla"
+    assert choose("auto", length=256) == "xla"
+    assert choose("xla") == "xla"
+    assert choose("pallas") == "pallas"
+    assert choose("pallas", platform="cpu") == "pallas_interpreted"
+    with pytest.raises(InputError, match=r"^config key model.kernels: pallas needs a 16-bit compute dtype"):
+        choose("pallas", dtype=jnp.float32)
+    with pytest.raises(InputError, match=r"data.max_seq_len <= 128 \(256\)"):
+        choose("pallas", length=256)
+
+
+def test_pallas_kernels_in_float32_are_a_one_line_error_that_leaves_nothing(cli, tmp_path):
+    workdir = tmp_path / "run"
+    result = cli.run(
+        "sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={workdir}", "--config.model.kernels=pallas",
+        *TINY_RUN_FLAGS,
+    )  # fmt: skip
+    one_line_error(result, "model.kernels", "16-bit")
+    assert not workdir.exists()
