@@ -24,6 +24,7 @@ are those of this machine's CPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import pathlib
@@ -75,13 +76,20 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def compile_and_measure(jitted, args) -> tuple[dict, object]:
-    """Trace, lower and compile with wall and CPU seconds per stage; returns (row, compiled)."""
+def compile_and_measure(jitted, args, mesh: Mesh | None = None) -> tuple[dict, object]:
+    """Trace, lower and compile with wall and CPU seconds per stage; returns (row, compiled).
+
+    With `mesh` (the H100 topology's), tracing and lowering see it as the abstract mesh, which
+    names the GPU the Pallas kernels' Triton lowering compiles for (from JAX 0.11 it asks for
+    the local GPU otherwise, and this machine has none)."""
     row = {}
+    use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None)
+    context = use_abstract_mesh(mesh.abstract_mesh) if mesh is not None and use_abstract_mesh else contextlib.nullcontext()
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    traced = jitted.trace(*args)
-    row["trace_s"], wall, cpu = time.perf_counter() - wall, time.perf_counter(), _cpu_seconds()
-    lowered = traced.lower()
+    with context:
+        traced = jitted.trace(*args)
+        row["trace_s"], wall, cpu = time.perf_counter() - wall, time.perf_counter(), _cpu_seconds()
+        lowered = traced.lower()
     row["lower_s"], wall, cpu = time.perf_counter() - wall, time.perf_counter(), _cpu_seconds()
     compiled = lowered.compile()
     row["compile_s"], row["compile_cpu_s"] = time.perf_counter() - wall, _cpu_seconds() - cpu
@@ -121,7 +129,7 @@ def report_rows(
             else:
                 jitted, args = programs.eval_fn.jitted, (sets, batch)
             print(f"compiling {program} at length {length} ...", flush=True)
-            row, compiled = compile_and_measure(jitted, args)
+            row, compiled = compile_and_measure(jitted, args, mesh)
             stats = hlo_stats.program_stats(compiled.as_text())
             flops = step_flops(config, batch_size, length, program) * (eval_sets if program == "eval" else seeds)
             compute_s, memory_s, launch_s = flops / PEAK_FLOPS, stats.bytes_moved / HBM_BYTES_PER_S, stats.kernels * LAUNCH_S

@@ -29,7 +29,9 @@ _NOT_KERNELS = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call", "after-all",
     "partition-id", "replica-id", "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done",
     "send-done", "recv-done", "opt-barrier", "add-dependency", "domain", "async-done", "async-update",
+    "fusion-done",  # an async fusion's end: its fusion-start is the kernel
 }  # fmt: skip
+_FUSIONS = ("fusion", "fusion-start")  # XLA from JAX 0.11 runs some fusions asynchronously: start ... done
 _REDUCTIONS = ("reduce", "all-reduce", "all-reduce-start", "reduce-scatter")
 _SIXTEEN_BIT = ("bf16", "f16")
 
@@ -200,7 +202,7 @@ def _bytes_moved(ins: Instruction, shapes: dict[str, str], computations: dict[st
         return 2 * shape_bytes(ins.shape)
     if ins.opcode == "dynamic-update-slice":
         return 2 * operand_bytes[1] if len(operand_bytes) > 1 else shape_bytes(ins.shape)
-    fused = computations.get(next(iter(ins.called("calls")), ""), []) if ins.opcode == "fusion" else []
+    fused = computations.get(next(iter(ins.called("calls")), ""), []) if ins.opcode in _FUSIONS else []
     if not fused:
         return shape_bytes(ins.shape) + sum(operand_bytes)
     inner = {i.name: i for i in fused}
@@ -252,7 +254,7 @@ def _kind(ins: Instruction) -> str:
         target = re.search(r'custom_call_target="([^"]*)"', ins.attributes)
         name = target.group(1) if target else "?"
         return "gemm" if "matmul" in name or "gemm" in name.lower() else f"custom-call:{name}"
-    if ins.opcode == "fusion":
+    if ins.opcode in _FUSIONS:
         kind = re.search(r"kind=(k\w+)", ins.attributes)
         config = re.search(r'"fusion_backend_config"\s*:\s*\{\s*"kind"\s*:\s*"([^"]+)"', ins.attributes)
         if config and ("gemm" in config.group(1) or "triton" in config.group(1) or "cublas" in config.group(1)):

@@ -233,9 +233,10 @@ def float32_stream(x: Stream) -> jax.Array:
     return x[0] if isinstance(x, tuple) else x
 
 
-def _compute(x: Stream, dtype: Any) -> jax.Array:
-    """The residual stream in the compute dtype: the 16-bit copy a fused block wrote, or a cast."""
-    return x[1] if isinstance(x, tuple) else x.astype(dtype)
+def _product_input(x: Stream) -> jax.Array:
+    """What the next products read: the 16-bit copy a fused block wrote, else the float32 values
+    (which the products cast where XLA fuses the cast, e.g. with the [CLS] row's slice)."""
+    return x[1] if isinstance(x, tuple) else x
 
 
 class BertResidualOutput(nn.Module):
@@ -278,7 +279,7 @@ class BertAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Stream, key_mask: jax.Array, *, deterministic: bool, cls_only: bool = False) -> Stream:
         context = BertSelfAttention(self.config, self.dtype, self.rematerialised, self.kernels, name="self")(
-            _compute(x, self.dtype), key_mask, deterministic=deterministic, cls_only=cls_only
+            _product_input(x), key_mask, deterministic=deterministic, cls_only=cls_only
         )
         residual = float32_stream(x)
         return BertResidualOutput(self.config, self.dtype, self.rematerialised, self.kernels, name="output")(
@@ -327,7 +328,7 @@ def encoder_layer(
         # layer's output, and the new carry is copied (BERT-base's scanned step: 22 kernels fewer;
         # the copies' 0.55 GB go, most of it spent again on this array; eval: 36 copies -> 3).
         x = jax.lax.optimization_barrier(x)
-    h = BertIntermediate(config, dtype, rematerialised, name="intermediate")(_compute(x, dtype))
+    h = BertIntermediate(config, dtype, rematerialised, name="intermediate")(_product_input(x))
     return BertResidualOutput(config, dtype, rematerialised, kernels, name="output")(h, float32_stream(x), deterministic=deterministic)
 
 

@@ -56,7 +56,7 @@ def test_every_bench_command_of_the_plan_parses(tmp_path):
     step = next(c for c in commands if c.label == "step")
     kinds = bench.parse_args(step.argv[3:]).form_specs
     assert kinds["jax"] == ("jax", 1, True) and kinds["jax-unrolled"] == ("jax", 1, False) and "compile" in kinds
-    assert kinds["jax-fused"] == ("jax-fused", 1, True)
+    assert kinds["jax-pallas"] == ("jax-pallas", 1, True)
     assert ctx.figures["cmdbuf"]["xla_flags"] == list(gpu_acceptance.COMMAND_BUFFER_FLAGS)
     assert "WHILE" in next(c for c in commands if c.label == "cmdbuf").env["XLA_FLAGS"]
 

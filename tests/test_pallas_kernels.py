@@ -14,6 +14,7 @@ from sda_jax import fused_attention, fused_layer_norm
 from sda_jax.bert_config import BertConfig
 from sda_jax.dropout import uint16_halves
 from sda_jax.errors import InputError
+from sda_jax.masked_lm import BertForMaskedLM
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.sixteen_bit import add_bias16, layer_norm
 from tests.conftest import TINY_RUN_FLAGS, one_line_error
@@ -130,6 +131,19 @@ def test_the_model_with_pallas_kernels_is_the_model(scan_layers):
             np.testing.assert_array_equal(got, want, err_msg=name)
             exact += 1
     assert exact >= 10
+
+
+def test_the_masked_lm_with_pallas_kernels_has_the_same_loss():
+    """Pretraining's model (every row through the last layer, the pair of streams to its end)."""
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (2, 16)))
+    types, mask = jnp.zeros_like(ids), jnp.ones_like(ids)
+    losses = []
+    for kernels in ("xla", "pallas_interpreted"):
+        model = BertForMaskedLM(CONFIG, jnp.bfloat16, True, kernels=kernels)
+        params = model.init(jax.random.key(0), ids, types, mask)["params"]
+        logits = model.apply({"params": params}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
+        losses.append(float(jnp.sum(logits.astype(jnp.float32))))
+    assert losses[0] == losses[1]
 
 
 def test_which_kernels_a_run_takes():
