@@ -317,9 +317,9 @@ class BertIntermediate(nn.Module):
 
 
 def encoder_layer(
-    config: BertConfig, dtype: Any, x: jax.Array, key_mask: jax.Array, deterministic: bool, cls_only: bool,
+    config: BertConfig, dtype: Any, x: Stream, key_mask: jax.Array, deterministic: bool, cls_only: bool,
     rematerialised: bool = False, kernels: str = "xla",
-):  # fmt: skip
+) -> Stream:  # fmt: skip
     """One transformer layer's submodules, created in the calling module (BertLayer or a scanned one)."""
     x = BertAttention(config, dtype, rematerialised, kernels, name="attention")(x, key_mask, deterministic=deterministic, cls_only=cls_only)
     if rematerialised and is_16_bit(dtype):
@@ -340,7 +340,5 @@ class BertLayer(nn.Module):
     kernels: str = "xla"
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, key_mask: jax.Array, *, deterministic: bool, cls_only: bool = False
-    ) -> jax.Array:
+    def __call__(self, x: Stream, key_mask: jax.Array, *, deterministic: bool, cls_only: bool = False) -> Stream:
         return encoder_layer(self.config, self.dtype, x, key_mask, deterministic, cls_only, kernels=self.kernels)

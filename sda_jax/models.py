@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from sda_jax.bert_config import BertConfig
 from sda_jax.layers import (
     BertLayer,
+    Stream,
     dense,
     dropout,
     encoder_layer,
@@ -93,7 +94,7 @@ class _ScannedLayer(nn.Module):
     kernels: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x: Stream, key_mask: jax.Array) -> tuple[Stream, None]:
         x = encoder_layer(
             self.config, self.dtype, x, key_mask, self.deterministic, cls_only=False, rematerialised=True,
             kernels=self.kernels,

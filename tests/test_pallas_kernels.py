@@ -5,6 +5,8 @@ tests/test_fused_attention.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +21,10 @@ from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.sixteen_bit import add_bias16, layer_norm
 from tests.conftest import TINY_RUN_FLAGS, one_line_error
 
+# Two layers: a scan of one and the [CLS] row's layer, or both unrolled (the interpreted kernels
+# compile slowly: ~20 s a layer layout on the CI machine).
 CONFIG = BertConfig(
-    vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+    vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
     max_position_embeddings=64, type_vocab_size=2, num_labels=2,
 )  # fmt: skip
 KEY = jax.random.key(5)
@@ -130,16 +134,17 @@ def test_the_model_with_pallas_kernels_is_the_model(scan_layers):
         else:
             np.testing.assert_array_equal(got, want, err_msg=name)
             exact += 1
-    assert exact >= 10
+    assert exact >= 8
 
 
 def test_the_masked_lm_with_pallas_kernels_has_the_same_loss():
-    """Pretraining's model (every row through the last layer, the pair of streams to its end)."""
+    """Pretraining's model: every row through the last layer, whose blocks pass the pair of
+    streams on (one layer: the scan's carry is the classifier test's)."""
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (2, 16)))
     types, mask = jnp.zeros_like(ids), jnp.ones_like(ids)
     losses = []
     for kernels in ("xla", "pallas_interpreted"):
-        model = BertForMaskedLM(CONFIG, jnp.bfloat16, True, kernels=kernels)
+        model = BertForMaskedLM(dataclasses.replace(CONFIG, num_hidden_layers=1), jnp.bfloat16, True, kernels=kernels)
         params = model.init(jax.random.key(0), ids, types, mask)["params"]
         logits = model.apply({"params": params}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
         losses.append(float(jnp.sum(logits.astype(jnp.float32))))
