@@ -13,9 +13,10 @@ kernels and, in the backward pass, splits the LayerNorm's gradient into ~6 passe
 sums, the two gradient paths' sum, the dropout's select and division). Here a program per block of
 rows reads the product and the residual once per pass: the forward writes the two outputs, the
 backward (which recomputes the forward) writes the residual's and the product's gradients and
-per-block partial column sums of the three bias/scale gradients, which XLA adds up (float32 sums
-of the same values as autodiff's, in another order). The rest of the backward is autodiff's, op
-for op (`jax.vjp` of the same expression inside the kernel).
+per-block partial column sums of the LayerNorm's scale and bias gradients, which XLA adds up
+(float32 sums of the same values as autodiff's, in another order). The rest of the backward is
+autodiff's, op for op (`jax.vjp` of the same expression inside the kernel); the product's bias
+gradient is `add_bias16`'s float32 sum of the product's gradient the kernel wrote.
 
 The hidden size need not be a power of two: rows are padded inside the kernel (masked loads; the
 padding is kept out of the row sums). `interpret=True` runs the kernels in Pallas' interpreter
@@ -73,8 +74,9 @@ def _function(z16, residual, scale, bias, keep, column_ok, *, hidden, rate, epsi
     return centered * jax.lax.rsqrt(variance + epsilon) * scale[None, :] + bias[None, :]
 
 
-def _inputs(y_ref, dense_bias_ref, residual_ref, scale_ref, bias_ref, key_ref, *, rows, padded, tokens, hidden, rate, dtype, epsilon):
-    del epsilon  # the function's
+def _inputs(y_ref, dense_bias_ref, residual_ref, scale_ref, bias_ref, key_ref, *, rows, padded, tokens, hidden, rate, dtype, **_):
+    """This program's block: its index, masks, the biased 16-bit product, the residual, the
+    LayerNorm's scale and bias, and the dropout mask (None without dropout)."""
     first, _, column_ok, mask = _block(rows, padded, tokens, hidden)
     block = (pl.ds(first, rows), pl.ds(0, padded))
     vector = lambda ref: pallas_triton.load(ref.at[pl.ds(0, padded)], mask=column_ok, other=0.0)
