@@ -5,8 +5,6 @@ tests/test_fused_attention.py."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,26 +104,10 @@ def test_the_gpu_tiling_pads_rows_and_columns_out_of_the_sums(monkeypatch):
         assert np.mean(mismatch) < 0.01  # 16-bit gradients: a rare element one rounding away
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_the_model_with_pallas_kernels_is_the_model(scan_layers):
-    """The bf16 classifier's training loss and eval logits are XLA's ops' bit for bit (the kernels
-    draw the dropout masks `Dropout` would draw), and so is every gradient but those of the
-    LayerNorms and the embeddings: float32 sums (the LayerNorm's bias and scale columns, the
-    residual stream's gradient, which XLA:CPU rounds by how it fuses the LayerNorm backward)
-    that move by float32 rounding."""
-    params = init_params(CONFIG, jax.random.key(0), scan_layers)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1, 100, (4, 12)))
-    types = jnp.zeros((4, 12), jnp.int32)
-    mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [9], [5], [12]]), jnp.int32)
-    results = {}
-    for kernels in ("xla", "pallas_interpreted"):
-        model = BertForSequenceClassification(CONFIG, jnp.bfloat16, scan_layers, kernels=kernels)
-        loss = lambda p, model=model: model.apply({"params": p}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(5)}).sum()
-        results[kernels] = (*jax.value_and_grad(loss)(params), model.apply({"params": params}, ids, types, mask))
-    (want_loss, want_grads, want_logits), (got_loss, got_grads, got_logits) = results["xla"], results["pallas_interpreted"]
-    assert float(got_loss) == float(want_loss)
-    np.testing.assert_array_equal(got_logits, want_logits)
+def _assert_gradients_match(got_grads, want_grads) -> None:
+    """Bit for bit but the LayerNorms' and the embeddings': float32 sums (the LayerNorm's bias and
+    scale columns, the residual stream's gradient, which XLA:CPU rounds by how it fuses the
+    LayerNorm backward) that move by float32 rounding."""
     exact = 0
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads), strict=True):
         name = jax.tree_util.keystr(path)
@@ -137,18 +119,42 @@ def test_the_model_with_pallas_kernels_is_the_model(scan_layers):
     assert exact >= 8
 
 
-def test_the_masked_lm_with_pallas_kernels_has_the_same_loss():
-    """Pretraining's model: every row through the last layer, whose blocks pass the pair of
-    streams on (one layer: the scan's carry is the classifier test's)."""
+def test_the_model_with_pallas_kernels_is_the_model():
+    """The bf16 classifier (its layers scanned, the scan's carry the pair of streams, then the
+    [CLS] row's layer): training loss and eval logits XLA's ops' bit for bit (the kernels draw the
+    dropout masks `Dropout` would draw), the gradients as `_assert_gradients_match` says."""
+    params = init_params(CONFIG, jax.random.key(0), True)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 100, (4, 12)))
+    types = jnp.zeros((4, 12), jnp.int32)
+    mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [9], [5], [12]]), jnp.int32)
+    results = {}
+    for kernels in ("xla", "pallas_interpreted"):
+        model = BertForSequenceClassification(CONFIG, jnp.bfloat16, True, kernels=kernels)
+        loss = lambda p, model=model: model.apply({"params": p}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(5)}).sum()
+        results[kernels] = (*jax.value_and_grad(loss)(params), model.apply({"params": params}, ids, types, mask))
+    (want_loss, want_grads, want_logits), (got_loss, got_grads, got_logits) = results["xla"], results["pallas_interpreted"]
+    assert float(got_loss) == float(want_loss)
+    np.testing.assert_array_equal(got_logits, want_logits)
+    _assert_gradients_match(got_grads, want_grads)
+
+
+def test_the_unrolled_masked_lm_with_pallas_kernels_is_the_model():
+    """Pretraining's model, its layers unrolled: every row through every layer, the pair of
+    streams passed from layer to layer and to the end; the same loss and gradients."""
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (2, 16)))
     types, mask = jnp.zeros_like(ids), jnp.ones_like(ids)
-    losses = []
+    results = {}
     for kernels in ("xla", "pallas_interpreted"):
-        model = BertForMaskedLM(dataclasses.replace(CONFIG, num_hidden_layers=1), jnp.bfloat16, True, kernels=kernels)
+        model = BertForMaskedLM(CONFIG, jnp.bfloat16, False, kernels=kernels)
         params = model.init(jax.random.key(0), ids, types, mask)["params"]
-        logits = model.apply({"params": params}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
-        losses.append(float(jnp.sum(logits.astype(jnp.float32))))
-    assert losses[0] == losses[1]
+        loss = lambda p, model=model: jnp.sum(
+            model.apply({"params": p}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(1)}).astype(jnp.float32)
+        )  # fmt: skip
+        results[kernels] = jax.value_and_grad(loss)(params)
+    (want_loss, want_grads), (got_loss, got_grads) = results["xla"], results["pallas_interpreted"]
+    assert float(got_loss) == float(want_loss)
+    _assert_gradients_match(got_grads, want_grads)
 
 
 def test_which_kernels_a_run_takes():
