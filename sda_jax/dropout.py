@@ -123,8 +123,24 @@ def uint16_halves(
     for axis in reversed(range(len(leading))):
         counter = counter + index(axis) * np.uint32(stride)
         stride *= shape[axis]
-    bits = _threefry_hash(key, counter)
+    return _half(_threefry_hash(key, counter), column)
+
+
+def _half(bits: jax.Array, column: jax.Array) -> jax.Array:
+    """The 16-bit uniform of the element at last-axis index `column` from its 32-bit draw: the
+    high half for even columns, the low half for odd ones."""
     return jnp.where((column & np.uint32(1)) == 1, bits & np.uint32(0xFFFF), bits >> np.uint32(16))
+
+
+def _kept(halves: jax.Array, rate: float) -> jax.Array:
+    return halves >= np.uint32(round(rate * 65536))
+
+
+def kept_in_kernel(k0: jax.Array, k1: jax.Array, counter: jax.Array, column: jax.Array, rate: float) -> jax.Array:
+    """`Dropout(rate, per_element_draws=True)`'s keep mask for elements whose draw has `counter`
+    and whose last-axis index is `column`, with the key as its two uint32 words: what a kernel
+    holds (`fused_attention`, `fused_layer_norm`)."""
+    return _kept(_half(threefry_words(k0, k1, counter), column), rate)
 
 
 class Dropout(nn.Module):
@@ -149,5 +165,5 @@ class Dropout(nn.Module):
         halves = uint16_halves(
             self.make_rng("dropout"), x.shape, per_element=self.per_element_draws, in_loop=self.in_loop
         )
-        keep = halves >= np.uint32(round(self.rate * 65536))
+        keep = _kept(halves, self.rate)
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))

@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
-from sda_jax.dropout import threefry_words
+from sda_jax.dropout import kept_in_kernel
 from sda_jax.errors import InputError
 from sda_jax.sixteen_bit import float32_column_sums
 
@@ -80,9 +80,7 @@ def _keep(key_ref, b, h, heads: int, length: int, padded: int, rate: float, tran
     draws = -(-length // 2)
     base = (b.astype(jnp.uint32) * np.uint32(heads) + h.astype(jnp.uint32)) * np.uint32(length * draws)
     counter = (cols >> np.uint32(1)) + rows * np.uint32(draws) + base
-    bits = threefry_words(key_ref[0], key_ref[1], counter)
-    half = jnp.where((cols & np.uint32(1)) == 1, bits & np.uint32(0xFFFF), bits >> np.uint32(16))
-    return half >= np.uint32(round(rate * 65536))
+    return kept_in_kernel(key_ref[0], key_ref[1], counter, cols, rate)
 
 
 def _forward_values(y_ref, bias_ref, mask_ref, key_ref, *, heads, length, padded, head_dim, rate, dtype):

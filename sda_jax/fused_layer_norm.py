@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
-from sda_jax.dropout import threefry_words
+from sda_jax.dropout import kept_in_kernel
 from sda_jax.sixteen_bit import float32_column_sums
 
 ROWS = 8  # rows per program: [8, 1024] float32 tiles, 32 values per thread and array at 8 warps (not tuned on a GPU)
@@ -41,22 +41,19 @@ ROWS = 8  # rows per program: [8, 1024] float32 tiles, 32 values per thread and 
 
 def _keep(key_ref, first_row, rows: int, padded: int, hidden: int, rate: float):
     """`Dropout(rate, per_element_draws=True)`'s mask on [tokens, hidden] for these rows: element
-    (t, c) hashes the counter t · ceil(hidden / 2) + c // 2 and keeps the high half of the draw
-    for even c, the low half for odd c."""
+    (t, c) draws with the counter t · ceil(hidden / 2) + c // 2."""
     token = jax.lax.broadcasted_iota(jnp.uint32, (rows, padded), 0) + first_row.astype(jnp.uint32)
     column = jax.lax.broadcasted_iota(jnp.uint32, (rows, padded), 1)
     counter = (column >> np.uint32(1)) + token * np.uint32(-(-hidden // 2))
-    bits = threefry_words(key_ref[0], key_ref[1], counter)
-    half = jnp.where((column & np.uint32(1)) == 1, bits & np.uint32(0xFFFF), bits >> np.uint32(16))
-    return half >= np.uint32(round(rate * 65536))
+    return kept_in_kernel(key_ref[0], key_ref[1], counter, column, rate)
 
 
 def _block(rows: int, padded: int, tokens: int, hidden: int):
-    """This program's first row, its rows' and columns' validity and the [rows, padded] load mask."""
+    """This program's first row, its columns' validity and the [rows, padded] load mask."""
     first = pl.program_id(0) * rows
     row_ok = (first + jnp.arange(rows)) < tokens
     column_ok = jnp.arange(padded) < hidden
-    return first, row_ok, column_ok, row_ok[:, None] & column_ok[None, :]
+    return first, column_ok, row_ok[:, None] & column_ok[None, :]
 
 
 def _function(z16, residual, scale, bias, keep, column_ok, *, hidden, rate, epsilon):
@@ -77,7 +74,7 @@ def _function(z16, residual, scale, bias, keep, column_ok, *, hidden, rate, epsi
 def _inputs(y_ref, dense_bias_ref, residual_ref, scale_ref, bias_ref, key_ref, *, rows, padded, tokens, hidden, rate, dtype, **_):
     """This program's block: its index, masks, the biased 16-bit product, the residual, the
     LayerNorm's scale and bias, and the dropout mask (None without dropout)."""
-    first, _, column_ok, mask = _block(rows, padded, tokens, hidden)
+    first, column_ok, mask = _block(rows, padded, tokens, hidden)
     block = (pl.ds(first, rows), pl.ds(0, padded))
     vector = lambda ref: pallas_triton.load(ref.at[pl.ds(0, padded)], mask=column_ok, other=0.0)
     y = pallas_triton.load(y_ref.at[block], mask=mask, other=0.0)
