@@ -118,7 +118,8 @@ def report_rows(
     rng = models.abstract(models.shapes(jax.ShapeDtypeStruct((), jax.random.key(0).dtype)), mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     programs = evaluate.EvalPrograms(model, mesh, models, tuple(lengths), batch_size, None)
-    sets = models.abstract(tuple(averaging.Current(models.shapes(params)) for _ in range(eval_sets)), mesh)
+    # The sets as evaluation passes them: in 16 bits, their weight matrices cast once per evaluation.
+    sets = programs.cast(models.abstract(tuple(averaging.Current(models.shapes(params)) for _ in range(eval_sets)), mesh))
     eval_sets *= seeds
     rows = []
     for length in lengths:

@@ -7,8 +7,9 @@
     <step>/sda_jax_manifest.json              every file of the step with its size and CRC-32
 
 Train checkpoints hold the whole `TrainState` (student, teacher, eval EMA, optimizer and
-Lookahead state, schedule, loss scale, step); the dropout keys and the input position are
-functions of the seeds and the step, which the JSON records alongside. A best checkpoint holds
+Lookahead state, schedule, loss scale, step; in 16 bits also the weight copies the products
+read); the dropout keys and the input position are functions of the seeds and the step, which
+the JSON records alongside. A best checkpoint holds
 every parameter set of its model that is one model (the vote teacher is not: see `averaging`).
 
 Orbax writes each step into a temporary folder and renames it when complete, so a write cut short

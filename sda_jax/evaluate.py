@@ -20,10 +20,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from sda_jax import atomic_write, input_pipeline, parallel
+from sda_jax import atomic_write, input_pipeline, parallel, weight_copies
 from sda_jax.averaging import Average
 from sda_jax.bucketed_jit import BucketedJit
 
@@ -49,17 +50,22 @@ class EvalPrograms:
         out = models.sharding(mesh, parallel.DATA_AXIS)
         key = lambda averages, batch: (jax.tree.structure(averages), *batch["input_ids"].shape)
         self.eval_fn = BucketedJit(jax.jit(step, out_shardings=out), key, clock)
+        # In 16 bits each set's weight matrices are cast once per evaluation, not in every batch.
+        dtype = jnp.dtype(model.dtype)
+        self.cast = (lambda tree: tree) if dtype == jnp.float32 else functools.partial(weight_copies.cast, dtype=dtype)
+        self.cast_fn = self.cast if dtype == jnp.float32 else jax.jit(self.cast)
 
     def compile_tasks(self, *groups: tuple[Average, ...]) -> list[tuple[BucketedJit, tuple]]:
         """What `compile_concurrently` needs to build the programs that scoring each group of plain
         averages runs, at every bucket length (shared where groups agree in structure)."""
         abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
         batches = [parallel.abstract_batch(self.batch_size, n, self.mesh) for n in self.bucket_lengths]
-        return [(self.eval_fn, (abstract(group), batch)) for group in groups for batch in batches]
+        return [(self.eval_fn, (self.cast(abstract(group)), batch)) for group in groups for batch in batches]
 
     def logits(self, averages: tuple[Average, ...], encoded: Any) -> list[np.ndarray]:
         """Logits [models, examples, classes] of each plain average on every example, in file order."""
         order = input_pipeline.eval_order(encoded)
+        averages = self.cast_fn(averages)
         batches = input_pipeline.eval_batches(encoded, batch_size=self.batch_size, bucket_lengths=self.bucket_lengths, order=order)
         # Every step is dispatched before any result is fetched, so the device never idles.
         outputs = [(host["weights"] > 0, self.eval_fn(averages, device)) for host, device in parallel.prefetch_to_mesh(batches, self.mesh)]

@@ -41,6 +41,7 @@ from sda_jax.model_axis import Models
 from sda_jax.run import Run, prepare
 from sda_jax.settings import Settings
 from sda_jax.stopwatch import Stopwatch
+from sda_jax.weight_copies import WeightCopies, substitute
 from sda_jax.workdir import Workdir
 
 Params = Any
@@ -57,6 +58,7 @@ class TrainState:
     hyper: Hyperparameters  # the schedule and the other numbers as arrays: the programs depend on none of them
     loss_scale: mixed_precision.LossScale | None  # float16 only
     skipped_steps: jax.Array  # int32: fp16 steps skipped for non-finite gradients
+    weight_copies: WeightCopies | None  # the 16-bit weight matrices the products read; None in float32
 
     def parameter_sets(self) -> tuple[Any, ...]:
         """Every set of parameters the state holds (what a checkpoint must hold finite)."""
@@ -75,12 +77,13 @@ def create_train_state(
     per parameter of traffic per step for nothing.
     """
     sda = settings.sda
+    teacher = averaging.make_teacher(sda.teacher, params, decay_cap=hyper.teacher_decay, window=sda.teacher_window)
     return TrainState(
         step=jnp.zeros([], jnp.int32),
         params=params,
         opt_state=optim.make_optimizer(settings.optim).init(params),
         slow_params=jax.tree.map(jnp.copy, params) if optim.uses_lookahead(settings.optim) else None,
-        teacher=averaging.make_teacher(sda.teacher, params, decay_cap=hyper.teacher_decay, window=sda.teacher_window),
+        teacher=teacher,
         eval_ema=(
             averaging.EvalEma(jax.tree.map(jnp.copy, params), hyper.eval_ema_decay, sda.eval_ema_start_step)
             if eval_ema_starts
@@ -93,6 +96,11 @@ def create_train_state(
             else None
         ),
         skipped_steps=jnp.zeros([], jnp.int32),
+        weight_copies=(
+            None
+            if jnp.dtype(compute_dtype) == jnp.float32
+            else WeightCopies.of(params, teacher.one_model(), compute_dtype)
+        ),
     )
 
 
@@ -101,7 +109,11 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SDA step: student update on CE + kd·MSE(teacher), then the teacher and eval EMA. Pure."""
     inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    teacher_logits = state.teacher.logits(lambda params: model.apply({"params": params}, *inputs, deterministic=True))
+    copies = state.weight_copies
+    student_copies, teacher_copies = (None, None) if copies is None else (copies.student, copies.teacher)
+    teacher_logits = state.teacher.logits(
+        lambda params: model.apply({"params": substitute(params, teacher_copies)}, *inputs, deterministic=True)
+    )
     dropout_rng = jax.random.fold_in(rng, state.step)
     scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
 
@@ -110,8 +122,12 @@ def train_step(
 
         def loss_fn(params):
             rngs = {"dropout": jax.random.fold_in(dropout_rng, attack) if attack else dropout_rng}
-            logits = model.apply({"params": params}, *inputs, deterministic=False, rngs=rngs)
-            loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], state.hyper.kd_coeff)
+            logits = model.apply(
+                {"params": substitute(params, student_copies)}, *inputs, deterministic=False, rngs=rngs
+            )
+            loss, (ce, kd) = distill.sda_loss(
+                logits, teacher_logits, batch["labels"], batch["weights"], state.hyper.kd_coeff
+            )
             return loss * scale, (loss, ce, kd)
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -140,20 +156,25 @@ def train_step(
         # the learning-rate schedule still moves on, since it follows the train step.
         finite = mixed_precision.all_finite(grads)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state, slow_params = keep((params, opt_state, slow_params), (state.params, state.opt_state, state.slow_params))
+        params, opt_state, slow_params = keep(
+            (params, opt_state, slow_params), (state.params, state.opt_state, state.slow_params)
+        )
         loss_scale = loss_scale.adjust(finite)
         skipped_steps = skipped_steps + (~finite).astype(jnp.int32)
 
     step = state.step + 1
+    teacher = state.teacher.update(params, step)
     new_state = state.replace(
         step=step,
         params=params,
         opt_state=opt_state,
         slow_params=slow_params,
-        teacher=state.teacher.update(params, step),
+        teacher=teacher,
         eval_ema=None if state.eval_ema is None else state.eval_ema.update(params, step),
         loss_scale=loss_scale,
         skipped_steps=skipped_steps,
+        # Made by the kernels that update the float32 values, which read them anyway.
+        weight_copies=None if copies is None else WeightCopies.of(params, teacher.one_model(), copies.dtype()),
     )
     metrics = {"loss": loss, "ce": ce, "kd": kd, "skipped_steps": skipped_steps}
     if loss_scale is not None:
@@ -220,7 +241,9 @@ def compile_programs(run: Run, clock: Stopwatch) -> tuple[Any, Programs]:
     side: train and eval per bucket length (dev scores the sets of step 1's structure; prediction
     the best eval EMA)."""
     settings, lengths = run.settings, run.buckets.lengths
-    state, train_fn = place_state_and_step(run.params, run.model, settings, run.total_steps, run.mesh, run.models, clock)
+    state, train_fn = place_state_and_step(
+        run.params, run.model, settings, run.total_steps, run.mesh, run.models, clock
+    )
     programs = evaluate.EvalPrograms(run.model, run.mesh, run.models, lengths, settings.train.batch_size, clock)
     with clock.phase("compile"):
         batch = lambda n: parallel.abstract_batch(settings.train.batch_size, n, run.mesh)
@@ -232,7 +255,9 @@ def compile_programs(run: Run, clock: Stopwatch) -> tuple[Any, Programs]:
     return state, Programs(train_fn, programs, wall)
 
 
-def train_and_evaluate(settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch: Stopwatch | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch: Stopwatch | None = None
+) -> dict[str, Any]:
     """Trains every model of the run (resuming from the workdir's latest checkpoint), evaluates,
     predicts the test set; returns the run summary (also written to summary.json by process 0).
 
@@ -269,7 +294,11 @@ def finish(run: Run, programs: Programs, state: Any, session: loop.Session, cloc
         (test_logits,) = programs.eval.logits(best, data.test)  # [models, examples, classes]
         (dev_logits,) = programs.eval.logits(best, data.dev)
     table = sweep_results.summary(run.models.describe(), best_metrics)
-    chosen = table["best_combination"]["models"] if settings.train.predict_with == "best_combination" else [table["best_model"]["model"]]
+    chosen = (
+        table["best_combination"]["models"]
+        if settings.train.predict_with == "best_combination"
+        else [table["best_model"]["model"]]
+    )
     prediction = {
         "with": settings.train.predict_with, "models": chosen,
         **{f"dev_{k}": v for k, v in evaluate.dev_metrics(dev_logits[chosen].mean(axis=0), data.dev.labels).items()},
@@ -283,12 +312,16 @@ def finish(run: Run, programs: Programs, state: Any, session: loop.Session, cloc
     )  # fmt: skip
     if run.is_main:
         label = lambda logits: evaluate.argmax_labels(logits, settings.data.label_names)
-        evaluate.write_predictions(run.workdir.predictions(settings), data.test.ids, label(test_logits[chosen].mean(axis=0)))
+        evaluate.write_predictions(
+            run.workdir.predictions(settings), data.test.ids, label(test_logits[chosen].mean(axis=0))
+        )
         if settings.train.per_model_predictions:
             for i, logits in enumerate(test_logits):
                 evaluate.write_predictions(run.workdir.predictions(settings, i), data.test.ids, label(logits))
         if settings.sweep:
-            for path, text in zip(run.workdir.sweep_tables, (sweep_results.to_csv(table), sweep_results.to_markdown(table)), strict=True):
+            for path, text in zip(
+                run.workdir.sweep_tables, (sweep_results.to_csv(table), sweep_results.to_markdown(table)), strict=True
+            ):
                 atomic_write.write_text(path, text)
         run_summary.write(run.workdir, summary)
         plot_training_curves(run.workdir)
