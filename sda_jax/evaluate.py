@@ -53,7 +53,10 @@ class EvalPrograms:
         # In 16 bits each set's weight matrices are cast once per evaluation, not in every batch.
         dtype = jnp.dtype(model.dtype)
         self.cast = (lambda tree: tree) if dtype == jnp.float32 else functools.partial(weight_copies.cast, dtype=dtype)
-        self.cast_fn = self.cast if dtype == jnp.float32 else jax.jit(self.cast)
+        if dtype == jnp.float32:
+            self.cast_fn = self.cast
+        else:  # each copy placed as its set is, as the programs compiled ahead expect
+            self.cast_fn = lambda tree: jax.jit(self.cast, out_shardings=jax.tree.map(lambda x: x.sharding, tree))(tree)
 
     def compile_tasks(self, *groups: tuple[Average, ...]) -> list[tuple[BucketedJit, tuple]]:
         """What `compile_concurrently` needs to build the programs that scoring each group of plain
