@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sda_jax import loop, optim, parallel, pretrain_data, run_summary
+from sda_jax import loop, optim, parallel, pretrain_data, run_summary, weight_copies
 from sda_jax.bucketed_jit import BucketedJit, batch_shape_key, compile_concurrently
 from sda_jax.errors import InputError
 from sda_jax.hyperparameters import Hyperparameters
@@ -54,14 +54,16 @@ class MlmState:
     params: Params  # BertForMaskedLM's
     opt_state: optax.OptState
     hyper: Hyperparameters  # the schedule and weight decay as arrays: the programs depend on neither
+    weight_copies: weight_copies.Copies | None  # the 16-bit weight matrices the products read; None in float32
 
     def parameter_sets(self) -> tuple[Any, ...]:
         return (self.params,)
 
 
-def create_state(params: Params, hyper: Hyperparameters, settings: Settings) -> MlmState:
+def create_state(params: Params, hyper: Hyperparameters, settings: Settings, compute_dtype: Any = jnp.float32) -> MlmState:
+    copies = None if jnp.dtype(compute_dtype) == jnp.float32 else weight_copies.of(params, compute_dtype)
     return MlmState(step=jnp.zeros([], jnp.int32), params=params, opt_state=optim.make_optimizer(settings.optim).init(params),
-                    hyper=hyper)  # fmt: skip
+                    hyper=hyper, weight_copies=copies)  # fmt: skip
 
 
 def _forward(model: Any, params: Params, batch: dict[str, jax.Array], **kwargs) -> jax.Array:
@@ -76,14 +78,16 @@ def mlm_train_step(
     rngs = {"dropout": jax.random.fold_in(rng, state.step)}
 
     def loss_fn(params):
-        logits = _forward(model, params, batch, deterministic=False, rngs=rngs)
+        logits = _forward(model, weight_copies.substitute(params, state.weight_copies), batch, deterministic=False, rngs=rngs)
         loss, correct, count = mlm_loss(logits, batch["mlm_targets"], batch["mlm_weights"])
         return loss, correct / jnp.maximum(count, 1.0)
 
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     tx = optim.make_optimizer(settings.optim, weight_decay=state.hyper.weight_decay)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=state.hyper.schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    copies = None if state.weight_copies is None else weight_copies.of(params, jax.tree.leaves(state.weight_copies)[0].dtype)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, weight_copies=copies)
     return new_state, {"loss": loss, "accuracy": accuracy}
 
 
@@ -95,8 +99,8 @@ def mlm_eval_step(params: Params, batch: dict[str, jax.Array], *, model: Any) ->
 
 def abstract_state(param_shapes: Any, settings: Settings, total_steps: int, compute_dtype: Any, mesh: Any, models: Any) -> Any:
     """The state's shapes and shardings, with nothing allocated (`run.prepare`'s memory check)."""
-    del compute_dtype
-    shapes = jax.eval_shape(functools.partial(create_state, settings=settings), param_shapes, models.hyperparameters(settings, total_steps))
+    create = functools.partial(create_state, settings=settings, compute_dtype=compute_dtype)
+    shapes = jax.eval_shape(create, param_shapes, models.hyperparameters(settings, total_steps))
     return models.abstract(shapes, mesh)
 
 
@@ -149,8 +153,9 @@ def compile_programs(run: Run, clock: Stopwatch) -> tuple[MlmState, BucketedJit,
     """The initial state on the mesh, the train step (donated) and the held-out step, each compiled
     up front for every bucket length, side by side; and the compiles' wall seconds."""
     settings, mesh = run.settings, run.mesh
-    state_sharding = jax.tree.map(lambda x: x.sharding, abstract_state(run.params, settings, run.total_steps, None, mesh, run.models))
-    create = jax.jit(functools.partial(create_state, settings=settings), out_shardings=state_sharding)
+    abstract = abstract_state(run.params, settings, run.total_steps, run.dtype, mesh, run.models)
+    state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
+    create = jax.jit(functools.partial(create_state, settings=settings, compute_dtype=run.dtype), out_shardings=state_sharding)
     state = create(run.params, run.models.hyperparameters(settings, run.total_steps))
     per_model = run.models.sharding(mesh)
     step = jax.jit(

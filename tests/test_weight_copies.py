@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax import averaging, evaluate, parallel, weight_copies
+from sda_jax import averaging, evaluate, parallel, pretrain, weight_copies
 from sda_jax.bert_config import BertConfig
 from sda_jax.hyperparameters import Hyperparameters
+from sda_jax.masked_lm import BertForMaskedLM, init_mlm_params
 from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.tokenization import Encoded
@@ -116,3 +117,25 @@ def test_evaluation_scores_sets_cast_once_as_it_scored_them_cast_at_use():
     for g, w in zip(got, want, strict=True):
         assert g.shape == (1, 10, 2)
         np.testing.assert_array_equal(g, w)
+
+
+def test_a_masked_lm_step_reading_the_copies_is_a_step_casting_at_use():
+    """Pretraining's step (bf16, dropout, unrolled): the same state, loss and accuracy bit for bit
+    with the copies and without them; the copies follow the weights."""
+    model = BertForMaskedLM(CONFIG, jnp.bfloat16, False)
+    settings = settings_with()
+    params = init_mlm_params(CONFIG, jax.random.key(0), scan_layers=False)
+    state = pretrain.create_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.bfloat16)
+    assert state.weight_copies is not None
+    assert pretrain.create_state(params, Hyperparameters.of(settings, 100), settings).weight_copies is None
+    batch = _batch(0)
+    batch = {**batch, "mlm_positions": jnp.tile(jnp.arange(0, 16, 4), (4, 1)), "mlm_targets": batch["input_ids"][:, ::4],
+             "mlm_weights": jnp.ones((4, 4), jnp.float32)}  # fmt: skip
+    step = jax.jit(lambda state, batch: pretrain.mlm_train_step(state, batch, jax.random.key(1), model=model, settings=settings))
+    with_copies, at_use = state, state.replace(weight_copies=None)
+    for _ in range(2):
+        with_copies, metrics = step(with_copies, batch)
+        at_use, want_metrics = step(at_use, batch)
+        jax.tree.map(np.testing.assert_array_equal, metrics, want_metrics)
+    jax.tree.map(np.testing.assert_array_equal, with_copies.replace(weight_copies=None), at_use)
+    jax.tree.map(np.testing.assert_array_equal, with_copies.weight_copies, weight_copies.of(at_use.params, jnp.bfloat16))
