@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -124,6 +125,22 @@ def moved_by_rounding_alone(key: str) -> bool:
     to float32 rounding, but not on this noise, whose size depends on how XLA fuses the step.
     """
     return "['attention']['self']['key']['bias']" in key
+
+
+def assert_within_rounding_but_adam_flips(got, want, name: str, atol: float = 1e-6, flip_bound: float = 1e-4) -> float:
+    """`got` and `want` (weights of runs that sum gradients in another order: vmapped models,
+    other device counts) within `atol` everywhere but at most one element in 100,000 (at least
+    one), which stays within `flip_bound`; returns the largest difference.
+
+    Adam normalises each update: an element whose gradient is near zero in both runs (a word row
+    the batches barely touch) steps by up to the learning rate wherever the sums' rounding points
+    it, so that a few such elements end further apart than float32 rounding of everything else.
+    """
+    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    far = diff > atol
+    assert far.sum() <= max(1, far.size // 100_000), (name, int(far.sum()), float(diff.max()))
+    assert np.all(diff[far] <= flip_bound), (name, float(diff.max()))
+    return float(diff.max()) if diff.size else 0.0
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,22 @@ import pytest
 
 from sda_jax import checkpoints, export, hf_checkpoint, input_pipeline, parallel, splits, tokenization, train
 from sda_jax.bert_config import BertConfig
-from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.errors import InputError
+from sda_jax.hyperparameters import Hyperparameters
 from sda_jax.model_axis import Models
 from sda_jax.models import BertForSequenceClassification, init_params
 from sda_jax.workdir import Workdir
 from tests import test_resume
-from tests.conftest import TINY_RUN, flags_of, load_train_state, moved_by_rounding_alone, read_records, settings_of, train_in_process
+from tests.conftest import (
+    TINY_RUN,
+    assert_within_rounding_but_adam_flips,
+    flags_of,
+    load_train_state,
+    moved_by_rounding_alone,
+    read_records,
+    settings_of,
+    train_in_process,
+)
 
 SEEDS = (2021, 2022)
 CONFIG = BertConfig(
@@ -70,7 +79,8 @@ def test_one_model_is_the_plain_train_step_bit_for_bit(tmp_path):
 
 def test_a_seed_trained_among_others_equals_that_seed_alone(bert_base_chinese_dir):
     """20 steps with dropout on. vmap batches every matmul over the model axis, which XLA:CPU may
-    sum in another order, so the comparison is to float32 rounding (1e-6 per weight), not bits."""
+    sum in another order, so the comparison is to float32 rounding (1e-6 per weight), not bits,
+    but for Adam's rare flips (`assert_within_rounding_but_adam_flips`)."""
     settings = settings_of({"optim.learning_rate": 1e-3, "optim.warmup_ratio": 0.0}, config="default")
     dev = splits.read_split(settings.data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
     batches = list(itertools.islice(input_pipeline.eval_batches(dev, batch_size=16, bucket_lengths=(32, 64)), 20))
@@ -93,9 +103,8 @@ def test_a_seed_trained_among_others_equals_that_seed_alone(bert_base_chinese_di
         mine = jax.tree_util.tree_flatten_with_path(models.take(jax.device_get(together.params), i))[0]
         for (path, a), b in zip(mine, jax.tree.leaves(alone[i].params), strict=True):
             if not moved_by_rounding_alone(jax.tree_util.keystr(path)):
-                worst = max(worst, float(np.abs(a - np.asarray(b)).max()))
+                worst = max(worst, assert_within_rounding_but_adam_flips(a, b, jax.tree_util.keystr(path)))
     print(f"seeds: max |weight together - weight alone| after 20 steps = {worst:.2e}")
-    assert worst <= 1e-6
     assert not np.allclose(together.params["classifier"]["kernel"][0], together.params["classifier"]["kernel"][1])
 
 
