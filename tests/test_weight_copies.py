@@ -33,16 +33,18 @@ def _batch(step: int) -> dict[str, jax.Array]:
 
 
 @pytest.mark.parametrize(
-    "dtype, scan_layers, teacher, adversarial",
-    [(jnp.bfloat16, True, "window", "none"), (jnp.float16, False, "vote", "fgm")],
+    "dtype, layers, scan_layers, teacher", [(jnp.bfloat16, 2, True, "window"), (jnp.float16, 1, False, "vote")]
 )
-def test_a_step_reading_the_copies_is_a_step_casting_at_use(dtype, scan_layers, teacher, adversarial):
+def test_a_step_reading_the_copies_is_a_step_casting_at_use(dtype, layers, scan_layers, teacher):
     """Two steps with dropout, from the same state, with its copies and without them (the state
     with `weight_copies=None` casts at use, as every step did before): every parameter set, the
-    optimizer state and the loss bit for bit; the copies are the casts of the new parameters."""
-    model = BertForSequenceClassification(CONFIG, dtype=dtype, scan_layers=scan_layers)
-    settings = settings_with(sda__teacher=teacher, sda__teacher_window=2, adversarial__method=adversarial)
-    params = init_params(CONFIG, jax.random.key(0), scan_layers=scan_layers)
+    optimizer state (fp16: the loss scale too) and the loss bit for bit; the copies are the casts
+    of the new parameters. Scanned layers with a window teacher's copy; a vote teacher, which
+    keeps none."""
+    config = CONFIG.replace(num_hidden_layers=layers)
+    model = BertForSequenceClassification(config, dtype=dtype, scan_layers=scan_layers)
+    settings = settings_with(sda__teacher=teacher, sda__teacher_window=2)
+    params = init_params(config, jax.random.key(0), scan_layers=scan_layers)
     state = create_train_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=dtype)
     assert state.weight_copies is not None and (state.weight_copies.teacher is None) == (teacher == "vote")
     step = jax.jit(lambda state, batch: train_step(state, batch, jax.random.key(1), model=model, settings=settings))
@@ -120,22 +122,27 @@ def test_evaluation_scores_sets_cast_once_as_it_scored_them_cast_at_use():
 
 
 def test_a_masked_lm_step_reading_the_copies_is_a_step_casting_at_use():
-    """Pretraining's step (bf16, dropout, unrolled): the same state, loss and accuracy bit for bit
+    """Pretraining's step (bf16, dropout, one layer): the same state, loss and accuracy bit for bit
     with the copies and without them; the copies follow the weights."""
-    model = BertForMaskedLM(CONFIG, jnp.bfloat16, False)
+    config = CONFIG.replace(num_hidden_layers=1)
+    model = BertForMaskedLM(config, jnp.bfloat16, False)
     settings = settings_with()
-    params = init_mlm_params(CONFIG, jax.random.key(0), scan_layers=False)
+    params = init_mlm_params(config, jax.random.key(0), scan_layers=False)
     state = pretrain.create_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.bfloat16)
     assert state.weight_copies is not None
     assert pretrain.create_state(params, Hyperparameters.of(settings, 100), settings).weight_copies is None
     batch = _batch(0)
     batch = {**batch, "mlm_positions": jnp.tile(jnp.arange(0, 16, 4), (4, 1)), "mlm_targets": batch["input_ids"][:, ::4],
              "mlm_weights": jnp.ones((4, 4), jnp.float32)}  # fmt: skip
-    step = jax.jit(lambda state, batch: pretrain.mlm_train_step(state, batch, jax.random.key(1), model=model, settings=settings))
+    step = jax.jit(
+        lambda state, batch: pretrain.mlm_train_step(state, batch, jax.random.key(1), model=model, settings=settings)
+    )
     with_copies, at_use = state, state.replace(weight_copies=None)
     for _ in range(2):
         with_copies, metrics = step(with_copies, batch)
         at_use, want_metrics = step(at_use, batch)
         jax.tree.map(np.testing.assert_array_equal, metrics, want_metrics)
     jax.tree.map(np.testing.assert_array_equal, with_copies.replace(weight_copies=None), at_use)
-    jax.tree.map(np.testing.assert_array_equal, with_copies.weight_copies, weight_copies.of(at_use.params, jnp.bfloat16))
+    jax.tree.map(
+        np.testing.assert_array_equal, with_copies.weight_copies, weight_copies.of(at_use.params, jnp.bfloat16)
+    )
