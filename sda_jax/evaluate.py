@@ -52,10 +52,10 @@ class EvalPrograms:
         self.eval_fn = BucketedJit(jax.jit(step, out_shardings=out), key, clock)
         # In 16 bits each set's weight matrices are cast once per evaluation, not in every batch.
         dtype = jnp.dtype(model.dtype)
-        self.cast = (lambda tree: tree) if dtype == jnp.float32 else functools.partial(weight_copies.cast, dtype=dtype)
         if dtype == jnp.float32:
-            self.cast_fn = self.cast
-        else:  # each copy placed as its set is, as the programs compiled ahead expect
+            self.cast = self.cast_fn = lambda tree: tree
+        else:  # the copies placed as their sets are, as the programs compiled ahead expect
+            self.cast = functools.partial(weight_copies.cast, dtype=dtype)
             self.cast_fn = lambda tree: jax.jit(self.cast, out_shardings=jax.tree.map(lambda x: x.sharding, tree))(tree)
 
     def compile_tasks(self, *groups: tuple[Average, ...]) -> list[tuple[BucketedJit, tuple]]:
