@@ -86,7 +86,7 @@ def mlm_train_step(
     tx = optim.make_optimizer(settings.optim, weight_decay=state.hyper.weight_decay)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=state.hyper.schedule(state.step))
     params = optax.apply_updates(state.params, updates)
-    copies = None if state.weight_copies is None else weight_copies.of(params, jax.tree.leaves(state.weight_copies)[0].dtype)
+    copies = None if state.weight_copies is None else weight_copies.of(params, weight_copies.dtype_of(state.weight_copies))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, weight_copies=copies)
     return new_state, {"loss": loss, "accuracy": accuracy}
 

@@ -97,9 +97,7 @@ def create_train_state(
         ),
         skipped_steps=jnp.zeros([], jnp.int32),
         weight_copies=(
-            None
-            if jnp.dtype(compute_dtype) == jnp.float32
-            else WeightCopies.of(params, teacher.one_model(), compute_dtype)
+            None if jnp.dtype(compute_dtype) == jnp.float32 else WeightCopies.of(params, teacher.one_model(), compute_dtype)
         ),
     )
 
@@ -122,12 +120,8 @@ def train_step(
 
         def loss_fn(params):
             rngs = {"dropout": jax.random.fold_in(dropout_rng, attack) if attack else dropout_rng}
-            logits = model.apply(
-                {"params": substitute(params, student_copies)}, *inputs, deterministic=False, rngs=rngs
-            )
-            loss, (ce, kd) = distill.sda_loss(
-                logits, teacher_logits, batch["labels"], batch["weights"], state.hyper.kd_coeff
-            )
+            logits = model.apply({"params": substitute(params, student_copies)}, *inputs, deterministic=False, rngs=rngs)
+            loss, (ce, kd) = distill.sda_loss(logits, teacher_logits, batch["labels"], batch["weights"], state.hyper.kd_coeff)
             return loss * scale, (loss, ce, kd)
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -156,9 +150,7 @@ def train_step(
         # the learning-rate schedule still moves on, since it follows the train step.
         finite = mixed_precision.all_finite(grads)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state, slow_params = keep(
-            (params, opt_state, slow_params), (state.params, state.opt_state, state.slow_params)
-        )
+        params, opt_state, slow_params = keep((params, opt_state, slow_params), (state.params, state.opt_state, state.slow_params))
         loss_scale = loss_scale.adjust(finite)
         skipped_steps = skipped_steps + (~finite).astype(jnp.int32)
 
@@ -241,9 +233,7 @@ def compile_programs(run: Run, clock: Stopwatch) -> tuple[Any, Programs]:
     side: train and eval per bucket length (dev scores the sets of step 1's structure; prediction
     the best eval EMA)."""
     settings, lengths = run.settings, run.buckets.lengths
-    state, train_fn = place_state_and_step(
-        run.params, run.model, settings, run.total_steps, run.mesh, run.models, clock
-    )
+    state, train_fn = place_state_and_step(run.params, run.model, settings, run.total_steps, run.mesh, run.models, clock)
     programs = evaluate.EvalPrograms(run.model, run.mesh, run.models, lengths, settings.train.batch_size, clock)
     with clock.phase("compile"):
         batch = lambda n: parallel.abstract_batch(settings.train.batch_size, n, run.mesh)
@@ -255,9 +245,7 @@ def compile_programs(run: Run, clock: Stopwatch) -> tuple[Any, Programs]:
     return state, Programs(train_fn, programs, wall)
 
 
-def train_and_evaluate(
-    settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch: Stopwatch | None = None
-) -> dict[str, Any]:
+def train_and_evaluate(settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch: Stopwatch | None = None) -> dict[str, Any]:
     """Trains every model of the run (resuming from the workdir's latest checkpoint), evaluates,
     predicts the test set; returns the run summary (also written to summary.json by process 0).
 
@@ -294,11 +282,7 @@ def finish(run: Run, programs: Programs, state: Any, session: loop.Session, cloc
         (test_logits,) = programs.eval.logits(best, data.test)  # [models, examples, classes]
         (dev_logits,) = programs.eval.logits(best, data.dev)
     table = sweep_results.summary(run.models.describe(), best_metrics)
-    chosen = (
-        table["best_combination"]["models"]
-        if settings.train.predict_with == "best_combination"
-        else [table["best_model"]["model"]]
-    )
+    chosen = table["best_combination"]["models"] if settings.train.predict_with == "best_combination" else [table["best_model"]["model"]]
     prediction = {
         "with": settings.train.predict_with, "models": chosen,
         **{f"dev_{k}": v for k, v in evaluate.dev_metrics(dev_logits[chosen].mean(axis=0), data.dev.labels).items()},
@@ -312,16 +296,12 @@ def finish(run: Run, programs: Programs, state: Any, session: loop.Session, cloc
     )  # fmt: skip
     if run.is_main:
         label = lambda logits: evaluate.argmax_labels(logits, settings.data.label_names)
-        evaluate.write_predictions(
-            run.workdir.predictions(settings), data.test.ids, label(test_logits[chosen].mean(axis=0))
-        )
+        evaluate.write_predictions(run.workdir.predictions(settings), data.test.ids, label(test_logits[chosen].mean(axis=0)))
         if settings.train.per_model_predictions:
             for i, logits in enumerate(test_logits):
                 evaluate.write_predictions(run.workdir.predictions(settings, i), data.test.ids, label(logits))
         if settings.sweep:
-            for path, text in zip(
-                run.workdir.sweep_tables, (sweep_results.to_csv(table), sweep_results.to_markdown(table)), strict=True
-            ):
+            for path, text in zip(run.workdir.sweep_tables, (sweep_results.to_csv(table), sweep_results.to_markdown(table)), strict=True):
                 atomic_write.write_text(path, text)
         run_summary.write(run.workdir, summary)
         plot_training_curves(run.workdir)

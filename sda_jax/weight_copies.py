@@ -95,4 +95,9 @@ class WeightCopies(flax.struct.PyTreeNode):
         return cls(student=of(student, dtype), teacher=None if teacher is None else of(teacher, dtype))
 
     def dtype(self) -> Any:
-        return jax.tree.leaves(self.student)[0].dtype
+        return dtype_of(self.student)
+
+
+def dtype_of(copies: Copies) -> Any:
+    """The compute dtype the copies are in."""
+    return jax.tree.leaves(copies)[0].dtype
