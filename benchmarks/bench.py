@@ -55,14 +55,17 @@ import jax
 import numpy as np
 
 from configs import default as default_config
-from sda_jax import bucket_policy, fused_attention, input_pipeline, mixed_precision, parallel, splits, tokenization
-from sda_jax import main as sda_main
-from sda_jax.bert_config import BertConfig
+from sda_jax import commands as sda_main
+from sda_jax import kernels
+from sda_jax.config import Settings
+from sda_jax.data import bucketing, input_pipeline, splits, tokenization
 from sda_jax.errors import InputError, exit_with_error
-from sda_jax.model_axis import Models
-from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
-from sda_jax.settings import Settings
-from sda_jax.train import place_state_and_step
+from sda_jax.models.bert import BertForSequenceClassification, flops_per_token, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.parallel import distributed
+from sda_jax.step import precision
+from sda_jax.step.model_axis import Models
+from sda_jax.step.train_step import place_state_and_step
 
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -95,7 +98,7 @@ def make_batches(settings: Settings, config: BertConfig, batch_size: int, count:
     """The first `count` train batches of the config's bucket sampler, and the bucket lengths a
     one-epoch run of this model on this platform would use (`bucket_policy`)."""
     encoded = splits.read_split(settings.data, "train", tokenization.load_tokenizer(settings.model.dir))
-    lengths = bucket_policy.choose(settings.data, encoded.lengths, config, jax.devices()[0].platform, 1.0).lengths
+    lengths = bucketing.choose(settings.data, encoded.lengths, flops_per_token(config, settings.data.max_seq_len), jax.devices()[0].platform, 1.0).lengths
     stream = input_pipeline.train_batches(
         encoded, batch_size=batch_size, bucket_multiplier=settings.data.bucket_multiplier,
         bucket_lengths=lengths, seed=settings.seed,
@@ -129,7 +132,7 @@ def model_flops(config: BertConfig, batches) -> float:
 def parse_form(name: str) -> tuple[str, int, bool]:
     """A `--forms` entry as (kind, seeds, scan_layers): `jax` (layers scanned, the default),
     `jax-unrolled` (model.scan_layers=False), `jaxN` (N seeds in one program), `jax-pallas`
-    (model.kernels=pallas: `sda_jax.fused_attention`'s and `sda_jax.fused_layer_norm`'s kernels; kind `jax-pallas`); `seed`, `eager`,
+    (model.kernels=pallas: `sda_jax.kernels.fused_attention`'s and `sda_jax.kernels.fused_layer_norm`'s kernels; kind `jax-pallas`); `seed`, `eager`,
     `compile` (the PyTorch forms)."""
     if name in ("seed", "eager", "compile"):
         return name, 1, True
@@ -150,11 +153,11 @@ class JaxForm:
         self, settings: Settings, config: BertConfig, warmup, seeds: int = 1, scan: bool = True, pallas: bool = False
     ) -> None:
         platform = jax.devices()[0].platform
-        dtype = mixed_precision.compute_dtype("auto", platform)
-        kernels = fused_attention.implementation("pallas" if pallas else "xla", dtype, platform, config, settings.data.max_seq_len)
-        model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan, kernels=kernels)
+        dtype = precision.compute_dtype("auto", platform)
+        forms = kernels.choose("pallas" if pallas else "auto", dtype, platform, config, settings.data.max_seq_len)
+        model = BertForSequenceClassification(config=config, dtype=dtype, scan_layers=scan, forms=forms)
         models = Models.of_seeds(tuple(range(1, seeds + 1)))  # the model axis of a sweep over this many seeds
-        self.mesh = parallel.make_mesh(models.count)
+        self.mesh = distributed.make_mesh(models.count)
         # The eval EMA averages from step 1, so that the timed steps do all the recipe's work.
         settings = dataclasses.replace(settings, sda=dataclasses.replace(settings.sda, eval_ema_start_step=1))
         init_keys, dropout_keys = models.keys()
@@ -163,13 +166,13 @@ class JaxForm:
         self.rng = models.put(dropout_keys, self.mesh)
         self.dtype, self.host_wait, self.steps = np.dtype(dtype).name, 0.0, 0
         start = time.perf_counter()
-        for _, batch in parallel.prefetch_to_mesh(iter(warmup), self.mesh):
+        for _, batch in distributed.prefetch_to_mesh(iter(warmup), self.mesh):
             self.state, self.metrics = self.step(self.state, batch, self.rng)
         jax.block_until_ready(self.state)
         self.warmup_seconds = time.perf_counter() - start
 
     def time(self, batches) -> float:
-        device_batches = parallel.prefetch_to_mesh(iter(batches), self.mesh)
+        device_batches = distributed.prefetch_to_mesh(iter(batches), self.mesh)
         start = time.perf_counter()
         while True:
             waited = time.perf_counter()
@@ -201,7 +204,7 @@ class TorchForm:
         import torch
         import transformers
 
-        from tests.torch_reference import RecipeConfig, SdaTrainer
+        from reference.torch_reference import RecipeConfig, SdaTrainer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.on_gpu, self.form = device == "cuda", form

@@ -41,11 +41,15 @@ from jax.sharding import Mesh
 
 from benchmarks import hlo_stats
 from configs import afqmc as recipe_config
-from sda_jax import averaging, bucket_policy, evaluate, parallel, splits, tokenization, train
-from sda_jax.bert_config import BertConfig
-from sda_jax.model_axis import Models
-from sda_jax.models import BertForSequenceClassification, flops_per_token, init_params
-from sda_jax.settings import Settings
+from sda_jax import kernels
+from sda_jax.config import Settings
+from sda_jax.data import bucketing, splits, tokenization
+from sda_jax.evaluation import evaluate
+from sda_jax.models.bert import BertForSequenceClassification, flops_per_token, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.parallel import distributed
+from sda_jax.step import sda, train_step
+from sda_jax.step.model_axis import Models
 
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 TARGET = pathlib.Path(__file__).resolve().parents[2] / "shared" / "tools" / "h100-aot" / "h100_sxm.txtpb"
@@ -68,7 +72,7 @@ def h100_mesh(target: pathlib.Path) -> Mesh:
             f"error: cannot compile for a GPU here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
             "install jax-cuda13-plugin and jax-cuda13-pjrt of jaxlib's version (see this module's docstring)"
         )
-    return Mesh(np.array(topology.devices).reshape(1, -1), (parallel.MODELS_AXIS, parallel.DATA_AXIS))
+    return Mesh(np.array(topology.devices).reshape(1, -1), (distributed.MODELS_AXIS, distributed.DATA_AXIS))
 
 
 def _cpu_seconds() -> float:
@@ -108,25 +112,26 @@ def step_flops(config: BertConfig, batch_size: int, length: int, program: str) -
 
 def report_rows(
     settings: Settings, config: BertConfig, lengths, programs_to_compile, mesh, batch_size, eval_sets, verbose=False, seeds=1,
-    pallas=False,
+    forms="xla",
 ) -> list[dict]:
     scan = settings.model.scan_layers
-    model = BertForSequenceClassification(config=config, dtype=jnp.bfloat16, scan_layers=scan, kernels="pallas" if pallas else "xla")
+    chosen = kernels.choose(forms, jnp.bfloat16, "gpu", config, max(lengths))
+    model = BertForSequenceClassification(config=config, dtype=jnp.bfloat16, scan_layers=scan, forms=chosen)
     models = Models.of_seeds(tuple(range(seeds)))  # the model axis of a sweep over this many seeds
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scan))
-    state = train.abstract_train_state(models.shapes(params), settings, 537, model.dtype, mesh, models)
+    state = train_step.abstract_train_state(models.shapes(params), settings, 537, model.dtype, mesh, models, chosen.weight_copies)
     rng = models.abstract(models.shapes(jax.ShapeDtypeStruct((), jax.random.key(0).dtype)), mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     programs = evaluate.EvalPrograms(model, mesh, models, tuple(lengths), batch_size, None)
     # The sets as evaluation passes them: in 16 bits, their weight matrices cast once per evaluation.
-    sets = programs.cast(models.abstract(tuple(averaging.Current(models.shapes(params)) for _ in range(eval_sets)), mesh))
+    sets = programs.cast(models.abstract(tuple(sda.Current(models.shapes(params)) for _ in range(eval_sets)), mesh))
     eval_sets *= seeds
     rows = []
     for length in lengths:
-        batch = parallel.abstract_batch(batch_size, length, mesh)
+        batch = distributed.abstract_batch(batch_size, length, mesh)
         for program in programs_to_compile:
             if program == "train":
-                jitted, args = train.jit_train_step(model, settings, mesh, state_sharding, models), (state, batch, rng)
+                jitted, args = train_step.jit_train_step(model, settings, mesh, state_sharding, models), (state, batch, rng)
             else:
                 jitted, args = programs.eval_fn.jitted, (sets, batch)
             print(f"compiling {program} at length {length} ...", flush=True)
@@ -178,8 +183,8 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a note for the table's heading (what this build is)")
     parser.add_argument("--unrolled", action="store_true", help="model.scan_layers=False: the encoder layers unrolled")
     parser.add_argument("--seeds", type=int, default=1, help="sweep.seed of this many: N models in one program")
-    parser.add_argument("--kernels", choices=("xla", "pallas"), default="xla",
-                        help="model.kernels: XLA's ops (a run's default) or the Pallas kernels (fused_attention, fused_layer_norm)")
+    parser.add_argument("--kernels", choices=("reference", "xla", "pallas"), default="xla",
+                        help="model.kernels: the recipe's plain ops, XLA's 16-bit forms (auto's choice on a GPU) or the Pallas kernels")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="also list the kernels that move the most bytes")
     args = parser.parse_args()
@@ -193,14 +198,14 @@ def main() -> None:
         lengths = [int(n) for n in args.lengths.split(",")]
     else:
         encoded = splits.read_split(settings.data, "train", tokenization.load_tokenizer(settings.model.dir))
-        choice = bucket_policy.choose(settings.data, encoded.lengths, config, "gpu", 1.0)
+        choice = bucketing.choose(settings.data, encoded.lengths, flops_per_token(config, settings.data.max_seq_len), "gpu", 1.0)
         print(choice.note)
         lengths = list(choice.lengths)
     programs = [p.strip() for p in args.programs.split(",") if p.strip()]
     start_wall, start_cpu = time.perf_counter(), _cpu_seconds()
     rows = report_rows(
         settings, config, lengths, programs, mesh, args.batch_size, args.eval_sets, args.verbose, args.seeds,
-        pallas=args.kernels == "pallas",
+        forms=args.kernels,
     )  # fmt: skip
     total_wall, total_cpu = time.perf_counter() - start_wall, _cpu_seconds() - start_cpu
     reductions = hlo_stats.reduction_summary([name for r in rows for name in r["sixteen_bit_reductions"]])

@@ -3,7 +3,7 @@
     python -m benchmarks.mlm_bench                  # small model (configs/afqmc_small.py), batch 64, 12 timed steps
     python -m benchmarks.mlm_bench --steps 4        # fewer
 
-Both forms train on the same batches: `pretrain_data.mlm_batches` over AFQMC's train + test pairs
+Both forms train on the same batches: `mlm_corpus.mlm_batches` over AFQMC's train + test pairs
 (BERT's masking, seed 2021), padded to the same bucket lengths. sda-jax: the jitted, donated step,
 one program per bucket, the head on the predicted positions alone (float32 on CPU). PyTorch:
 `transformers.BertForMaskedLM` in eager mode, labels -100 outside the predicted positions (its
@@ -35,20 +35,22 @@ def main() -> None:
     import transformers
 
     from configs import afqmc_tapt
-    from sda_jax import hf_checkpoint, pretrain, pretrain_data
-    from sda_jax.hyperparameters import Hyperparameters
-    from sda_jax.masked_lm import BertForMaskedLM
-    from sda_jax.model_loading import bert_config
-    from sda_jax.settings import Settings
+    from sda_jax.config import Settings
+    from sda_jax.data import mlm_corpus
+    from sda_jax.hf import convert
+    from sda_jax.hf.load import bert_config
+    from sda_jax.models.masked_lm import BertForMaskedLM
+    from sda_jax.step import mlm_step
+    from sda_jax.step.hyperparameters import Hyperparameters
 
     config_dict = afqmc_tapt.get_config()
     config_dict.train.batch_size = args.batch_size
     config_dict.data.bucket_lengths = (32, 48, 64)
     settings = Settings.from_config(config_dict)
-    corpus = pretrain_data.read_corpus(settings)
+    corpus = mlm_corpus.read_corpus(settings)
     config = bert_config(settings, len(corpus.tokenizer))
-    batches = list(itertools.islice(pretrain_data.mlm_batches(corpus, settings, settings.data.bucket_lengths), args.steps))
-    warmup = [next(b for b in pretrain_data.mlm_batches(corpus, settings, settings.data.bucket_lengths, 1000)
+    batches = list(itertools.islice(mlm_corpus.mlm_batches(corpus, settings, settings.data.bucket_lengths), args.steps))
+    warmup = [next(b for b in mlm_corpus.mlm_batches(corpus, settings, settings.data.bucket_lengths, 1000)
                    if b["input_ids"].shape[1] == n) for n in settings.data.bucket_lengths]  # fmt: skip
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 
@@ -57,11 +59,11 @@ def main() -> None:
     hf_config = transformers.BertConfig(**config.to_hf_dict(settings.data.label_names, masked_lm=True), attn_implementation="eager")
     torch_model = transformers.BertForMaskedLM(hf_config).train()
     state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-    params, _ = hf_checkpoint.params_from_state_dict(state_dict, config, jax.random.key(0), source="torch", masked_lm=True)
+    params, _ = convert.params_from_state_dict(state_dict, config, jax.random.key(0), source="torch", masked_lm=True)
     model = BertForMaskedLM(config)
     hyper = Hyperparameters.of(settings, 1000)
-    state = pretrain.create_state(params, hyper, settings)
-    step = jax.jit(functools.partial(pretrain.mlm_train_step, model=model, settings=settings), donate_argnums=0)
+    state = mlm_step.create_state(params, hyper, settings)
+    step = jax.jit(functools.partial(mlm_step.mlm_train_step, model=model, settings=settings), donate_argnums=0)
     key = jax.random.key(1)
     optimizer = torch.optim.AdamW(torch_model.parameters(), lr=settings.optim.learning_rate, foreach=True)
 

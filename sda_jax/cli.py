@@ -1,7 +1,7 @@
 """The `sda-jax` console script: `sda-jax train ...`, `sda-jax pretrain ...` and `sda-jax export ...`.
 
 The same commands as `python -m sda_jax.train`, `python -m sda_jax.pretrain` and `python -m
-sda_jax.export` (flags and all, see `sda_jax.main`); this module only picks one by its first argument.
+sda_jax.export` (flags and all, see `sda_jax.commands`); this module only picks one by its first argument.
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
     program = f"{argv[0]} {command}"
     if command == "train":
-        from sda_jax import main as commands
-        from sda_jax import train
+        from sda_jax import commands, train
 
         commands.run_train(train.train_and_evaluate, [program, *rest])
     elif command == "pretrain":
-        from sda_jax import main as commands
-        from sda_jax import pretrain
+        from sda_jax import commands, pretrain
 
         commands.run_train(pretrain.pretrain, [program, *rest])
     elif command == "export":
-        from sda_jax import export
-        from sda_jax import main as commands
+        from sda_jax import commands, export
 
         commands.run_export(export.export, export.PARAM_SETS, [program, *rest])
     else:

@@ -21,7 +21,7 @@ parameters dev evaluation scored, which equal the student until the eval EMA sta
 `--model I` or `--values KEY=VALUE,...` (its swept values); their ensemble is not one model. The export is written into a temporary sibling
 folder that is renamed into place once complete, so an interrupted export leaves no half-written
 `--out`. An unusable workdir or `--out` stops with a one-line `error:` and exit status 2. The
-command line is in `sda_jax.main`.
+command line is in `sda_jax.commands`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import pathlib
 import shutil
 from typing import Any
 
-from sda_jax import atomic_write, checkpoints
+from sda_jax.config import Settings
 from sda_jax.errors import InputError
-from sda_jax.model_axis import Models
-from sda_jax.settings import Settings
-from sda_jax.workdir import Workdir
+from sda_jax.step.model_axis import Models
+from sda_jax.workdir import atomic_write, checkpoints
+from sda_jax.workdir.layout import Workdir
 
 PARAM_SETS = ("eval_ema", "teacher", "student")
 WEIGHTS_FILE = "model.safetensors"
@@ -149,9 +149,8 @@ def restore_best(
 def _restore(run: Workdir, settings: Settings, index: int, params_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     import jax
 
-    from sda_jax.models import init_params
-
-    from sda_jax.masked_lm import init_mlm_params
+    from sda_jax.models.bert import init_params
+    from sda_jax.models.masked_lm import init_mlm_params
 
     config, _ = run.read_model()
     # A pretraining run keeps one set, the student, which is what its eval_ema would be (as in a
@@ -177,7 +176,7 @@ def export(
     check_out(out)
     import safetensors.numpy
 
-    from sda_jax.hf_checkpoint import state_dict_from_params
+    from sda_jax.hf.convert import state_dict_from_params
 
     config, label_names = run.read_model()
     params, metrics = _restore(run, settings, index, params_name)
@@ -202,6 +201,6 @@ def export(
 
 
 if __name__ == "__main__":
-    from sda_jax import main
+    from sda_jax import commands
 
-    main.run_export(export, PARAM_SETS)
+    commands.run_export(export, PARAM_SETS)

@@ -26,91 +26,25 @@ import functools
 import math
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sda_jax import loop, optim, parallel, pretrain_data, run_summary, weight_copies
-from sda_jax.bucketed_jit import BucketedJit, batch_shape_key, compile_concurrently
+from sda_jax.config import Settings
+from sda_jax.data import mlm_corpus
 from sda_jax.errors import InputError
-from sda_jax.hyperparameters import Hyperparameters
-from sda_jax.masked_lm import mlm_loss
-from sda_jax.masking import max_predictions
-from sda_jax.metrics_writer import plot_training_curves
-from sda_jax.run import Run, prepare
-from sda_jax.settings import Settings
+from sda_jax.parallel import distributed
+from sda_jax.parallel.bucketed_jit import BucketedJit, batch_shape_key, compile_concurrently
+from sda_jax.run import loop
+from sda_jax.run.prepare import Run, prepare
+from sda_jax.step import optim
+from sda_jax.step.mlm_step import MlmState, abstract_batch, abstract_state, create_state, mlm_eval_step, mlm_train_step
 from sda_jax.stopwatch import Stopwatch
-from sda_jax.workdir import Workdir
+from sda_jax.workdir.layout import RunOutputs, Workdir
+from sda_jax.workdir.plots import plot_training_curves
 
 Params = Any
 PARAMS_NAME = "student"  # the one parameter set (what the gradient trains), as fine-tuning's records name it
-
-
-@flax.struct.dataclass
-class MlmState:
-    step: jax.Array  # int32: train steps taken
-    params: Params  # BertForMaskedLM's
-    opt_state: optax.OptState
-    hyper: Hyperparameters  # the schedule and weight decay as arrays: the programs depend on neither
-    weight_copies: weight_copies.Copies | None  # the 16-bit weight matrices the products read; None in float32
-
-    def parameter_sets(self) -> tuple[Any, ...]:
-        return (self.params,)
-
-
-def create_state(params: Params, hyper: Hyperparameters, settings: Settings, compute_dtype: Any = jnp.float32) -> MlmState:
-    copies = None if jnp.dtype(compute_dtype) == jnp.float32 else weight_copies.of(params, compute_dtype)
-    return MlmState(step=jnp.zeros([], jnp.int32), params=params, opt_state=optim.make_optimizer(settings.optim).init(params),
-                    hyper=hyper, weight_copies=copies)  # fmt: skip
-
-
-def _forward(model: Any, params: Params, batch: dict[str, jax.Array], **kwargs) -> jax.Array:
-    inputs = (batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    return model.apply({"params": params}, *inputs, positions=batch["mlm_positions"], **kwargs)
-
-
-def mlm_train_step(
-    state: MlmState, batch: dict[str, jax.Array], rng: jax.Array, *, model: Any, settings: Settings
-) -> tuple[MlmState, dict[str, jax.Array]]:
-    """One AdamW step on the mean cross-entropy of the batch's predicted tokens. Pure."""
-    rngs = {"dropout": jax.random.fold_in(rng, state.step)}
-
-    def loss_fn(params):
-        logits = _forward(model, weight_copies.substitute(params, state.weight_copies), batch, deterministic=False, rngs=rngs)
-        loss, correct, count = mlm_loss(logits, batch["mlm_targets"], batch["mlm_weights"])
-        return loss, correct / jnp.maximum(count, 1.0)
-
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    tx = optim.make_optimizer(settings.optim, weight_decay=state.hyper.weight_decay)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, learning_rate=state.hyper.schedule(state.step))
-    params = optax.apply_updates(state.params, updates)
-    copies = None if state.weight_copies is None else weight_copies.of(params, weight_copies.dtype_of(state.weight_copies))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, weight_copies=copies)
-    return new_state, {"loss": loss, "accuracy": accuracy}
-
-
-def mlm_eval_step(params: Params, batch: dict[str, jax.Array], *, model: Any) -> dict[str, jax.Array]:
-    """The summed cross-entropy, correct argmaxes and count of a held-out batch's predicted tokens."""
-    loss, correct, count = mlm_loss(_forward(model, params, batch, deterministic=True), batch["mlm_targets"], batch["mlm_weights"])
-    return {"nll": loss * count, "correct": correct, "count": count}
-
-
-def abstract_state(param_shapes: Any, settings: Settings, total_steps: int, compute_dtype: Any, mesh: Any, models: Any) -> Any:
-    """The state's shapes and shardings, with nothing allocated (`run.prepare`'s memory check)."""
-    create = functools.partial(create_state, settings=settings, compute_dtype=compute_dtype)
-    shapes = jax.eval_shape(create, param_shapes, models.hyperparameters(settings, total_steps))
-    return models.abstract(shapes, mesh)
-
-
-def abstract_batch(settings: Settings, length: int, mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
-    """A device batch of `length` tokens with its predictions, for compiling ahead."""
-    rows, sharding = settings.train.batch_size, parallel.batch_sharding(mesh)
-    predictions = max_predictions(length, settings.pretrain.mask_prob)
-    matrix = lambda dtype: jax.ShapeDtypeStruct((rows, predictions), dtype, sharding=sharding)
-    batch = parallel.abstract_batch(rows, length, mesh)
-    return {**batch, "mlm_positions": matrix(np.int32), "mlm_targets": matrix(np.int32), "mlm_weights": matrix(np.float32)}
 
 
 def check(settings: Settings) -> None:
@@ -131,19 +65,19 @@ def pretrain(settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch
     workdir = Workdir(workdir)
     with workdir.lock() as lock:
         run = prepare(settings, workdir, fresh=fresh, clock=clock, abstract_state=abstract_state, lock=lock,
-                      read_data=pretrain_data.read_corpus, masked_lm=True)  # fmt: skip
+                      read_data=mlm_corpus.read_corpus, masked_lm=True)  # fmt: skip
         state, train_fn, eval_fn, compile_wall = compile_programs(run, clock)
-        heldout = pretrain_data.heldout_batches(run.data, settings, run.buckets.lengths)
+        heldout = mlm_corpus.heldout_batches(run.data, settings, run.buckets.lengths)
         with loop.Session(run, clock, state) as session:  # resumed from the newest intact checkpoint
             schedule = run.models.hyperparameters(settings, run.total_steps).schedule  # the state's own is donated
             report = loop.Report(session, schedule, keys=("loss", "accuracy"))
             hooks = [HeldOut(run, session, eval_fn, heldout), loop.Checkpoint(run, session)]
-            batches = pretrain_data.mlm_batches(run.data, settings, run.buckets.lengths, session.start_step)
+            batches = mlm_corpus.mlm_batches(run.data, settings, run.buckets.lengths, session.start_step)
             loop.run_steps(run, train_fn, session, hooks, report, batches)
             best = session.selection.best[0].best_metrics
         summary = _summary(run, session, best, train_fn, eval_fn, compile_wall, clock)
         if run.is_main:
-            run_summary.write(run.workdir, summary)
+            run.workdir.write_outputs(settings, RunOutputs(submission=None, summary=summary))
             plot_training_curves(run.workdir)
             print(format_summary(summary))
         return summary
@@ -153,14 +87,16 @@ def compile_programs(run: Run, clock: Stopwatch) -> tuple[MlmState, BucketedJit,
     """The initial state on the mesh, the train step (donated) and the held-out step, each compiled
     up front for every bucket length, side by side; and the compiles' wall seconds."""
     settings, mesh = run.settings, run.mesh
-    abstract = abstract_state(run.params, settings, run.total_steps, run.dtype, mesh, run.models)
+    copies = run.model.forms.weight_copies
+    abstract = abstract_state(run.params, settings, run.total_steps, run.dtype, mesh, run.models, copies)
     state_sharding = jax.tree.map(lambda x: x.sharding, abstract)
-    create = jax.jit(functools.partial(create_state, settings=settings, compute_dtype=run.dtype), out_shardings=state_sharding)
+    create = functools.partial(create_state, settings=settings, compute_dtype=run.dtype, copies=copies)
+    create = jax.jit(create, out_shardings=state_sharding)
     state = create(run.params, run.models.hyperparameters(settings, run.total_steps))
     per_model = run.models.sharding(mesh)
     step = jax.jit(
         functools.partial(mlm_train_step, model=run.model, settings=settings),
-        in_shardings=(state_sharding, parallel.batch_sharding(mesh), per_model), out_shardings=(state_sharding, per_model),
+        in_shardings=(state_sharding, distributed.batch_sharding(mesh), per_model), out_shardings=(state_sharding, per_model),
         donate_argnums=0,
     )  # fmt: skip
     train_fn = BucketedJit(step, batch_shape_key, clock)
@@ -185,8 +121,8 @@ class HeldOut:
         if not due.evaluate:
             return
         with self.session.clock.phase("evaluation"):
-            sums = [self.eval_fn(state.params, device) for _, device in parallel.prefetch_to_mesh(iter(self.batches), self.run.mesh)]
-            totals = {key: float(sum(np.asarray(s[key], np.float64) for s in parallel.fetch(sums))) for key in ("nll", "correct", "count")}
+            sums = [self.eval_fn(state.params, device) for _, device in distributed.prefetch_to_mesh(iter(self.batches), self.run.mesh)]
+            totals = {key: float(sum(np.asarray(s[key], np.float64) for s in distributed.fetch(sums))) for key in ("nll", "correct", "count")}
             loss = totals["nll"] / max(totals["count"], 1.0)
             record = {"loss": loss, "accuracy": totals["correct"] / max(totals["count"], 1.0), "perplexity": math.exp(min(loss, 700.0)),
                       "predicted_tokens": int(totals["count"])}  # fmt: skip
@@ -237,6 +173,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    from sda_jax import main
+    from sda_jax import commands
 
-    main.run_train(pretrain)
+    commands.run_train(pretrain)

@@ -97,7 +97,7 @@ def settings_of(overrides: Mapping[str, Any] = (), config: str = "afqmc_small"):
     """The settings of a shipped config with dotted-key overrides, as the command line would read them."""
     import importlib
 
-    from sda_jax.settings import Settings
+    from sda_jax.config import Settings
 
     config_dict = importlib.import_module(f"configs.{config}").get_config()
     for key, value in dict(overrides).items():
@@ -188,8 +188,8 @@ def load_train_state(workdir: pathlib.Path, step: int) -> dict:
     """A run's train checkpoint as {key path: numpy array}, whatever process/device count saved it."""
     import jax
 
-    from sda_jax import checkpoints
-    from sda_jax.workdir import Workdir
+    from sda_jax.workdir import checkpoints
+    from sda_jax.workdir.layout import Workdir
 
     state = checkpoints.read_train_state(Workdir(workdir).train_checkpoints, step)
     return {jax.tree_util.keystr(path): value for path, value in jax.tree_util.tree_flatten_with_path(state)[0]}

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from sda_jax import bucket_policy, input_pipeline
-from sda_jax.bert_config import BertConfig
-from sda_jax.settings import Settings
+from sda_jax.config import Settings
+from sda_jax.data import bucketing, input_pipeline
+from sda_jax.models.bert import flops_per_token
+from sda_jax.models.config import BertConfig
 
 DATA = Settings.from_config(default.get_config()).data
 LENGTHS = np.random.default_rng(0).integers(8, 65, size=20_000)
@@ -17,7 +18,7 @@ SMALL = BASE.replace(num_hidden_layers=4, hidden_size=256, num_attention_heads=4
 
 
 def choose(data=DATA, config=BASE, platform="gpu", epochs=1.0, lengths=LENGTHS):
-    return bucket_policy.choose(data, lengths, config, platform, epochs)
+    return bucketing.choose(data, lengths, flops_per_token(config, data.max_seq_len), platform, epochs)
 
 
 def test_configured_and_fitted_lengths_are_taken_as_given():
@@ -29,9 +30,9 @@ def test_configured_and_fitted_lengths_are_taken_as_given():
 
 def test_cost_model_picks_the_cheapest_count_and_says_so():
     choice = choose()
-    model = bucket_policy.CostModel.for_platform("gpu", BASE, 64)
-    total = lambda k: sum(model.cost(bucket_policy.padded_tokens(LENGTHS, input_pipeline.fit_bucket_lengths(LENGTHS, k, 64)), 1.0, k))
-    assert sum(model.cost(bucket_policy.padded_tokens(LENGTHS, choice.lengths), 1.0, len(choice.lengths))) == pytest.approx(
+    model = bucketing.CostModel.for_platform("gpu", BASE, 64)
+    total = lambda k: sum(model.cost(bucketing.padded_tokens(LENGTHS, input_pipeline.fit_bucket_lengths(LENGTHS, k, 64)), 1.0, k))
+    assert sum(model.cost(bucketing.padded_tokens(LENGTHS, choice.lengths), 1.0, len(choice.lengths))) == pytest.approx(
         min(total(k) for k in range(1, 17))
     )
     assert choice.how == "cost model" and f"{list(choice.lengths)}" in choice.note and "µs per padded token" in choice.note
@@ -42,7 +43,7 @@ def test_padding_is_cheap_on_a_gpu_and_dear_on_a_cpu():
     assert len(choose().lengths) == 1
     # The small model on 2 CPU cores: padded tokens cost real time, so several lengths pay.
     cpu = choose(config=SMALL, platform="cpu")
-    assert 2 <= len(cpu.lengths) <= bucket_policy.MAX_BUCKETS
+    assert 2 <= len(cpu.lengths) <= bucketing.MAX_BUCKETS
     # More epochs make padding dearer relative to the one-off compiles: never fewer lengths.
     assert len(choose(config=SMALL, platform="cpu", epochs=10.0).lengths) >= len(cpu.lengths)
     assert cpu.lengths[-1] == 64
@@ -54,5 +55,5 @@ def test_all_examples_of_one_length_need_one_bucket():
 
 def test_several_models_pay_for_padding_each():
     one = choose(config=SMALL, platform="cpu")
-    eight = bucket_policy.choose(DATA, LENGTHS, SMALL, "cpu", 1.0, models=8)
+    eight = bucketing.choose(DATA, LENGTHS, flops_per_token(SMALL, DATA.max_seq_len), "cpu", 1.0, models=8)
     assert len(eight.lengths) > len(one.lengths) and "× 8 models" in eight.note

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sda_jax.checkpoints import BestCheckpoint, TrainCheckpoints
-from sda_jax.workdir import Workdir
+from sda_jax.workdir.checkpoints import BestCheckpoint, TrainCheckpoints
+from sda_jax.workdir.layout import Workdir
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):
@@ -47,7 +47,7 @@ def test_every_checkpoint_folder_of_a_run_has_barriers_of_its_own(tmp_path):
     train and best checkpoints saved at one step met in each other's barriers (a hang with two
     processes). The prefixes tell a run's folders apart and are the same wherever a host mounts the
     workdir."""
-    from sda_jax.checkpoints import _barriers_of
+    from sda_jax.workdir.checkpoints import _barriers_of
 
     def prefixes(root):
         workdir = Workdir(root)

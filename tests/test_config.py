@@ -6,9 +6,9 @@ import re
 import pytest
 
 from configs import afqmc, afqmc_small, default
-from sda_jax import settings as settings_module
+from sda_jax import config as settings_module
+from sda_jax.config import Settings
 from sda_jax.errors import InputError
-from sda_jax.settings import Settings
 from tests.conftest import REPO_ROOT
 
 

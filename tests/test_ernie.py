@@ -26,17 +26,18 @@ import transformers
 from flax import traverse_util
 
 from configs import default
-from sda_jax import export, input_pipeline, splits, tokenization
-from sda_jax.bert_config import BertConfig
+from sda_jax import export
+from sda_jax.config import Settings
+from sda_jax.data import input_pipeline, splits, tokenization
 from sda_jax.errors import InputError
-from sda_jax.hf_checkpoint import (
+from sda_jax.hf.convert import (
     find_weights_file,
     load_pretrained,
     params_from_state_dict,
     state_dict_from_params,
 )
-from sda_jax.models import BertForSequenceClassification, BertModel
-from sda_jax.settings import Settings
+from sda_jax.models.bert import BertForSequenceClassification, BertModel
+from sda_jax.models.config import BertConfig
 from tests.conftest import shard_torch_state_dict, train_in_process
 
 ARCH = {

@@ -1,4 +1,4 @@
-"""The fused attention kernels (`sda_jax/fused_attention.py`), in Pallas' interpreter on the CPU,
+"""The fused attention kernels (`sda_jax/kernels/fused_attention.py`), in Pallas' interpreter on the CPU,
 against the 16-bit model's XLA expression: the same values and gradients bit for bit, with the
 same dropout masks. The model with them: tests/test_pallas_kernels.py."""
 
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax import fused_attention
-from sda_jax.dropout import uint16_halves
-from sda_jax.sixteen_bit import add_bias16
+from sda_jax.kernels import fused_attention
+from sda_jax.kernels.dropout_counters import per_element_halves
+from sda_jax.kernels.sixteen_bit import add_bias16
 
 
 def xla_attention(y, bias, key_mask, key, rate):
@@ -25,7 +25,7 @@ def xla_attention(y, bias, key_mask, key, rate):
     scores = jnp.where(key_mask[:, None, None, :], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if key is not None:
-        keep = uint16_halves(key, probs.shape, per_element=True) >= np.uint32(round(rate * 65536))
+        keep = per_element_halves(key, probs.shape) >= np.uint32(round(rate * 65536))
         probs = jnp.where(keep, probs / (1.0 - rate), jnp.zeros_like(probs))
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(y.dtype), v)
 

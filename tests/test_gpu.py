@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 
 from configs import default
-from sda_jax import input_pipeline, splits, tokenization
-from sda_jax.bert_config import BertConfig
-from sda_jax.hyperparameters import Hyperparameters
-from sda_jax.models import BertForSequenceClassification, init_params
-from sda_jax.settings import Settings
-from sda_jax.train import create_train_state, train_step
+from sda_jax import kernels
+from sda_jax.config import Settings
+from sda_jax.data import input_pipeline, splits, tokenization
+from sda_jax.models.bert import BertForSequenceClassification, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.step.hyperparameters import Hyperparameters
+from sda_jax.step.train_step import create_train_state, train_step
 from tests.conftest import TINY_RUN_FLAGS
-
 
 _STAND_IN = os.environ.get("SDA_GPU_TESTS_DEVICE") == "cpu"
 
@@ -59,9 +59,12 @@ LOSS_ATOL = {jnp.bfloat16: 0.05, jnp.float16: 0.02}
 
 def _steps(dtype, device, batches, settings) -> tuple[list[float], dict]:
     with jax.default_device(device):
-        model = BertForSequenceClassification(CONFIG, dtype=dtype)
+        # A GPU run's forms (`model.kernels=auto`): XLA's 16-bit forms, reading the weight copies.
+        forms = kernels.XLA if dtype != jnp.float32 else kernels.REFERENCE
+        model = BertForSequenceClassification(CONFIG, dtype=dtype, forms=forms)
         params = init_params(CONFIG, jax.random.key(0))
-        state = create_train_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=dtype)
+        hyper = Hyperparameters.of(settings, 100)
+        state = create_train_state(params, hyper, settings, compute_dtype=dtype, weight_copies=forms.weight_copies)
         step = jax.jit(lambda s, b: train_step(s, b, jax.random.key(1), model=model, settings=settings))
         losses = []
         for batch in batches:

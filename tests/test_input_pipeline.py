@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sda_jax import input_pipeline
-from sda_jax.clue_files import read_clue_file
+from sda_jax.data import input_pipeline
+from sda_jax.data.clue_files import read_clue_file
+from sda_jax.data.input_pipeline import epoch_order, eval_batches, make_batch, steps_per_epoch, train_batches
+from sda_jax.data.tokenization import Encoded, encode, load_tokenizer
 from sda_jax.errors import InputError
-from sda_jax.input_pipeline import epoch_order, eval_batches, make_batch, steps_per_epoch, train_batches
-from sda_jax.tokenization import Encoded, encode, load_tokenizer
 
 BATCH = 64
 MULTIPLIER = 4

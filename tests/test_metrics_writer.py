@@ -9,10 +9,11 @@ import types
 import numpy as np
 import pytest
 
-from sda_jax import metrics_writer
 from sda_jax.errors import InputError
-from sda_jax.metrics_writer import MetricsWriter, plot_training_curves
-from sda_jax.workdir import Workdir
+from sda_jax.workdir import metrics_log
+from sda_jax.workdir.layout import Workdir
+from sda_jax.workdir.metrics_log import MetricsWriter
+from sda_jax.workdir.plots import plot_training_curves
 
 TRAIN = [
     (10, {"loss": 0.71, "ce": 0.70, "kd": 0.01, "learning_rate": 1e-5, "skipped_steps": 0}),
@@ -64,7 +65,7 @@ def _flat(prefix, record):
 
 def read_events(logdir):
     """(tag, step, value) of every scalar in the event files, checking the TFRecord framing and CRCs."""
-    metrics_writer._summary_writer_class()  # imports tensorboardX without torch
+    metrics_log._summary_writer_class()  # imports tensorboardX without torch
     from tensorboardX.crc32c import crc32c
     from tensorboardX.proto import event_pb2
 
@@ -201,7 +202,7 @@ def test_bad_values(tmp_path):
 
 def test_does_not_import_torch():
     code = (
-        "import sys, tempfile; from sda_jax.metrics_writer import MetricsWriter; from sda_jax.workdir import Workdir\n"
+        "import sys, tempfile; from sda_jax.workdir.metrics_log import MetricsWriter; from sda_jax.workdir.layout import Workdir\n"
         "with MetricsWriter(Workdir(tempfile.mkdtemp())) as w: w.write_train(1, {'loss': 0.5})\n"
         "print('torch' in sys.modules, 'tensorflow' in sys.modules)"
     )

@@ -24,18 +24,19 @@ import torch
 import transformers
 from flax import traverse_util
 
-from sda_jax.bert_config import BertConfig
-from sda_jax.dropout import Dropout, threefry_bits
 from sda_jax.errors import InputError
-from sda_jax.hf_checkpoint import (
+from sda_jax.hf.convert import (
     find_weights_file,
     load_pretrained,
     params_from_state_dict,
     read_state_dict,
     state_dict_from_params,
 )
-from sda_jax.layers import BertSelfAttention, Dense, LayerNorm
-from sda_jax.models import BertForSequenceClassification, BertModel, flops_per_token, init_params
+from sda_jax.models.bert import BertForSequenceClassification, BertModel, flops_per_token, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.models.dropout import Dropout, threefry_bits
+from sda_jax.models.forms import REFERENCE
+from sda_jax.models.layers import BertSelfAttention, Dense, LayerNorm
 from tests.conftest import shard_torch_state_dict
 
 TINY = {
@@ -415,7 +416,7 @@ def test_dropout_needs_rng_only_when_not_deterministic(classifier) -> None:
     np.testing.assert_array_equal(train(1), train(1))
 
     # The self-attention block has no other dropout, so a change proves attention-probs dropout.
-    attention = BertSelfAttention(config)
+    attention = BertSelfAttention(config, REFERENCE)
     variables = {"params": params["bert"]["encoder"][f"layer_{config.num_hidden_layers - 1}"]["attention"]["self"]}
     x = jax.random.normal(KEY, (2, LENGTH, config.hidden_size))
     key_mask = jnp.ones((2, LENGTH), bool)
@@ -517,7 +518,7 @@ def test_bfloat16_model_keeps_the_residual_stream_in_float32(classifier) -> None
     _, config, params = classifier
     model = BertForSequenceClassification(config, dtype=jnp.bfloat16)
     _, captured = model.apply(
-        {"params": params}, *batch(), capture_intermediates=lambda mdl, _: mdl.name in ("LayerNorm", "query", "intermediate")
+        {"params": params}, *batch(), capture_intermediates=lambda mdl, method: method == "__call__" and mdl.name in ("LayerNorm", "query", "intermediate")
     )
     flat = {"/".join(k): v[0] for k, v in traverse_util.flatten_dict(captured["intermediates"]).items()}
     norms = {k: v.dtype for k, v in flat.items() if "LayerNorm" in k}

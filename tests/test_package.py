@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from sda_jax import run_summary
 from sda_jax.stopwatch import Stopwatch
+from sda_jax.workdir import run_summary
 from tests.conftest import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "sda_jax"
@@ -25,8 +25,8 @@ MODULES = sorted(
 def test_importing_any_module_defines_no_flags():
     # Libraries (absl, orbax) define flags of their own on import; ours are defined only when a
     # command starts. tfds_afqmc imports TensorFlow (it registers a TFDS builder); it is only imported on demand.
-    modules = [m for m in MODULES if not m.startswith("sda_jax.tfds_afqmc")]
-    assert "sda_jax.main" in modules and "sda_jax.train" in modules and "sda_jax.export" in modules
+    modules = [m for m in MODULES if not m.startswith("sda_jax.data.tfds.afqmc")]
+    assert "sda_jax.commands" in modules and "sda_jax.train" in modules and "sda_jax.export" in modules
     code = (
         "import importlib, sys\n"
         "from absl import flags\n"
@@ -75,13 +75,65 @@ def test_no_import_cycles():
 
 def test_the_tfds_modules_import_each_other_one_way():
     # The source imports the builder (to register it); the builder package nothing of the source.
-    for path in (PACKAGE / "tfds_afqmc").glob("*.py"):
-        assert "sda_jax.tfds_source" not in _imports_of(path), path
-    assert "ClueAfqmc" not in (PACKAGE / "tfds_source.py").read_text()  # no isinstance checks on our builder
+    for path in (PACKAGE / "data" / "tfds" / "afqmc").glob("*.py"):
+        assert "sda_jax.data.tfds.source" not in _imports_of(path), path
+    assert "ClueAfqmc" not in (PACKAGE / "data" / "tfds" / "source.py").read_text()  # no isinstance checks on our builder
 
 
 def test_the_config_layer_imports_no_data_or_model_module():
-    assert _imports_of(PACKAGE / "settings.py") <= {"sda_jax.errors"}
+    assert _imports_of(PACKAGE / "config.py") <= {"sda_jax.errors"}
+
+
+def _imports_of_folder(folder: pathlib.Path) -> set[str]:
+    return set().union(*(_imports_of(path) for path in folder.rglob("*.py")))
+
+
+def _under(modules: set[str], *packages: str) -> set[str]:
+    return {m for m in modules if any(m == p or m.startswith(p + ".") for p in packages)}
+
+
+def test_the_stages_import_down_the_data_flow_only():
+    """data -> models (+ kernels) -> step -> evaluation -> hf: data asks no model, and the model
+    files compute the recipe's plain blocks, the GPU forms reaching them only as a value."""
+    assert not _under(_imports_of_folder(PACKAGE / "data"), "sda_jax.models", "sda_jax.kernels", "sda_jax.step")
+    assert not _under(_imports_of_folder(PACKAGE / "models"), "sda_jax.kernels", "sda_jax.step", "sda_jax.data")
+    assert not _under(_imports_of_folder(PACKAGE / "kernels"), "sda_jax.step", "sda_jax.run", "sda_jax.evaluation")
+
+
+def _all_imports(folder: pathlib.Path) -> set[str]:
+    """Every module name a folder's Python files import (any package)."""
+    found = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module)
+    return found
+
+
+def test_nothing_imports_the_tests_and_benchmarks_and_tests_keep_apart():
+    """The PyTorch oracle lives in reference/, which both the tests and the benchmarks read."""
+    is_tests = lambda names: {n for n in names if n == "tests" or n.startswith("tests.")}
+    is_benchmarks = lambda names: {n for n in names if n == "benchmarks" or n.startswith("benchmarks.")}
+    assert not is_tests(_all_imports(PACKAGE)) and not is_benchmarks(_all_imports(PACKAGE))
+    assert not is_tests(_all_imports(REPO_ROOT / "benchmarks"))
+    assert not is_benchmarks(_all_imports(REPO_ROOT / "tests")) - {"benchmarks"}  # the benchmarks' own tests run them as commands
+    assert not is_tests(_all_imports(REPO_ROOT / "reference")) and not is_benchmarks(_all_imports(REPO_ROOT / "reference"))
+
+
+ROOT_MODULES = {"__init__", "cli", "commands", "config", "errors", "export", "pretrain", "stopwatch", "train"}
+
+
+def test_the_package_root_holds_the_commands_the_config_and_the_ground_floor():
+    assert {path.stem for path in PACKAGE.glob("*.py")} == ROOT_MODULES
+    folders = {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert folders == {"data", "models", "kernels", "step", "evaluation", "hf", "run", "parallel", "workdir"}
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(REPO_ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
 
 
 def _code_strings(path: pathlib.Path) -> list[str]:
@@ -95,11 +147,11 @@ def _code_strings(path: pathlib.Path) -> list[str]:
 
 
 def test_the_workdir_layout_is_known_to_one_module():
-    """The names of a run folder's files and folders are written in workdir.py alone."""
+    """The names of a run folder's files and folders are written in workdir/layout.py alone."""
     files = ("settings.json", "metrics.jsonl", "training_curves.png", "summary.json", "model/config.json", "checkpoints/")
     folders = ("tensorboard", "checkpoints")  # as path parts: strings of their own
     for path in PACKAGE.rglob("*.py"):
-        if path.name != "workdir.py":
+        if path.relative_to(PACKAGE).as_posix() != "workdir/layout.py":
             strings = _code_strings(path)
             found = [f for text in strings for f in files if f in text] + [d for d in folders if d in strings]
             assert not found, (path, found)

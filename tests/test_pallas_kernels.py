@@ -1,4 +1,4 @@
-"""`model.kernels=pallas`: the residual blocks' kernel (`sda_jax/fused_layer_norm.py`) in Pallas'
+"""`model.kernels=pallas`: the residual blocks' kernel (`sda_jax/kernels/fused_layer_norm.py`) in Pallas'
 interpreter against the 16-bit model's XLA expression, the model with both kernels against the
 model with XLA's ops, and which kernels a run takes. The attention kernel alone:
 tests/test_fused_attention.py."""
@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax import fused_attention, fused_layer_norm
-from sda_jax.bert_config import BertConfig
-from sda_jax.dropout import uint16_halves
+from sda_jax import kernels
 from sda_jax.errors import InputError
-from sda_jax.masked_lm import BertForMaskedLM
-from sda_jax.models import BertForSequenceClassification, init_params
-from sda_jax.sixteen_bit import add_bias16, layer_norm
+from sda_jax.kernels import fused_layer_norm
+from sda_jax.kernels.dropout_counters import per_element_halves
+from sda_jax.kernels.sixteen_bit import add_bias16
+from sda_jax.models.bert import BertForSequenceClassification, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.models.layers import layer_norm
+from sda_jax.models.masked_lm import BertForMaskedLM
 from tests.conftest import TINY_RUN_FLAGS, one_line_error
 
 # Two layers: a scan of one and the [CLS] row's layer, or both unrolled (the interpreted kernels
@@ -32,7 +34,7 @@ def xla_block(y, dense_bias, residual, scale, bias, rate):
     """`layers.BertResidualOutput`'s 16-bit expression after its product, with the output's 16-bit copy."""
     z = add_bias16(y, dense_bias)
     if rate:
-        z = jnp.where(uint16_halves(KEY, z.shape, per_element=True) >= round(rate * 65536), z / (1.0 - rate), jnp.zeros_like(z))
+        z = jnp.where(per_element_halves(KEY, z.shape) >= round(rate * 65536), z / (1.0 - rate), jnp.zeros_like(z))
     out = layer_norm(z + residual, scale, bias, 1e-12)
     return out, out.astype(y.dtype)
 
@@ -132,12 +134,12 @@ def test_the_model_with_pallas_kernels_is_the_model():
     types = jnp.zeros((4, 12), jnp.int32)
     mask = jnp.asarray(np.arange(12)[None] < np.array([[12], [9], [5], [12]]), jnp.int32)
     results = {}
-    for kernels in ("xla", "pallas_interpreted"):
-        model = BertForSequenceClassification(CONFIG, jnp.bfloat16, True, kernels=kernels)
+    for name, forms in (("xla", kernels.XLA), ("pallas_interpreted", kernels.PALLAS_INTERPRETED)):
+        model = BertForSequenceClassification(CONFIG, jnp.bfloat16, True, forms=forms)
         loss = lambda p, model=model: model.apply({"params": p}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(5)}).sum()
         # One program each, compiled without YNNPACK's dots (see test_fused_attention's
         # `_xla_values_and_gradients`: XLA:CPU of jaxlib 0.11 computes some bf16 products in bf16).
-        results[kernels] = (*jax.jit(jax.value_and_grad(loss), compiler_options=_CPU_DOTS)(params), model.apply({"params": params}, ids, types, mask))
+        results[name] = (*jax.jit(jax.value_and_grad(loss), compiler_options=_CPU_DOTS)(params), model.apply({"params": params}, ids, types, mask))
     (want_loss, want_grads, want_logits), (got_loss, got_grads, got_logits) = results["xla"], results["pallas_interpreted"]
     assert float(got_loss) == float(want_loss)
     np.testing.assert_array_equal(got_logits, want_logits)
@@ -150,31 +152,31 @@ def test_the_unrolled_masked_lm_with_pallas_kernels_is_the_model():
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 100, (2, 16)))
     types, mask = jnp.zeros_like(ids), jnp.ones_like(ids)
     results = {}
-    for kernels in ("xla", "pallas_interpreted"):
-        model = BertForMaskedLM(CONFIG, jnp.bfloat16, False, kernels=kernels)
+    for name, forms in (("xla", kernels.XLA), ("pallas_interpreted", kernels.PALLAS_INTERPRETED)):
+        model = BertForMaskedLM(CONFIG, jnp.bfloat16, False, forms=forms)
         params = model.init(jax.random.key(0), ids, types, mask)["params"]
         loss = lambda p, model=model: jnp.sum(
             model.apply({"params": p}, ids, types, mask, deterministic=False, rngs={"dropout": jax.random.key(1)}).astype(jnp.float32)
         )  # fmt: skip
-        results[kernels] = jax.jit(jax.value_and_grad(loss), compiler_options=_CPU_DOTS)(params)
+        results[name] = jax.jit(jax.value_and_grad(loss), compiler_options=_CPU_DOTS)(params)
     (want_loss, want_grads), (got_loss, got_grads) = results["xla"], results["pallas_interpreted"]
     assert float(got_loss) == float(want_loss)
     _assert_gradients_match(got_grads, want_grads)
 
 
-def test_which_kernels_a_run_takes():
-    choose = lambda setting, dtype=jnp.bfloat16, platform="gpu", length=64: fused_attention.implementation(
-        setting, dtype, platform, CONFIG, length
-    )  # fmt: skip
+def test_which_forms_a_run_takes():
+    """`model.kernels` by platform, not by dtype (the table in sda_jax/kernels/__init__.py)."""
+    choose = lambda setting, dtype=jnp.bfloat16, platform="gpu", length=64: kernels.choose(setting, dtype, platform, CONFIG, length)
     assert jax.device_count() == 1  # the test process: one CPU device
-    assert choose("auto") == "pallas"
-    assert choose("auto", platform="cpu") == "xla"
-    assert choose("auto", platform="tpu") == "xla"
-    assert choose("auto", dtype=jnp.float32) == "xla"
-    assert choose("auto", length=256) == "xla"
-    assert choose("xla") == "xla"
-    assert choose("pallas") == "pallas"
-    assert choose("pallas", platform="cpu") == "pallas_interpreted"
+    assert choose("auto") is kernels.XLA
+    assert choose("auto", platform="tpu") is kernels.REFERENCE and choose("auto", platform="cpu") is kernels.REFERENCE
+    for setting in ("auto", "reference", "xla"):
+        assert choose(setting, dtype=jnp.float32) is kernels.REFERENCE
+    assert choose("reference") is kernels.REFERENCE
+    assert choose("xla") is kernels.XLA and choose("xla", platform="tpu") is kernels.XLA
+    assert choose("pallas") is kernels.PALLAS
+    assert choose("pallas", platform="cpu") is kernels.PALLAS_INTERPRETED
+    assert not kernels.REFERENCE.weight_copies and kernels.XLA.weight_copies and kernels.PALLAS.weight_copies
     with pytest.raises(InputError, match=r"^config key model.kernels: pallas needs a 16-bit compute dtype"):
         choose("pallas", dtype=jnp.float32)
     with pytest.raises(InputError, match=r"data.max_seq_len <= 128 \(256\)"):

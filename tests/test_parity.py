@@ -1,7 +1,7 @@
 """Exact PyTorch interop: our model, train step and export against `transformers` and the seed recipe.
 
 Everything runs in float32 with dropout off, from identical initial weights, on identical batches
-of the real AFQMC files built by `sda_jax.input_pipeline`. The PyTorch side is
+of the real AFQMC files built by `sda_jax.data.input_pipeline`. The PyTorch side is
 `tests/torch_reference.py`: the seed notebook's recipe on `transformers.BertForSequenceClassification`.
 
 Weights are N(0, 0.2) (LayerNorm scales 1 + N(0, 0.2)), not BERT's 0.02, so that logits are O(1)
@@ -38,16 +38,17 @@ import safetensors.numpy
 import torch
 import transformers
 
-from tests.torch_reference import RecipeConfig, SdaTrainer, torch_batch
 from configs import default
-from sda_jax import export, input_pipeline, splits, tokenization
-from sda_jax.bert_config import BertConfig
-from sda_jax.hyperparameters import Hyperparameters
-from sda_jax.clue_files import read_clue_file
-from sda_jax.hf_checkpoint import params_from_state_dict, state_dict_from_params
-from sda_jax.models import BertForSequenceClassification
-from sda_jax.settings import Settings
-from sda_jax.train import create_train_state, train_step
+from reference.torch_reference import RecipeConfig, SdaTrainer, torch_batch
+from sda_jax import export
+from sda_jax.config import Settings
+from sda_jax.data import input_pipeline, splits, tokenization
+from sda_jax.data.clue_files import read_clue_file
+from sda_jax.hf.convert import params_from_state_dict, state_dict_from_params
+from sda_jax.models.bert import BertForSequenceClassification
+from sda_jax.models.config import BertConfig
+from sda_jax.step.hyperparameters import Hyperparameters
+from sda_jax.step.train_step import create_train_state, train_step
 from tests.conftest import one_line_error
 
 ARCH = {

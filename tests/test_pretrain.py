@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,9 @@ import pytest
 import torch
 import transformers
 
-from sda_jax.bert_config import BertConfig
-from sda_jax.hf_checkpoint import load_pretrained_models, state_dict_from_params
-from sda_jax.masked_lm import BertForMaskedLM
+from sda_jax.hf.convert import load_pretrained_models, state_dict_from_params
+from sda_jax.models.config import BertConfig
+from sda_jax.models.masked_lm import BertForMaskedLM
 from tests.conftest import TINY_RUN, flags_of, load_train_state, one_line_error, read_records, train_in_process
 
 VOCAB = 21128
@@ -103,8 +102,8 @@ SPECIALS_CHECKED = ("[CLS]", "[SEP]", "[PAD]")
 @pytest.fixture(scope="module")
 def dev_inputs(afqmc_dir, bert_base_chinese_dir):
     """AFQMC's dev pairs, encoded as pretraining encodes them (about 100k tokens)."""
-    from sda_jax import tokenization
-    from sda_jax.clue_files import read_clue_file
+    from sda_jax.data import tokenization
+    from sda_jax.data.clue_files import read_clue_file
 
     tokenizer = tokenization.load_tokenizer(bert_base_chinese_dir)
     examples = read_clue_file(afqmc_dir / "dev.json", ("0", "1"), require_labels=False, label_key=None)
@@ -114,8 +113,8 @@ def dev_inputs(afqmc_dir, bert_base_chinese_dir):
 def _mask(encoded, words, tokenizer, epoch, seed=2021, **changes):
     import dataclasses
 
-    from sda_jax import masking
-    from sda_jax.settings import PretrainSettings
+    from sda_jax.config import PretrainSettings
+    from sda_jax.data import masking
 
     specials = sorted(set(tokenizer.all_special_ids))
     return masking.mask(
@@ -125,7 +124,7 @@ def _mask(encoded, words, tokenizer, epoch, seed=2021, **changes):
 
 
 def test_masking_statistics_on_a_fixed_seed(dev_inputs):
-    from sda_jax import masking
+    from sda_jax.data import masking
 
     _, encoded, tokenizer = dev_inputs
     specials = sorted(set(tokenizer.all_special_ids))
@@ -164,8 +163,8 @@ def test_masking_statistics_on_a_fixed_seed(dev_inputs):
 def test_whole_word_masking_masks_every_character_of_a_word_or_none(dev_inputs):
     import jieba
 
-    from sda_jax import masking, tokenization
-    from sda_jax.clue_files import Examples
+    from sda_jax.data import masking, tokenization
+    from sda_jax.data.clue_files import Examples
 
     examples, encoded, tokenizer = dev_inputs
     head = Examples(examples.text_a[:400], examples.text_b[:400], None, list(range(400)), "dev")
@@ -290,9 +289,9 @@ def test_bad_input_is_one_line_naming_the_file_or_key(tmp_path, small_data, cli)
 def test_a_workdir_holds_one_kind_of_run(tapt_run, tmp_path):
     import shutil
 
+    from sda_jax.config import Settings
     from sda_jax.errors import InputError
-    from sda_jax.settings import Settings
-    from sda_jax.workdir import Workdir
+    from sda_jax.workdir.layout import Workdir
 
     shutil.copytree(tapt_run / "model", tmp_path / "model")
     workdir = Workdir(tmp_path)

@@ -6,23 +6,23 @@ import numpy as np
 import optax
 import pytest
 
-from sda_jax import averaging, distill, mixed_precision, optim
-from sda_jax.settings import OptimSettings
+from sda_jax.config import OptimSettings
+from sda_jax.step import optim, precision, sda
 
 
 def test_teacher_decay_ramp_then_cap():
     # (1 + t) / (10 + t): 2/11 at t=1, 11/20 at t=10; the cap 0.995 binds from t = 1790 on.
-    np.testing.assert_allclose(averaging.EmaTeacher.decay(1, 0.995), 2 / 11, rtol=1e-6)
-    np.testing.assert_allclose(averaging.EmaTeacher.decay(10, 0.995), 11 / 20, rtol=1e-6)
-    np.testing.assert_allclose(averaging.EmaTeacher.decay(1789, 0.995), 1790 / 1799, rtol=1e-6)
-    np.testing.assert_allclose(averaging.EmaTeacher.decay(5000, 0.995), 0.995, rtol=1e-6)
+    np.testing.assert_allclose(sda.EmaTeacher.decay(1, 0.995), 2 / 11, rtol=1e-6)
+    np.testing.assert_allclose(sda.EmaTeacher.decay(10, 0.995), 11 / 20, rtol=1e-6)
+    np.testing.assert_allclose(sda.EmaTeacher.decay(1789, 0.995), 1790 / 1799, rtol=1e-6)
+    np.testing.assert_allclose(sda.EmaTeacher.decay(5000, 0.995), 0.995, rtol=1e-6)
 
 
 def test_ema_update_matches_reference_formula():
     teacher = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(3.0)}
     student = {"w": jnp.array([0.0, 4.0]), "b": jnp.array(-1.0)}
     decay = 2 / 11
-    out = averaging.ema_update(student, teacher, decay)
+    out = sda.ema_update(student, teacher, decay)
     # The reference: s_param.sub_((1 - decay) * (s_param - param)).
     for name, s_param in teacher.items():
         expected = np.asarray(s_param) - (1 - decay) * (np.asarray(s_param) - np.asarray(student[name]))
@@ -30,7 +30,7 @@ def test_ema_update_matches_reference_formula():
 
 
 def test_eval_ema_copies_student_until_start_then_averages():
-    ema = averaging.EvalEma(params=jnp.array([5.0]), decay=0.999, start_step=500)
+    ema = sda.EvalEma(params=jnp.array([5.0]), decay=0.999, start_step=500)
     assert float(ema.decay_at(499)) == 0.0
     assert float(ema.decay_at(500)) == 0.0
     assert float(ema.decay_at(501)) == pytest.approx(0.999)
@@ -47,7 +47,7 @@ def test_sda_loss_hand_computed_with_padding_row():
     ce_rows = [np.log(1 + np.exp(-2.0)), np.log(1 + np.exp(1.0))]
     ce = np.mean(ce_rows)
     kd = ((2 - 1) ** 2 + (0 - 1) ** 2 + 0**2 + (1 - 3) ** 2) / 4
-    loss, (got_ce, got_kd) = distill.sda_loss(student, teacher, labels, weights, kd_coeff=0.5)
+    loss, (got_ce, got_kd) = sda.sda_loss(student, teacher, labels, weights, kd_coeff=0.5)
     np.testing.assert_allclose(got_ce, ce, rtol=1e-6)
     np.testing.assert_allclose(got_kd, kd, rtol=1e-6)
     np.testing.assert_allclose(loss, ce + 0.5 * kd, rtol=1e-6)
@@ -55,7 +55,7 @@ def test_sda_loss_hand_computed_with_padding_row():
 
 def test_kd_term_has_no_gradient_through_teacher():
     labels, weights = jnp.array([1]), jnp.array([1.0])
-    grad = jax.grad(lambda t: distill.sda_loss(jnp.array([[0.3, 0.1]]), t, labels, weights, 1.0)[0])(
+    grad = jax.grad(lambda t: sda.sda_loss(jnp.array([[0.3, 0.1]]), t, labels, weights, 1.0)[0])(
         jnp.array([[1.0, 2.0]])
     )
     np.testing.assert_array_equal(grad, 0.0)
@@ -127,15 +127,15 @@ def test_lookahead_syncs_on_updates_1_then_every_k():
 
 
 def test_loss_scale_halves_on_overflow_and_doubles_after_interval():
-    scale = mixed_precision.LossScale.create(1024.0, growth_interval=2)
+    scale = precision.LossScale.create(1024.0, growth_interval=2)
     scale = scale.adjust(jnp.array(False))
     assert float(scale.scale) == 512.0 and int(scale.good_steps) == 0
     scale = scale.adjust(jnp.array(True))
     assert float(scale.scale) == 512.0 and int(scale.good_steps) == 1
     scale = scale.adjust(jnp.array(True))
     assert float(scale.scale) == 1024.0 and int(scale.good_steps) == 0
-    assert not bool(mixed_precision.all_finite({"a": jnp.array([1.0, jnp.inf])}))
-    assert bool(mixed_precision.all_finite({"a": jnp.array([1.0, 2.0])}))
+    assert not bool(precision.all_finite({"a": jnp.array([1.0, jnp.inf])}))
+    assert bool(precision.all_finite({"a": jnp.array([1.0, 2.0])}))
 
 
 def test_learning_rate_is_the_argument_given_to_the_update():

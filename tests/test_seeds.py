@@ -24,13 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax import checkpoints, export, hf_checkpoint, input_pipeline, parallel, splits, tokenization, train
-from sda_jax.bert_config import BertConfig
+from sda_jax import export
+from sda_jax.data import input_pipeline, splits, tokenization
 from sda_jax.errors import InputError
-from sda_jax.hyperparameters import Hyperparameters
-from sda_jax.model_axis import Models
-from sda_jax.models import BertForSequenceClassification, init_params
-from sda_jax.workdir import Workdir
+from sda_jax.hf import convert
+from sda_jax.models.bert import BertForSequenceClassification, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.parallel import distributed
+from sda_jax.step import train_step
+from sda_jax.step.hyperparameters import Hyperparameters
+from sda_jax.step.model_axis import Models
+from sda_jax.workdir import checkpoints
+from sda_jax.workdir.layout import Workdir
 from tests import test_resume
 from tests.conftest import (
     TINY_RUN,
@@ -65,8 +70,8 @@ def test_one_model_is_the_plain_train_step_bit_for_bit(tmp_path):
     (init_key,), dropout_key = Models.of(settings).keys()
     config = BertConfig.from_json_file(tmp_path / "run" / "model" / "config.json")
     model = BertForSequenceClassification(config)
-    state = train.create_train_state(init_params(config, init_key), Hyperparameters.of(settings, 12), settings, compute_dtype=jnp.float32)
-    step = jax.jit(functools.partial(train.train_step, model=model, settings=settings))
+    state = train_step.create_train_state(init_params(config, init_key), Hyperparameters.of(settings, 12), settings, compute_dtype=jnp.float32)
+    step = jax.jit(functools.partial(train_step.train_step, model=model, settings=settings))
     batches = input_pipeline.train_batches(data.train, batch_size=16, bucket_multiplier=200, bucket_lengths=(64,), seed=settings.seed)
     for batch in itertools.islice(batches, 12):
         state, _ = step(state, batch, dropout_key)
@@ -88,13 +93,13 @@ def test_a_seed_trained_among_others_equals_that_seed_alone(bert_base_chinese_di
     models = Models.of_seeds(SEEDS)
     init_keys, dropout_keys = models.keys()
     params = [init_params(CONFIG, key) for key in init_keys]
-    mesh = parallel.make_mesh(models.count)
-    together, step_together = train.place_state_and_step(models.stack(params), model, settings, 100, mesh, models)
+    mesh = distributed.make_mesh(models.count)
+    together, step_together = train_step.place_state_and_step(models.stack(params), model, settings, 100, mesh, models)
     keys = models.put(dropout_keys, mesh)
-    alone = [train.create_train_state(p, Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.float32) for p in params]
-    step_alone = jax.jit(lambda s, b, r: train.train_step(s, b, r, model=model, settings=settings))
+    alone = [train_step.create_train_state(p, Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.float32) for p in params]
+    step_alone = jax.jit(lambda s, b, r: train_step.train_step(s, b, r, model=model, settings=settings))
     for batch in batches:
-        together, metrics = step_together(together, parallel.put_global_batch(batch, mesh), keys)
+        together, metrics = step_together(together, distributed.put_global_batch(batch, mesh), keys)
         for i in range(len(SEEDS)):
             alone[i], alone_metrics = step_alone(alone[i], batch, dropout_keys[i])
             np.testing.assert_allclose(metrics["loss"][i], alone_metrics["loss"], rtol=1e-5)
@@ -117,21 +122,21 @@ def test_a_checkpoint_is_read_once_for_all_models(tmp_path, monkeypatch):
     ))  # fmt: skip
     hf.save_pretrained(tmp_path)
     config = BertConfig.from_json_file(tmp_path / "config.json", num_labels=2)  # the file's 3-label head is of no use
-    reads, read = [], hf_checkpoint.read_state_dict
-    monkeypatch.setattr(hf_checkpoint, "read_state_dict", lambda path: reads.append(path) or read(path))
+    reads, read = [], convert.read_state_dict
+    monkeypatch.setattr(convert, "read_state_dict", lambda path: reads.append(path) or read(path))
     init_keys, _ = Models.of_seeds((1, 2, 3)).keys()
-    params, report = hf_checkpoint.load_pretrained_models(tmp_path, config, init_keys)
+    params, report = convert.load_pretrained_models(tmp_path, config, init_keys)
     assert len(reads) == 1 and len(params) == 3 and report.fresh_heads == ("classifier",)
     np.testing.assert_array_equal(params[0]["bert"]["pooler"]["dense"]["kernel"], params[2]["bert"]["pooler"]["dense"]["kernel"])
     assert not np.allclose(params[0]["classifier"]["kernel"], params[1]["classifier"]["kernel"])
-    alone, _ = hf_checkpoint.load_pretrained(tmp_path, config, init_keys[1])  # model 1 as a run of its own seed
+    alone, _ = convert.load_pretrained(tmp_path, config, init_keys[1])  # model 1 as a run of its own seed
     jax.tree.map(np.testing.assert_array_equal, alone, params[1])
 
 
 def test_too_many_models_for_the_device_is_a_clear_error():
     state = {"w": jax.ShapeDtypeStruct((8, 1024, 1024), jnp.float32)}  # 32 MiB
     device = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": 16 * 2**20})
-    mesh = types.SimpleNamespace(devices=np.array([device]), shape={parallel.MODELS_AXIS: 1, parallel.DATA_AXIS: 1})
+    mesh = types.SimpleNamespace(devices=np.array([device]), shape={distributed.MODELS_AXIS: 1, distributed.DATA_AXIS: 1})
     models = Models.of_seeds(tuple(range(8)))
     with pytest.raises(InputError, match=r"sweep.\*: the train states of 8 model\(s\) need 0.0 GiB per device .* 0.0 GiB"):
         models.check_fits(state, mesh)

@@ -1,6 +1,6 @@
 """What 16-bit models compute differently from float32 ones, against what it replaces: dropout's
 per-element draws (the same masks bit for bit) and the backward passes written out (the same
-gradients). `sda_jax/dropout.py`, `sda_jax/models.py`; why: benchmarks/RESULTS.md, the deviceless
+gradients). `sda_jax/models/dropout.py`, `sda_jax/models/bert.py`; why: benchmarks/RESULTS.md, the deviceless
 H100 report of 2026-12-01."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax.dropout import Dropout, uint16_halves
-from sda_jax.layers import ACTIVATIONS, _activation16, _add_bias16
+from sda_jax.kernels.dropout_counters import per_element_halves
+from sda_jax.kernels.sixteen_bit import activation16, add_bias16
+from sda_jax.models.dropout import Dropout, uint16_halves
+from sda_jax.models.layers import ACTIVATIONS
 
 KEY = jax.random.key(0)
 
@@ -27,7 +29,7 @@ def _halves_of_whole_draws(key: jax.Array, shape: tuple[int, ...]) -> np.ndarray
 def test_per_element_draws_are_the_halves_of_jax_random_bits(shape) -> None:
     key = jax.random.key(12345)
     want = _halves_of_whole_draws(key, shape)
-    per_element = jax.jit(lambda key: uint16_halves(key, shape, per_element=True))
+    per_element = jax.jit(lambda key: per_element_halves(key, shape))
     np.testing.assert_array_equal(np.asarray(per_element(key)), want)
     np.testing.assert_array_equal(np.asarray(uint16_halves(key, shape)), want)
     assert not np.array_equal(np.asarray(per_element(jax.random.key(1))), want)
@@ -37,7 +39,7 @@ def test_dropout_with_per_element_draws_drops_the_same_elements() -> None:
     x = jax.random.normal(KEY, (16, 30, 257))
     rngs = {"dropout": jax.random.key(7)}
     whole = Dropout(0.1).apply({}, x, deterministic=False, rngs=rngs)
-    per_element = Dropout(0.1, per_element_draws=True).apply({}, x, deterministic=False, rngs=rngs)
+    per_element = Dropout(0.1, per_element_halves).apply({}, x, deterministic=False, rngs=rngs)
     np.testing.assert_array_equal(per_element, whole)
     assert 0.88 < float(jnp.mean(whole != 0)) < 0.92
 
@@ -45,7 +47,7 @@ def test_dropout_with_per_element_draws_drops_the_same_elements() -> None:
 def test_other_generators_split_their_own_whole_draws() -> None:
     key = jax.random.key(3, impl="rbg")
     want = _halves_of_whole_draws(key, (4, 9))
-    np.testing.assert_array_equal(np.asarray(uint16_halves(key, (4, 9), per_element=True)), want)
+    np.testing.assert_array_equal(np.asarray(per_element_halves(key, (4, 9))), want)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -58,8 +60,8 @@ def test_16_bit_bias_add_has_autodiffs_gradients(dtype) -> None:
         return lambda y, b: jnp.sum(add(y, b).astype(jnp.float32) * upstream)
 
     plain = lambda y, b: (y.astype(jnp.float32) + b).astype(y.dtype)
-    np.testing.assert_array_equal(_add_bias16(y, bias), plain(y, bias))
-    (dy, db), (want_dy, want_db) = (jax.grad(loss(f), (0, 1))(y, bias) for f in (_add_bias16, plain))
+    np.testing.assert_array_equal(add_bias16(y, bias), plain(y, bias))
+    (dy, db), (want_dy, want_db) = (jax.grad(loss(f), (0, 1))(y, bias) for f in (add_bias16, plain))
     assert dy.dtype == dtype and db.dtype == jnp.float32
     np.testing.assert_array_equal(dy, want_dy)
     # The same 16-bit values summed in float32, in another order.
@@ -72,10 +74,10 @@ def test_16_bit_activation_recomputes_autodiffs_gradient(name) -> None:
     y = (3 * jax.random.normal(KEY, (4, 8, 96))).astype(jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(2), (96,))
     upstream = jax.random.normal(jax.random.key(1), (4, 8, 96)).astype(jnp.bfloat16)
-    plain = lambda y, bias: ACTIVATIONS[name](_add_bias16(y, bias).astype(jnp.float32)).astype(y.dtype)
-    np.testing.assert_array_equal(_activation16(name, y, bias), plain(y, bias))
+    plain = lambda y, bias: ACTIVATIONS[name](add_bias16(y, bias).astype(jnp.float32)).astype(y.dtype)
+    np.testing.assert_array_equal(activation16(ACTIVATIONS[name], y, bias), plain(y, bias))
     grad = lambda f: jax.jit(jax.grad(lambda y, bias: jnp.sum((f(y, bias) * upstream).astype(jnp.float32)), (0, 1)))(y, bias)
-    (dy, d_bias), (want_dy, want_d_bias) = grad(lambda y, bias: _activation16(name, y, bias)), grad(plain)
+    (dy, d_bias), (want_dy, want_d_bias) = grad(lambda y, bias: activation16(ACTIVATIONS[name], y, bias)), grad(plain)
     assert dy.dtype == jnp.bfloat16 and d_bias.dtype == jnp.float32
     np.testing.assert_array_equal(dy, want_dy)
     np.testing.assert_array_equal(d_bias, want_d_bias)  # add_bias16's own float32 sum of the same values

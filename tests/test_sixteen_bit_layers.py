@@ -1,7 +1,7 @@
 """The 16-bit model's own forms of the rematerialised LayerNorm, the query, key and value products
 and the dropout counters in the scan over layers, against what they replace: the same values
-and gradients, no 16-bit sums. `sda_jax/sixteen_bit.py`, `sda_jax/models.py`,
-`sda_jax/dropout.py`; why: benchmarks/RESULTS.md, "More levers (2026-12-02)" (issue 20)."""
+and gradients, no 16-bit sums. `sda_jax/kernels/sixteen_bit.py`, `sda_jax/models/bert.py`,
+`sda_jax/models/dropout.py`; why: benchmarks/RESULTS.md, "More levers (2026-12-02)" (issue 20)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax.bert_config import BertConfig
-from sda_jax.dropout import uint16_halves
-from sda_jax.layers import BertSelfAttention
-from sda_jax.models import BertForSequenceClassification, init_params
-from sda_jax.sixteen_bit import layer_norm, layer_norm16
+from sda_jax import kernels
+from sda_jax.kernels.blocks16 import SelfAttention16
+from sda_jax.kernels.dropout_counters import per_element_halves
+from sda_jax.kernels.sixteen_bit import layer_norm16
+from sda_jax.models.bert import BertForSequenceClassification, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.models.layers import layer_norm
 from tests.conftest import moved_by_rounding_alone
 
 CONFIG = BertConfig(
@@ -46,7 +48,7 @@ def test_fused_query_key_value_products_equal_three_products() -> None:
     x = jax.random.normal(jax.random.key(1), (2, 9, CONFIG.hidden_size))
     mask = jnp.ones((2, 9), bool).at[1, 6:].set(False)
     upstream = jax.random.normal(jax.random.key(2), (2, CONFIG.hidden_size))
-    attention = BertSelfAttention(CONFIG, jnp.bfloat16)
+    attention = SelfAttention16(CONFIG, kernels.XLA, jnp.bfloat16)
     params = attention.init(jax.random.key(3), x, mask, deterministic=True)
     assert set(params["params"]) == {"query", "key", "value"}
     assert params["params"]["query"]["bias"].dtype == jnp.float32
@@ -76,7 +78,8 @@ def test_16_bit_model_gradients_follow_float32_without_16_bit_sums(scan_layers) 
     mask = jnp.ones_like(ids).at[3, 8:].set(0)
 
     def grads(dtype):
-        model = BertForSequenceClassification(CONFIG, dtype=dtype, scan_layers=scan_layers)
+        forms = kernels.XLA if dtype != jnp.float32 else kernels.REFERENCE
+        model = BertForSequenceClassification(CONFIG, dtype=dtype, scan_layers=scan_layers, forms=forms)
 
         def loss(p):
             logits = model.apply(
@@ -104,7 +107,7 @@ def test_dropout_counters_in_a_loop_draw_the_same_halves() -> None:
     keys = jax.random.split(jax.random.key(11), 3)
 
     def body(carry, key):
-        return carry, uint16_halves(key, shape, per_element=True, in_loop=True)
+        return carry, per_element_halves(key, shape, True)
 
     _, drawn = jax.jit(lambda keys: jax.lax.scan(body, 0, keys))(keys)
     for key, got in zip(keys, drawn):

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 from configs import afqmc_small
-from sda_jax import checkpoints, export, input_pipeline, splits, tokenization
-from sda_jax.bert_config import BertConfig
+from sda_jax import export
+from sda_jax.config import Settings
+from sda_jax.data import input_pipeline, splits, tokenization
 from sda_jax.errors import InputError
-from sda_jax.model_axis import Models
-from sda_jax.models import BertForSequenceClassification
-from sda_jax.settings import Settings
-from sda_jax.workdir import Workdir
+from sda_jax.models.bert import BertForSequenceClassification
+from sda_jax.models.config import BertConfig
+from sda_jax.step.model_axis import Models
+from sda_jax.workdir import checkpoints
+from sda_jax.workdir.layout import Workdir
 from tests.conftest import (
     TINY_RUN,
     TINY_RUN_FLAGS,

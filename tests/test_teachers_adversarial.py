@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 
 from configs import default
-from sda_jax import adversarial, averaging, export, input_pipeline, optim, splits, tokenization
-from sda_jax.bert_config import BertConfig
-from sda_jax.hyperparameters import Hyperparameters
-from sda_jax.checkpoints import read_train_state
-from sda_jax.models import BertForSequenceClassification, init_params
-from sda_jax.settings import Settings
-from sda_jax.train import create_train_state, train_step
+from sda_jax import export, kernels
+from sda_jax.config import Settings
+from sda_jax.data import input_pipeline, splits, tokenization
 from sda_jax.errors import InputError
-from sda_jax.workdir import Workdir
+from sda_jax.models.bert import BertForSequenceClassification, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.step import adversarial, optim, sda
+from sda_jax.step.hyperparameters import Hyperparameters
+from sda_jax.step.train_step import create_train_state, train_step
+from sda_jax.workdir.checkpoints import read_train_state
+from sda_jax.workdir.layout import Workdir
 from tests.conftest import TINY_RUN, train_in_process
 
 CONFIG = BertConfig(
@@ -99,14 +101,14 @@ def test_teacher_variants_match_hand_computation(batches, teacher):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.teacher.one_model(), expected)
     if teacher == "vote":
         assert state.teacher.one_model() is None  # an ensemble: no one model
-        assert averaging.plain(state.teacher) is state.teacher  # evaluation runs its snapshots' vote
+        assert sda.plain(state.teacher) is state.teacher  # evaluation runs its snapshots' vote
         jax.tree.map(np.testing.assert_array_equal, state.teacher.snapshots, jax.tree.map(lambda a, b: jnp.stack([a, b]), *expected_members))
     else:
-        assert isinstance(averaging.plain(state.teacher), averaging.Current)  # one model: scored as its parameters
+        assert isinstance(sda.plain(state.teacher), sda.Current)  # one model: scored as its parameters
 
 
 def test_snapshot_ring_buffer():
-    window = averaging.make_teacher("window", {"w": jnp.array([0.0])}, decay_cap=0.995, window=3)
+    window = sda.make_teacher("window", {"w": jnp.array([0.0])}, decay_cap=0.995, window=3)
     for step, value in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]:
         window = window.update({"w": jnp.array([value])}, jnp.int32(step))
     np.testing.assert_array_equal(window.snapshots["w"][:, 0], [3.0, 4.0, 2.0])
@@ -114,11 +116,11 @@ def test_snapshot_ring_buffer():
 
 
 def test_vote_logits_are_the_mean_of_its_members_logits():
-    vote = averaging.make_teacher("vote", {"w": jnp.array([1.0])}, decay_cap=0.995, window=2)
+    vote = sda.make_teacher("vote", {"w": jnp.array([1.0])}, decay_cap=0.995, window=2)
     vote = vote.update({"w": jnp.array([3.0])}, jnp.int32(1))
     forward = lambda params: jnp.stack([params["w"] ** 2, -params["w"]], axis=-1)  # nonlinear in the params
     np.testing.assert_allclose(vote.logits(forward), [[5.0, -2.0]])  # mean of (9, -3) and (1, -1)
-    window = averaging.WindowTeacher(snapshots=vote.snapshots)
+    window = sda.WindowTeacher(snapshots=vote.snapshots)
     np.testing.assert_allclose(window.logits(forward), [[4.0, -2.0]])  # forward of the mean parameter, 2
 
 
@@ -257,9 +259,10 @@ def test_lookahead_with_other_alpha_keeps_slow_weights(batches):
 def test_16_bit_train_step_sums_nothing_in_16_bits(batches, dtype, teacher):
     """Gradient sums (bias gradients above all, over batch × length rows) stay float32: with JAX
     told to refuse 16-bit sums, the whole step, FGM included, still traces."""
-    model = BertForSequenceClassification(CONFIG, dtype=dtype)
+    model = BertForSequenceClassification(CONFIG, dtype=dtype, forms=kernels.XLA)
     settings = settings_with(sda__teacher=teacher, adversarial__method="fgm")
-    state = create_train_state(init_params(CONFIG, jax.random.key(0)), Hyperparameters.of(settings, 100), settings, compute_dtype=dtype)
+    params, hyper = init_params(CONFIG, jax.random.key(0)), Hyperparameters.of(settings, 100)
+    state = create_train_state(params, hyper, settings, compute_dtype=dtype, weight_copies=True)
     step = lambda state, batch: train_step(state, batch, jax.random.key(1), model=model, settings=settings)
     previous = jax.config.jax_allow_f16_reductions
     jax.config.update("jax_allow_f16_reductions", False)

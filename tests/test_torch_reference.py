@@ -23,9 +23,9 @@ import pytest
 import torch
 import transformers
 
-from tests.torch_optim import ForeachAdamW, adamw_foreach_update
-from sda_jax.settings import Settings
-from tests.torch_reference import RecipeConfig, SdaTrainer
+from reference.torch_optim import ForeachAdamW, adamw_foreach_update
+from reference.torch_reference import RecipeConfig, SdaTrainer
+from sda_jax.config import Settings
 
 ARCH = {
     "vocab_size": 100,

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from sda_jax import parallel
 from sda_jax.errors import InputError
+from sda_jax.parallel import distributed
 from tests import test_resume
 from tests.conftest import TINY_RUN_FLAGS, flags_of, read_records, train_in_process
 
@@ -116,11 +116,11 @@ def test_four_devices_agree_with_one(tmp_path, cli):
 
 def test_batch_size_not_divisible_by_devices():
     class FourDevices:
-        shape = {parallel.DATA_AXIS: 4}
+        shape = {distributed.DATA_AXIS: 4}
 
     with pytest.raises(InputError, match=r"train.batch_size: 30 does not divide by the 4 devices"):
-        parallel.check_batch_size(30, FourDevices())
-    parallel.check_batch_size(32, FourDevices())
+        distributed.check_batch_size(30, FourDevices())
+    distributed.check_batch_size(32, FourDevices())
 
 
 def test_runs_of_other_lengths_share_their_compiled_programs(tmp_path, cli):

@@ -1,4 +1,4 @@
-"""The 16-bit weight copies of the train state (`sda_jax/weight_copies.py`): a step that reads
+"""The 16-bit weight copies of the train state (`sda_jax/kernels/weight_copies.py`): a step that reads
 them computes what a step that casts its float32 weights at use computes, bit for bit, and
 leaves copies that are the casts of its new weights."""
 
@@ -7,14 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sda_jax import averaging, evaluate, parallel, pretrain, weight_copies
-from sda_jax.bert_config import BertConfig
-from sda_jax.hyperparameters import Hyperparameters
-from sda_jax.masked_lm import BertForMaskedLM, init_mlm_params
-from sda_jax.model_axis import Models
-from sda_jax.models import BertForSequenceClassification, init_params
-from sda_jax.tokenization import Encoded
-from sda_jax.train import create_train_state, train_step
+from sda_jax import kernels
+from sda_jax.data.tokenization import Encoded
+from sda_jax.evaluation import evaluate
+from sda_jax.kernels import weight_copies
+from sda_jax.models.bert import BertForSequenceClassification, init_params
+from sda_jax.models.config import BertConfig
+from sda_jax.models.masked_lm import BertForMaskedLM, init_mlm_params
+from sda_jax.parallel import distributed
+from sda_jax.step import mlm_step, sda
+from sda_jax.step.hyperparameters import Hyperparameters
+from sda_jax.step.model_axis import Models
+from sda_jax.step.train_step import create_train_state, train_step
 from tests.test_teachers_adversarial import settings_with
 
 CONFIG = BertConfig(
@@ -42,10 +46,10 @@ def test_a_step_reading_the_copies_is_a_step_casting_at_use(dtype, layers, scan_
     of the new parameters. Scanned layers with a window teacher's copy; a vote teacher, which
     keeps none."""
     config = CONFIG.replace(num_hidden_layers=layers)
-    model = BertForSequenceClassification(config, dtype=dtype, scan_layers=scan_layers)
+    model = BertForSequenceClassification(config, dtype=dtype, scan_layers=scan_layers, forms=kernels.XLA)
     settings = settings_with(sda__teacher=teacher, sda__teacher_window=2)
     params = init_params(config, jax.random.key(0), scan_layers=scan_layers)
-    state = create_train_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=dtype)
+    state = create_train_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=dtype, weight_copies=True)
     assert state.weight_copies is not None and (state.weight_copies.teacher is None) == (teacher == "vote")
     step = jax.jit(lambda state, batch: train_step(state, batch, jax.random.key(1), model=model, settings=settings))
     with_copies, at_use = state, state.replace(weight_copies=None)
@@ -98,11 +102,11 @@ def test_evaluation_scores_sets_cast_once_as_it_scored_them_cast_at_use():
     """A 16-bit evaluation casts each set's weight matrices once (`weight_copies.cast`) and its
     programs read them: every example's logits of a one-model set and of a vote, bit for bit
     those of the program that casts at use."""
-    model = BertForSequenceClassification(CONFIG, dtype=jnp.bfloat16)
+    model = BertForSequenceClassification(CONFIG, dtype=jnp.bfloat16, forms=kernels.XLA)
     params, other = (init_params(CONFIG, jax.random.key(i)) for i in range(2))
-    vote = averaging.VoteTeacher(snapshots=jax.tree.map(lambda a, b: jnp.stack([a, b]), params, other))
-    sets = (averaging.Current(params), vote)
-    programs = evaluate.EvalPrograms(model, parallel.make_mesh(1), Models.of_seeds((0,)), (16,), 4, None)
+    vote = sda.VoteTeacher(snapshots=jax.tree.map(lambda a, b: jnp.stack([a, b]), params, other))
+    sets = (sda.Current(params), vote)
+    programs = evaluate.EvalPrograms(model, distributed.make_mesh(1), Models.of_seeds((0,)), (16,), 4, None)
     cast = programs.cast_fn(sets)
     assert cast[0].params["bert"]["pooler"]["dense"]["kernel"].dtype == jnp.bfloat16
     assert cast[1].snapshots["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype == jnp.float32
@@ -113,7 +117,7 @@ def test_evaluation_scores_sets_cast_once_as_it_scored_them_cast_at_use():
     token_ids = rng.integers(1, 100, size=(10, 16)).astype(np.int32) * (np.arange(16) < lengths[:, None])
     encoded = Encoded(token_ids, lengths, np.minimum(lengths, 5).astype(np.int32), None, list(range(10)), 0)
     got = programs.logits(sets, encoded)
-    at_use = evaluate.EvalPrograms(model, parallel.make_mesh(1), Models.of_seeds((0,)), (16,), 4, None)
+    at_use = evaluate.EvalPrograms(model, distributed.make_mesh(1), Models.of_seeds((0,)), (16,), 4, None)
     at_use.cast_fn = lambda tree: tree  # the sets as the train state holds them: cast in each batch's program
     want = at_use.logits(sets, encoded)
     for g, w in zip(got, want, strict=True):
@@ -125,17 +129,17 @@ def test_a_masked_lm_step_reading_the_copies_is_a_step_casting_at_use():
     """Pretraining's step (bf16, dropout, one layer): the same state, loss and accuracy bit for bit
     with the copies and without them; the copies follow the weights."""
     config = CONFIG.replace(num_hidden_layers=1)
-    model = BertForMaskedLM(config, jnp.bfloat16, False)
+    model = BertForMaskedLM(config, jnp.bfloat16, False, forms=kernels.XLA)
     settings = settings_with()
     params = init_mlm_params(config, jax.random.key(0), scan_layers=False)
-    state = pretrain.create_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.bfloat16)
+    state = mlm_step.create_state(params, Hyperparameters.of(settings, 100), settings, compute_dtype=jnp.bfloat16, copies=True)
     assert state.weight_copies is not None
-    assert pretrain.create_state(params, Hyperparameters.of(settings, 100), settings).weight_copies is None
+    assert mlm_step.create_state(params, Hyperparameters.of(settings, 100), settings).weight_copies is None
     batch = _batch(0)
     batch = {**batch, "mlm_positions": jnp.tile(jnp.arange(0, 16, 4), (4, 1)), "mlm_targets": batch["input_ids"][:, ::4],
              "mlm_weights": jnp.ones((4, 4), jnp.float32)}  # fmt: skip
     step = jax.jit(
-        lambda state, batch: pretrain.mlm_train_step(state, batch, jax.random.key(1), model=model, settings=settings)
+        lambda state, batch: mlm_step.mlm_train_step(state, batch, jax.random.key(1), model=model, settings=settings)
     )
     with_copies, at_use = state, state.replace(weight_copies=None)
     for _ in range(2):
