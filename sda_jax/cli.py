@@ -21,15 +21,18 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         from sda_jax import commands, train
 
-        commands.run_train(train.train_and_evaluate, [program, *rest])
+        commands.run_train(train.train_and_evaluate, [program, *rest], command="sda-jax train")
     elif command == "pretrain":
         from sda_jax import commands, pretrain
 
-        commands.run_train(pretrain.pretrain, [program, *rest])
+        commands.run_train(pretrain.pretrain, [program, *rest], command="sda-jax pretrain", summary=commands.PRETRAIN_SUMMARY,
+                           config_example="configs/afqmc_tapt.py")  # fmt: skip
     elif command == "export":
         from sda_jax import commands, export
 
-        commands.run_export(export.export, export.PARAM_SETS, [program, *rest])
+        commands.run_export(export.export, export.PARAM_SETS, [program, *rest], command="sda-jax export")
+    elif command in ("--help", "-h", "help"):
+        print(f"{USAGE}\n\nEach command's own flags: sda-jax train --help, sda-jax pretrain --help, sda-jax export --help.")
     else:
         print(USAGE, file=sys.stderr)
         sys.exit(2)

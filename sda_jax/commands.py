@@ -55,6 +55,42 @@ def _resolve_config_flag(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 _NONE_KEYS: list[str] = []  # the --config.KEY=None of the command being parsed
+HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "-?")
+_OVERRIDES = """Config overrides: every key of the config can be set on the command line as --config.SECTION.KEY=VALUE,
+the last one given winning, e.g.
+
+  {example}
+
+--config.KEY=None sets a key to None ("off" or "auto" where its comment says so). Every key, its
+default and its comment: docs/configuration.md, or `python -m sda_jax.config`. --helpfull also
+lists the flags of absl and JAX."""
+
+
+def help_text(usage: str, summary: str, names: list[str], example: str | None = None) -> str:
+    """A command's --help: its usage, what it does, its own flags (not absl's or JAX's) and, for
+    the commands that read a config, how overrides work."""
+    lines = [f"usage: {usage}", "", summary, "", "flags:"]
+    for name in names:
+        flag = flags.FLAGS[name]
+        default = "" if flag.default in (None, False) else f" (default: {flag.default_as_str})"
+        lines.append(f"  --{name}{f' (-{flag.short_name})' if flag.short_name else ''}")
+        lines.append(f"      {flag.help}{default}")
+    if example:
+        lines += ["", _OVERRIDES.format(example=example)]
+    return "\n".join(lines)
+
+
+def _parser(help_page: str):
+    """absl flag parsing, with a bad flag or config override as a one-line error and exit 2, and
+    --help printing `help_page` and exiting 0."""
+
+    def parse(argv: list[str]) -> list[str]:
+        if any(arg in HELP_FLAGS for arg in argv[1:]):
+            print(help_page)
+            sys.exit(0)
+        return _parse_flags(argv)
+
+    return parse
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -86,7 +122,19 @@ def _set_nones(config, keys: list[str]) -> None:
             exit_with_error(f"--config.{key}: no such config key")
 
 
-def run_train(train_and_evaluate, argv: list[str] | None = None) -> None:
+TRAIN_SUMMARY = (
+    "Fine-tunes the config's model with self-distillation averaging (SDA), scores dev every train.eval_every\n"
+    "steps, keeps each model's best checkpoint and writes the test predictions into --workdir; rerun the\n"
+    "same command to resume an interrupted run."
+)
+PRETRAIN_SUMMARY = (
+    "Masked-LM pretraining on the task's own sentences (labels never read), scoring the held-out split every\n"
+    "train.eval_every steps; export its best step and fine-tune from it with --config.model.dir."
+)
+
+
+def run_train(train_and_evaluate, argv: list[str] | None = None, *, command: str = "python -m sda_jax.train",
+              summary: str = TRAIN_SUMMARY, config_example: str = "configs/afqmc.py") -> None:  # fmt: skip
     """`python -m sda_jax.train`: train, evaluate, predict with `train_and_evaluate` (sda_jax.train's);
     `python -m sda_jax.pretrain` passes `pretrain.pretrain`, which takes the same flags."""
     from ml_collections import config_flags
@@ -112,7 +160,9 @@ def run_train(train_and_evaluate, argv: list[str] | None = None) -> None:
         _set_nones(config.value, _NONE_KEYS)
         _train(train_and_evaluate, config.value, pathlib.Path(workdir.value or f"runs/{path.stem}"), fresh.value)
 
-    app.run(main, argv=argv, flags_parser=_parse_flags)
+    usage = f"{command} --config FILE [--workdir DIR] [--fresh] [--config.KEY=VALUE ...]"
+    example = f"{command} --config {config_example} --config.optim.learning_rate=3e-5 --config.train.max_steps=200"
+    app.run(main, argv=argv, flags_parser=_parser(help_text(usage, summary, ["config", "workdir", "fresh"], example)))
 
 
 def _train(train_and_evaluate, config, workdir: pathlib.Path, fresh: bool) -> None:
@@ -150,7 +200,7 @@ def compilation_cache_dir() -> str:
     return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "sda_jax" / "xla")
 
 
-def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = None) -> None:
+def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = None, *, command: str = "python -m sda_jax.export") -> None:
     """`python -m sda_jax.export`: the best checkpoint of a run as a Hugging Face folder, with
     `export` (sda_jax.export's) and the names of the parameter sets it can write."""
     workdir = flags.DEFINE_string("workdir", None, "The run folder (the --workdir of sda_jax.train).")
@@ -188,4 +238,10 @@ def run_export(export, params_names: tuple[str, ...], argv: list[str] | None = N
             f"{checkpoint['step']}{accuracy} to {out.value}"
         )
 
-    app.run(main, argv=argv)
+    usage = f"{command} --workdir DIR --out DIR [--params eval_ema|student|teacher] [--seed S | --model I | --values K=V,...]"
+    summary = (
+        "Writes the best checkpoint of a run (sda_jax.train's or sda_jax.pretrain's --workdir) as a Hugging Face\n"
+        "folder that transformers' BertForSequenceClassification (or BertForMaskedLM) loads for serving."
+    )
+    names = ["workdir", "out", "params", "seed", "model", "values", "while_training"]
+    app.run(main, argv=argv, flags_parser=_parser(help_text(usage, summary, names)))

@@ -9,10 +9,11 @@ so. From these:
   a `None` default is a typed placeholder, so `--config.train.max_steps=200` parses as an int);
 * `Settings.from_config(config)` checks every value and returns the frozen settings; a bad value
   is an `InputError` naming its key (`config key optim.learning_rate: expected ...`);
-* `Settings.from_record(path)` reads a run's `settings.json` back through the same checks.
+* `Settings.from_record(path)` reads a run's `settings.json` back through the same checks;
+* `configuration_page()` is docs/configuration.md.
 
-Dataclasses are frozen (hashable), so the train step can close over them. This is the config
-layer: it imports no data or model module (they import it).
+Dataclasses are frozen (hashable), so the train step can close over them; this module imports no
+other of the package but `errors`.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class DataSettings:
     truncation: str = key("longest_first", "longest_first (both sentences keep tokens) or reference (the seed's tail cut)",
                           choices=TRUNCATIONS)  # fmt: skip
     bucket_lengths: tuple[int, ...] | None = key(None, "padded lengths a batch may have, one compile each; None: fitted to the train set", minimum=1)
-    num_buckets: int | None = key(None, "with bucket_lengths None: fit this many lengths; None: bucket_policy's cost model picks", minimum=1)
+    num_buckets: int | None = key(None, "with bucket_lengths None: fit this many lengths; None: the cost model picks (data/bucketing.py)", minimum=1)
     bucket_multiplier: int = key(200, "bucket sampler chunk = batch_size * this, sorted by length", minimum=1)
 
 
@@ -107,9 +108,8 @@ class ModelSettings:
     intermediate_size: int | None = key(None, "overrides config.json (from scratch only)", minimum=1)
     dtype: str = key("auto", "compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16", choices=DTYPES)
     scan_layers: bool = key(True, "nn.scan (+remat) over the encoder layers: ~2x faster GPU compiles; False: unrolled")
-    kernels: str = key("auto", "16-bit forms of the blocks: reference (the recipe's plain ops), xla (XLA's ops, less GPU memory traffic), "
-                       "pallas (hand-written kernels; one device, <= 128 tokens); auto: xla on a GPU, reference elsewhere "
-                       "(sda_jax/kernels/__init__.py; none yet measured on a GPU)", choices=KERNEL_CHOICES)  # fmt: skip
+    kernels: str = key("auto", "forms of the blocks: reference, xla or pallas; auto: xla on a GPU, reference elsewhere (docs/performance.md)",
+                       choices=KERNEL_CHOICES)  # fmt: skip
 
     @property
     def overrides(self) -> tuple[tuple[str, int], ...]:
@@ -264,13 +264,9 @@ def sections() -> list[tuple[str, type]]:
 
 def describe() -> list[tuple[str, Any, str]]:
     """(dotted key, default, one-line comment) of every config key, in config order; the sweep keys last."""
-    out = []
-    for prefix, cls in sections():
-        for f in _scalar_fields(cls):
-            out.append((prefix + f.name, f.default, f.metadata["comment"]))
-    out += [(f"sweep.{name}", None, f"values of {name} for the grid of models trained side by side; None: its one value")
-            for name in SWEEP_KEYS]  # fmt: skip
-    return out
+    out = [(prefix + f.name, f.default, f.metadata["comment"]) for prefix, cls in sections() for f in _scalar_fields(cls)]
+    sweep = "values of {} for the grid of models trained side by side; None: its one value"
+    return out + [(f"sweep.{name}", None, sweep.format(name)) for name in SWEEP_KEYS]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -317,10 +313,8 @@ def _convert_sweep(values: Mapping[str, Any], where) -> tuple[tuple[str, tuple[A
     refused with why, a value as its key's own check would refuse it."""
 
     def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for name, value in tree.items():
-            out.update(flat(value, f"{prefix}{name}.") if isinstance(value, Mapping) else {prefix + name: value})
-        return out
+        items = [flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {prefix + k: v} for k, v in tree.items()]
+        return {key: value for item in items for key, value in item.items()}
 
     given = {name: value for name, value in flat(values).items() if value is not None}
     for name in given:
@@ -486,6 +480,21 @@ def tfds_dataset_name(spec: str) -> str:
     return name
 
 
+def configuration_page() -> str:
+    """docs/configuration.md, generated from the declarations above (a test checks it is current)."""
+    # A path default as it lies beside a clone, wherever this one is.
+    shown = lambda v: str(v).replace(str(SHARED), "../shared", 1) if isinstance(v, pathlib.Path) else repr(v)
+    rows = [f"| `{name}` | `{shown(default)}` | {comment.replace('|', '/')} |" for name, default, comment in describe()]
+    intro = (
+        "Generated from `sda_jax/config.py`, where each key is declared once with its type, default, bounds and comment\n"
+        "(`python -m sda_jax.config --markdown > docs/configuration.md`). Set a key with `--config.<key>=<value>` (the\n"
+        "last one given counts; `None`: off or auto, where its comment says so); a bad value is a one-line error naming it."
+    )
+    return "\n".join(["# Configuration", "", intro, "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
+
+
 if __name__ == "__main__":
-    for name, default, comment in describe():
-        print(f"{name} = {default!r}  # {comment}")
+    import sys
+
+    lines = [configuration_page()] if sys.argv[1:] == ["--markdown"] else [f"{n} = {d!r}  # {c}" for n, d, c in describe()]
+    print(*lines, sep="\n", end="" if sys.argv[1:] == ["--markdown"] else "\n")

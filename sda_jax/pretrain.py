@@ -175,4 +175,4 @@ def format_summary(summary: dict[str, Any]) -> str:
 if __name__ == "__main__":
     from sda_jax import commands
 
-    commands.run_train(pretrain)
+    commands.run_train(pretrain, command="python -m sda_jax.pretrain", summary=commands.PRETRAIN_SUMMARY, config_example="configs/afqmc_tapt.py")

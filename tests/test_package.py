@@ -183,6 +183,22 @@ def test_help_says_where_bare_config_names_come_from(train):
     assert "a bare name not found here is read from" in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize(
+    ("command", "own_flags"),
+    [("sda_jax.train", ["--config", "--workdir", "--fresh"]), ("sda_jax.pretrain", ["--config", "--workdir", "--fresh"]),
+     ("sda_jax.export", ["--workdir", "--out", "--params", "--seed", "--model", "--values", "--while_training"])],
+)  # fmt: skip
+def test_help_lists_the_commands_own_flags_and_exits_0(cli, command, own_flags):
+    result = cli.run(command, "--help", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  --")]
+    assert listed == own_flags, result.stdout
+    assert "--jax_" not in result.stdout and "--logtostderr" not in result.stdout  # absl's and JAX's stay in --helpfull
+    if command != "sda_jax.export":
+        assert "--config.optim.learning_rate=3e-5" in result.stdout and "docs/configuration.md" in result.stdout
+        assert "python -m sda_jax.config" in result.stdout
+
+
 def test_the_console_script_runs_both_commands(cli):
     """`sda-jax train|export` (pyproject's [project.scripts]) are the two command lines."""
     script = shutil.which("sda-jax", path=str(pathlib.Path(sys.executable).parent))
@@ -194,6 +210,9 @@ def test_the_console_script_runs_both_commands(cli):
     assert "no_model_dir: not an sda-jax run folder" in run("export", "--workdir=no_model_dir", "--out=x").stderr
     usage = run("serve")
     assert usage.returncode == 2 and usage.stderr.startswith("usage: sda-jax train")
+    helped = run("train", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: sda-jax train --config FILE"), helped.stdout[:300]
+    assert run("--help").returncode == 0
 
 
 def test_stopwatch_phases_add_up_and_nest():
