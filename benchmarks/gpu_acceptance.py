@@ -124,7 +124,7 @@ def _device_commands(ctx: Context) -> list[Command]:
 
 
 def _tests_commands(ctx: Context) -> list[Command]:
-    argv = [ctx.python, "-m", "pytest", "-q", "-m", "gpu", "-rP", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    argv = [ctx.python, "-m", "pytest", "-q", "-m", "gpu", "-rP", "-p", "no:cacheprovider", "tests/gpu/test_gpu.py"]
     return [Command("pytest -m gpu", argv, figures=_pytest_figures)]
 
 

@@ -8,7 +8,7 @@ schedule, and their multi-tensor (`torch._foreach_*`) forms for the benchmark's 
   first sync, syncs on updates 1, 1+k, 1+2k, ...;
 * `WarmupLinearSchedule`: LambdaLR, step/warmup during warmup, then linear decay to 0 at t_total;
 * `ForeachAdamW`, `ForeachLookahead`, `lerp_averages`: the same arithmetic as one multi-tensor op
-  per step for all parameters of a group (tests/test_torch_reference.py: bit-identical on CPU).
+  per step for all parameters of a group (tests/reference/test_torch_reference.py: bit-identical on CPU).
 """
 
 from __future__ import annotations

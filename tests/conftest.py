@@ -78,6 +78,14 @@ class Cli:
         )
 
 
+def pytest_collection_modifyitems(items) -> None:
+    # Tests of whole runs (training, resuming, several processes) live in tests/e2e/: `-m "not e2e"`
+    # leaves the unit tests, and `pytest tests/<folder>` one stage's.
+    for item in items:
+        if "e2e" in pathlib.Path(str(item.fspath)).relative_to(REPO_ROOT).parts[:2]:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def cli() -> Cli:
     return Cli()
@@ -120,7 +128,7 @@ def moved_by_rounding_alone(key: str) -> bool:
     """State entries of the attention key biases (their params, averages and Adam moments).
 
     Softmax is invariant to a key bias, so its exact gradient is zero and Adam moves it on the
-    rounding noise of the gradient sums alone (tests/test_parity.py checks the invariance). Runs
+    rounding noise of the gradient sums alone (tests/e2e/test_parity.py checks the invariance). Runs
     that sum gradients in another order (other device or process counts) agree on everything else
     to float32 rounding, but not on this noise, whose size depends on how XLA fuses the step.
     """

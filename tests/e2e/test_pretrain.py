@@ -62,7 +62,7 @@ def test_mlm_logits_equal_transformers(tmp_path, kind):
     with torch.no_grad():
         names = ("input_ids", "token_type_ids", "attention_mask")
         expected = model(**{n: torch.from_numpy(x).long() for n, x in zip(names, (ids, types, mask))}).logits.numpy()
-    for scan in (True,):  # the unrolled layout converts as the classifier's does (tests/test_models.py)
+    for scan in (True,):  # the unrolled layout converts as the classifier's does (tests/models/test_models.py)
         [params], report = load_pretrained_models(tmp_path, config, [jax.random.key(0)], scan, masked_lm=True)
         assert not report.unused and not report.initialized, report.summary()
         ours = np.asarray(_apply(config, scan)({"params": params}, ids, types, mask))

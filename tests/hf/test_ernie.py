@@ -5,7 +5,7 @@ config fields (`use_task_id`, 3 task types, 4 token types, LayerNorm eps 1e-5) a
 N(0, 0.2) (LayerNorm scales 1 + N(0, 0.2)), so that logits are O(1) and a 1e-5 tolerance says
 something. Inputs are real AFQMC dev pairs, tokenized and batched as training does.
 
-What it measures (python -m pytest tests/test_ernie.py -q -rP | grep parity:): the largest
+What it measures (python -m pytest tests/hf/test_ernie.py -q -rP | grep parity:): the largest
 |ours - transformers| logit difference at each bucket length, and the exported run's.
 """
 

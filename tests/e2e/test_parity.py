@@ -74,7 +74,7 @@ WARMUP_RATIO = 0.1  # int(0.1 · 20) = 2 warmup steps: lr 0 at step 1, lr/2 at s
 EVAL_EMA_START = 5  # the eval EMA copies the student up to step 5 and averages from step 6 on
 PARTIAL_ROWS = 25  # step 2's batch has 25 real rows of 32: weighted means vs sliced-off padding
 
-# Tolerances. Each test prints what it measured: python -m pytest tests/test_parity.py -q -rP | grep parity:
+# Tolerances. Each test prints what it measured: python -m pytest tests/e2e/test_parity.py -q -rP | grep parity:
 LOGITS_ATOL = 1e-5
 STEP_LOSS_ATOL = 1e-6  # the first steps' losses
 TRAJECTORY_LOSS_ATOL = 1e-4  # every step's loss over 20 steps

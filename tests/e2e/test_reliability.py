@@ -1,5 +1,5 @@
 """Nothing lost when two runs share a workdir, a checkpoint is damaged or the disk fills, and a
-time-based checkpoint cadence (that two processes agree on it: tests/test_multihost.py).
+time-based checkpoint cadence (that two processes agree on it: tests/e2e/test_multihost.py).
 
 Each fault is made by hand on a run of the 1-layer model, and the run that follows it is held
 to an undisturbed one: bit-identical final state, metrics and predictions.
@@ -24,8 +24,8 @@ import pytest
 
 from sda_jax import export
 from sda_jax.errors import InputError, NoSpaceError
-from tests import test_resume
 from tests.conftest import REPO_ROOT, TINY_RUN, flags_of, load_train_state, one_line_error, train_in_process
+from tests.e2e import test_resume
 
 # Checkpoints at 20, 30, 40 kept: enough to fall back on.
 RUN = {**TINY_RUN, "train.max_steps": 40, "train.log_every": 4, "train.eval_every": 20, "train.checkpoint_every": 10,

@@ -178,7 +178,7 @@ def test_compiled_step_matches_eager_on_cpu_and_compiles_once() -> None:
     Compiled kernels sum in other orders: losses and gradients agree to float32 rounding, and Adam's
     step lr·m/(√v + eps) carries that relative error, more where |g| is near eps (key biases,
     whose exact gradient is 0, move on rounding noise alone and are left out: see
-    tests/test_parity.py). So, as tests/test_parity.py allows sda-jax against the reference: losses
+    tests/e2e/test_parity.py). So, as tests/e2e/test_parity.py allows sda-jax against the reference: losses
     to 1e-6, each tensor's update to 1e-3 relative in norm and weights to 3e-5 elementwise (lr is
     1e-3, an Adam step ~3e-3). Step 2 changes lr and the teacher's weight and runs the eval EMA's
     first lerp: it may add no graph.

@@ -11,8 +11,8 @@ import pytest
 
 from sda_jax.errors import InputError
 from sda_jax.parallel import distributed
-from tests import test_resume
 from tests.conftest import TINY_RUN_FLAGS, flags_of, read_records, train_in_process
+from tests.e2e import test_resume
 
 TINY = {
     "model.num_hidden_layers": 2,

@@ -1,6 +1,6 @@
 """The fused attention kernels (`sda_jax/kernels/fused_attention.py`), in Pallas' interpreter on the CPU,
 against the 16-bit model's XLA expression: the same values and gradients bit for bit, with the
-same dropout masks. The model with them: tests/test_pallas_kernels.py."""
+same dropout masks. The model with them: tests/kernels/test_pallas_kernels.py."""
 
 from __future__ import annotations
 

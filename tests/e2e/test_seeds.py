@@ -36,7 +36,6 @@ from sda_jax.step.hyperparameters import Hyperparameters
 from sda_jax.step.model_axis import Models
 from sda_jax.workdir import checkpoints
 from sda_jax.workdir.layout import Workdir
-from tests import test_resume
 from tests.conftest import (
     TINY_RUN,
     assert_within_rounding_but_adam_flips,
@@ -47,6 +46,7 @@ from tests.conftest import (
     settings_of,
     train_in_process,
 )
+from tests.e2e import test_resume
 
 SEEDS = (2021, 2022)
 CONFIG = BertConfig(

@@ -1,7 +1,7 @@
 """Bad input stops a run before anything is written: an `InputError` naming the file (and line),
 no workdir left; through the command line, one `error:` line and exit status 2.
 
-The rows a reader refuses are unit tests of `clue_files` (tests/test_input_pipeline.py); here they
+The rows a reader refuses are unit tests of `clue_files` (tests/data/test_input_pipeline.py); here they
 go through `train_and_evaluate`, in this process, to show that the run checks them before it
 touches the workdir. One of them also goes through the command line.
 """

@@ -19,7 +19,7 @@ from sda_jax.step import mlm_step, sda
 from sda_jax.step.hyperparameters import Hyperparameters
 from sda_jax.step.model_axis import Models
 from sda_jax.step.train_step import create_train_state, train_step
-from tests.test_teachers_adversarial import settings_with
+from tests.step.test_teachers_adversarial import settings_with
 
 CONFIG = BertConfig(
     vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -1,7 +1,7 @@
 """`model.kernels=pallas`: the residual blocks' kernel (`sda_jax/kernels/fused_layer_norm.py`) in Pallas'
 interpreter against the 16-bit model's XLA expression, the model with both kernels against the
 model with XLA's ops, and which kernels a run takes. The attention kernel alone:
-tests/test_fused_attention.py."""
+tests/kernels/test_fused_attention.py."""
 
 from __future__ import annotations
 
