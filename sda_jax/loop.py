@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from sda_jax import input_pipeline, mixed_precision, optim, parallel, run_summary, selection
+from sda_jax import allocation, input_pipeline, mixed_precision, optim, parallel, run_summary, selection
 from sda_jax.checkpoints import TrainCheckpoints
 from sda_jax.evaluate import EvalPrograms, Scores
 from sda_jax.metrics_writer import MetricsWriter
@@ -73,6 +73,9 @@ class Session(contextlib.ExitStack):
                 # Before the writer opens the file: a resumed run logs the steps after its checkpoint again.
                 run.workdir.truncate_metrics(self.start_step)
                 print(f"Resuming from the checkpoint of step {self.start_step}.")
+                other = allocation.note(run.workdir.train_checkpoints / str(self.start_step), jax.device_count(), jax.process_count())
+                if other:
+                    print(other)
         self.selection = selection.Selection(run.workdir, run.models)
         self.callback(self.selection.close)
         self.writer = self.enter_context(MetricsWriter(run.workdir, enabled=run.is_main, resume_step=self.start_step))
@@ -229,7 +232,7 @@ def save_train_state(checkpoints: TrainCheckpoints, state: Any, step: int, run: 
     settings, per_epoch = run.settings, run.steps_per_epoch
     position = {
         "step": step, "seed": settings.seed, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
-        "model_seeds": list(run.models.seeds),
+        "model_seeds": list(run.models.seeds), **allocation.written_by(jax.device_count(), jax.process_count()),
     }  # fmt: skip
     checkpoints.save(step, state, position)
 
