@@ -96,8 +96,12 @@ class Watchdog:
             self.stopped.wait(BEAT_S)
 
     def _judge(self) -> None:
+        tick = time.monotonic()
         while not self.stopped.wait(1.0):
             now = time.monotonic()
+            if now - tick > self.timeout:  # this process was frozen itself (SIGSTOP, a hung host): its peers have ended
+                end_frozen(now - tick, self.process_id, self.num_processes)
+            tick = now
             lost = self.lost(now)
             if lost is not None and not self.stopped.is_set():
                 end_lost(lost, self.process_id, self.num_processes, self.timeout)
@@ -118,8 +122,18 @@ def end_lost(lost: int, process_id: int, num_processes: int, timeout: float) -> 
     """The one line, then the exit: no traceback, no shutdown barrier, no checkpoint."""
     what = "the coordinator, process 0," if lost == 0 and process_id != 0 else f"process {lost}"
     print(
-        f"error: lost {what} of {num_processes}: no heartbeat for {timeout:.0f} s (it died, hung, or its host is cut "
+        f"\nerror: lost {what} of {num_processes}: no heartbeat for {timeout:.0f} s (it died, hung, or its host is cut "
         f"off); process {process_id} ends too. Resubmit: the run resumes from its last complete checkpoint.",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+    os._exit(LOST_PEER_EXIT)
+
+
+def end_frozen(seconds: float, process_id: int, num_processes: int) -> None:
+    """The one line of a process that was itself frozen longer than its peers wait, then the exit."""
+    print(
+        f"\nerror: process {process_id} of {num_processes} was frozen for {seconds:.0f} s (SIGSTOP, a hung host or a "
+        "network partition), longer than its peers wait: they have ended, and so does it.",
         file=sys.stderr, flush=True,
     )  # fmt: skip
     os._exit(LOST_PEER_EXIT)
