@@ -10,11 +10,13 @@ slurm/train.sbatch survive what a cluster does to them, on the 1-layer tiny run,
   a resubmission on 4 tasks resumes from the last complete checkpoint.
 
 Skipped where no SLURM answers (SDA_REQUIRE_SLURM=1, as .ci/run sets, makes that a failure).
-The timings printed (pytest -s) are the ones the SLURM page of the docs quotes.
+The timings printed (pytest -s) are the ones the SLURM page of the docs quotes. The first tests
+(no SLURM needed) check the lost-peer verdicts and the merge of a job array's sweep tables.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -27,14 +29,85 @@ import time
 import numpy as np
 import pytest
 
+from sda_jax import merge_sweeps, peers
 from tests.conftest import REPO_ROOT, TINY_RUN, flags_of, load_train_state, moved_by_rounding_alone
 
-pytestmark = pytest.mark.slurm
+slurm = pytest.mark.slurm
 
 STEPS = 60
 RUN = {**TINY_RUN, "train.max_steps": STEPS, "train.log_every": 5, "train.eval_every": 30, "train.checkpoint_every": 10}
 FLAGS = flags_of(RUN)
 DEFAULT_CONF = "/var/tmp/sda-jax-slurm/slurm.conf"
+
+
+class FakeClient:
+    """The coordination service's key-value store, in memory; `frozen` stands for a service that stopped answering."""
+
+    def __init__(self):
+        self.store, self.frozen = {}, False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.frozen:
+            raise RuntimeError("UNAVAILABLE")
+        self.store[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.frozen:
+            raise RuntimeError("UNAVAILABLE")
+        return [(k, v) for k, v in self.store.items() if k.startswith(prefix)]
+
+
+def test_watchdog_verdicts(monkeypatch):
+    """A peer whose counter stops is lost after the timeout, one that said "done" never is, and a
+    service that stops answering is the coordinator lost."""
+    monkeypatch.setattr(peers, "BEAT_S", 0.05)
+    client = FakeClient()
+    dog = peers.Watchdog(client, process_id=0, num_processes=3, timeout=0.5)
+    dog.seen = {1: ("", time.monotonic()), 2: ("", time.monotonic())}
+    beat = __import__("threading").Thread(target=dog._beat, daemon=True)
+    beat.start()
+    for count in range(10):  # both peers beat
+        client.store["sda/peers/1"] = client.store["sda/peers/2"] = str(count)
+        time.sleep(0.1)
+    assert dog.lost(time.monotonic()) is None
+    client.store["sda/peers/2"] = "done"  # process 2 ended normally; process 1 goes silent
+    time.sleep(0.2)
+    assert dog.lost(time.monotonic()) is None
+    time.sleep(0.6)
+    assert dog.lost(time.monotonic()) == 1
+    client.store["sda/peers/1"] = "again"
+    time.sleep(0.2)
+    assert dog.lost(time.monotonic()) is None
+    client.frozen = True
+    time.sleep(0.8)
+    assert dog.lost(time.monotonic()) == 0
+    dog.stopped.set()
+    assert peers.jax_heartbeat_timeout_s() >= peers.timeout_s() + 20
+
+
+def test_merge_sweeps_of_an_array(tmp_path):
+    """Two runs (batch sizes 16 and 32) of two learning rates each: one table of four rows, the best over both."""
+    workdirs = []
+    for batch, accuracies in ((16, (0.70, 0.72)), (32, (0.75, 0.71))):
+        workdir = tmp_path / f"bs{batch}"
+        workdir.mkdir()
+        (workdir / "settings.json").write_text(json.dumps({"train": {"batch_size": batch}}))
+        rows = [{"optim.learning_rate": lr, "seeds": [1], "models": [i], "best_steps": [10], "dev_accuracy_mean": acc,
+                 "dev_accuracy_std": 0.0, "dev_f1_mean": 0.5, "dev_f1_std": 0.0}
+                for i, (lr, acc) in enumerate(zip((1e-5, 2e-5), accuracies))]  # fmt: skip
+        single = {"model": 0, "optim.learning_rate": 1e-5, "seed": 1, "best_step": 10, "dev_accuracy": max(accuracies),
+                  "dev_f1": 0.5, "label": "single best model"}  # fmt: skip
+        (workdir / "summary.json").write_text(json.dumps({"combinations": rows, "best_model": single}))
+        workdirs.append(workdir)
+    merge_sweeps.main(["--out", str(tmp_path / "grid"), *map(str, workdirs)])
+    csv_lines = (tmp_path / "grid" / "sweep.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("train.batch_size,workdir,optim.learning_rate,") and len(csv_lines) == 5
+    table = json.loads((tmp_path / "grid" / "sweep.json").read_text())
+    assert table["best_combination"]["train.batch_size"] == 32 and table["best_combination"]["optim.learning_rate"] == 1e-5
+    assert "train.batch_size=32" in (tmp_path / "grid" / "sweep.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        merge_sweeps.main(["--out", str(tmp_path / "grid"), str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +217,7 @@ def uninterrupted(env, tmp_path_factory):
     return folder / "run"
 
 
+@slurm
 def test_signal_then_requeue_resume_bit_identical(env, uninterrupted, tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "log"
     job_id = submit(env, workdir, log)
@@ -178,6 +252,7 @@ def _start_and_hit_one_task(env, workdir, log, sig) -> tuple[str, float, dict[in
     return job_id, time.time(), pids
 
 
+@slurm
 def test_killed_task_ends_the_job_and_resubmissions_resume(env, uninterrupted, tmp_path):
     """SIGKILL of one task: srun --kill-on-bad-exit ends the other; resubmitted on 2 tasks the run
     ends bit-identical, on 1 task the same to rounding (and says so in one line)."""
@@ -202,6 +277,7 @@ def test_killed_task_ends_the_job_and_resubmissions_resume(env, uninterrupted, t
     assert_close_run(one_task / "run", uninterrupted)
 
 
+@slurm
 def test_frozen_task_ends_the_others_within_60s_with_one_line(env, uninterrupted, tmp_path):
     """SIGSTOP of one task (a hung node, a network partition): the other ends within 60 s with one
     line naming it; resubmitted on 4 tasks, the run resumes from the last complete checkpoint."""
