@@ -142,10 +142,10 @@ def _train(train_and_evaluate, config, workdir: pathlib.Path, fresh: bool) -> No
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(err.exit_code)
-    except jax.errors.JaxRuntimeError as err:
-        if jax.process_count() > 1:  # a collective with a dead peer: one line naming it (sda_jax/peers.py)
-            from sda_jax import peers
+    except Exception as err:
+        from sda_jax import peers
 
+        if jax.process_count() > 1 and peers.collective_failed(err):  # a dead peer: one line naming it
             peers.await_verdict(err)
         raise
 

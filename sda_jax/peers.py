@@ -154,6 +154,17 @@ def start_watchdog() -> None:
     _watchdog.start()
 
 
+# What a collective with a dead peer raises (a JaxRuntimeError, or a ValueError: "UNKNOWN: Gloo
+# AllGather failed: ... Connection reset by peer"); on GPUs NCCL's errors and the coordination
+# service's deadlines.
+_COLLECTIVE_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "unavailable", "deadline_exceeded")
+
+
+def collective_failed(err: BaseException) -> bool:
+    """Whether `err` looks like a collective that lost a peer (then `await_verdict`, not a traceback)."""
+    return _watchdog is not None and any(word in str(err).lower() for word in _COLLECTIVE_ERRORS)
+
+
 def await_verdict(err: BaseException) -> None:
     """After a collective failed in a multi-process run (a Gloo 'connection closed by peer', say):
     waits for the watchdog to name the lost process and end this one; if none is lost after the
