@@ -82,7 +82,7 @@ def test_watchdog_verdicts(monkeypatch):
     time.sleep(0.8)
     assert dog.lost(time.monotonic()) == 0
     dog.stopped.set()
-    assert peers.jax_heartbeat_timeout_s() >= peers.timeout_s() + 20
+    assert peers.jax_heartbeat_timeout_s() >= 2 * peers.timeout_s() + 30
 
 
 def test_merge_sweeps_of_an_array(tmp_path):
