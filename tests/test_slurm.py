@@ -263,6 +263,7 @@ def test_killed_task_ends_the_job_and_resubmissions_resume(env, uninterrupted, t
     assert wait_done(env, job_id, timeout=120)["JobState"] == "FAILED"
     out = log.read_text()
     assert not any(noise in out for noise in NOISE), out[-3000:]
+    assert "a task failed" in out  # the script's last line, not "requeue"
     one_task = tmp_path / "one-task"
     shutil.copytree(workdir, one_task)
     # The same command again, on 2 tasks: bit-identical.
@@ -271,10 +272,10 @@ def test_killed_task_ends_the_job_and_resubmissions_resume(env, uninterrupted, t
     assert "Resuming from the checkpoint of step" in log.read_text()
     assert_same_run(workdir, uninterrupted)
     # On 1 task (a requeued job may get less): the same to rounding, and one line says why not exact.
-    job_id = submit(env, one_task / "run", tmp_path / "log1", tasks=1)
+    job_id = submit(env, one_task, tmp_path / "log1", tasks=1)
     assert wait_done(env, job_id)["JobState"] == "COMPLETED", (tmp_path / "log1").read_text()[-3000:]
     assert "written on 2 devices (2 processes) and resumes on 1 (1)" in (tmp_path / "log1").read_text()
-    assert_close_run(one_task / "run", uninterrupted)
+    assert_close_run(one_task, uninterrupted)
 
 
 @slurm
