@@ -7,7 +7,8 @@ slurm/train.sbatch survive what a cluster does to them, on the 1-layer tiny run,
 - a task SIGKILLed: the job ends at once, a resubmission resumes bit-exactly (on 2 tasks), or on
   1 task with the same result to rounding and a one-line note;
 - a task frozen (SIGSTOP): the other ends within 60 s with one line naming it, no traceback, and
-  a resubmission on 4 tasks resumes from the last complete checkpoint.
+  a resubmission on 4 tasks resumes from the last complete checkpoint;
+- a CLUE grid as a job array (slurm/clue_grid.sbatch), its runs' tables merged into one.
 
 Skipped where no SLURM answers (SDA_REQUIRE_SLURM=1, as .ci/run sets, makes that a failure).
 The timings printed (pytest -s) are the ones the SLURM page of the docs quotes. The first tests
@@ -300,3 +301,24 @@ def test_frozen_task_ends_the_others_within_60s_with_one_line(env, uninterrupted
     assert wait_done(env, job_id, timeout=600)["JobState"] == "COMPLETED", log.read_text()[-3000:]
     assert "written on 2 devices (2 processes) and resumes on 4 (4)" in log.read_text()
     assert_close_run(workdir, uninterrupted)
+
+
+@slurm
+def test_grid_as_a_job_array_and_its_merged_table(env, tmp_path):
+    """slurm/clue_grid.sbatch, two of its array tasks (batch sizes 16 and 32), each a sweep of two
+    learning rates; merge_sweeps makes one table of the four combinations."""
+    grid = tmp_path / "grid"
+    short = {**TINY_RUN, "train.max_steps": 10, "train.log_every": 5, "train.eval_every": 10, "train.checkpoint_every": 10}
+    sweep = {"sweep.optim.learning_rate": (1e-3, 2e-3), "sweep.seed": (1,)}
+    array_id = _slurm(
+        env, "sbatch", "--parsable", "--array=0-1", "--ntasks=1", f"--output={tmp_path}/log-%a", f"--chdir={REPO_ROOT}",
+        "slurm/clue_grid.sbatch", "configs/afqmc_small.py", f"--workdir={grid}", *flags_of({**short, **sweep}),
+    ).strip().split(";")[0]  # fmt: skip
+    for task in (0, 1):
+        info = wait_done(env, f"{array_id}_{task}")
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"log-{task}").read_text()[-3000:]
+    assert sorted(p.name for p in grid.iterdir()) == ["bs16", "bs32"]
+    merge_sweeps.main(["--out", str(grid), str(grid / "bs16"), str(grid / "bs32")])
+    rows = (grid / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("train.batch_size,workdir,optim.learning_rate,")
+    assert [row.split(",")[0] for row in rows[1:]] == ["16", "16", "32", "32"]
