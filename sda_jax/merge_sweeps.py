@@ -43,7 +43,9 @@ def merged_table(workdirs: list[pathlib.Path]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=pathlib.Path, help="the folder for sweep.csv, sweep.md, sweep.json")
+    parser.add_argument(
+        "--out", required=True, type=pathlib.Path, help="the folder for sweep.csv, sweep.md, sweep.json"
+    )
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path, help="the runs' workdirs")
     args = parser.parse_args(argv)
     try:

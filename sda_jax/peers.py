@@ -26,6 +26,7 @@ taken for a whole one: a resubmission resumes from the last complete one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -74,10 +75,8 @@ class Watchdog:
         if self.stopped.is_set():
             return
         self.stopped.set()
-        try:
+        with contextlib.suppress(Exception):  # the service may be gone already: nothing to tell
             self.client.key_value_set(f"{_PREFIX}{self.process_id}", "done", allow_overwrite=True)
-        except Exception:  # noqa: BLE001 (the service may be gone already: nothing to tell)
-            pass
 
     def _beat(self) -> None:
         count = 0

@@ -104,7 +104,9 @@ def test_merge_sweeps_of_an_array(tmp_path):
     csv_lines = (tmp_path / "grid" / "sweep.csv").read_text().splitlines()
     assert csv_lines[0].startswith("train.batch_size,workdir,optim.learning_rate,") and len(csv_lines) == 5
     table = json.loads((tmp_path / "grid" / "sweep.json").read_text())
-    assert table["best_combination"]["train.batch_size"] == 32 and table["best_combination"]["optim.learning_rate"] == 1e-5
+    assert (
+        table["best_combination"]["train.batch_size"] == 32 and table["best_combination"]["optim.learning_rate"] == 1e-5
+    )
     assert "train.batch_size=32" in (tmp_path / "grid" / "sweep.md").read_text()
     with pytest.raises(SystemExit) as exit_info:
         merge_sweeps.main(["--out", str(tmp_path / "grid"), str(tmp_path / "missing")])
@@ -116,7 +118,10 @@ def env():
     conf = os.environ.get("SLURM_CONF") or DEFAULT_CONF
     env = dict(os.environ, SLURM_CONF=conf, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)  # one CPU device per task
-    up = shutil.which("sbatch") and subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0
+    up = (
+        shutil.which("sbatch")
+        and subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=30, check=False).returncode == 0
+    )
     if not up:
         if os.environ.get("SDA_REQUIRE_SLURM"):
             pytest.fail(f"no SLURM answers (SLURM_CONF={conf}): start one with slurm/cluster.sh start")
@@ -139,7 +144,9 @@ def submit(env, workdir: pathlib.Path, log: pathlib.Path, tasks: int = 2) -> str
 
 def job(env, job_id: str) -> dict[str, str]:
     """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=60, check=False
+    ).stdout
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
@@ -308,7 +315,13 @@ def test_grid_as_a_job_array_and_its_merged_table(env, tmp_path):
     """slurm/clue_grid.sbatch, two of its array tasks (batch sizes 16 and 32), each a sweep of two
     learning rates; merge_sweeps makes one table of the four combinations."""
     grid = tmp_path / "grid"
-    short = {**TINY_RUN, "train.max_steps": 10, "train.log_every": 5, "train.eval_every": 10, "train.checkpoint_every": 10}
+    short = {
+        **TINY_RUN,
+        "train.max_steps": 10,
+        "train.log_every": 5,
+        "train.eval_every": 10,
+        "train.checkpoint_every": 10,
+    }
     sweep = {"sweep.optim.learning_rate": (1e-3, 2e-3), "sweep.seed": (1,)}
     array_id = _slurm(
         env, "sbatch", "--parsable", "--array=0-1", "--ntasks=1", f"--output={tmp_path}/log-%a", f"--chdir={REPO_ROOT}",
