@@ -123,7 +123,7 @@ start() {
       return
     fi
     state=$(sinfo -h -n localhost -o %t 2>/dev/null || true)
-    if [[ $state =~ ^(down|drain|unk) ]]; then  # e.g. left down by an earlier slurmd that was stopped
+    if [[ $state =~ ^(down|drain) ]]; then  # e.g. left down by an earlier slurmd that was stopped
       scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
     fi
     sleep 0.5
@@ -149,7 +149,7 @@ stop() {
 case ${1:-} in
   start) start ;;
   stop) stop ;;
-  status) sinfo ;;
+  status) [[ -f $CONF ]] && timeout 20 sinfo ;;  # sinfo would wait 60 s for a missing slurm.conf
   env) echo "export SLURM_CONF=$CONF" ;;
   *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
 esac

@@ -120,6 +120,7 @@ def env():
     env.pop("XLA_FLAGS", None)  # one CPU device per task
     up = (
         shutil.which("sbatch")
+        and pathlib.Path(conf).is_file()  # sinfo would wait 60 s for a missing one
         and subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=30, check=False).returncode == 0
     )
     if not up:
