@@ -251,6 +251,15 @@ def test_signal_then_requeue_resume_bit_identical(env, uninterrupted, tmp_path):
     assert len(re.findall(r"Resuming from the checkpoint of step \d+", out)) == 2
     assert not any(noise in out for noise in NOISE), out[-3000:]
     assert_same_run(workdir, uninterrupted)
+    # What the user takes away: the exported model, byte for byte.
+    for run, out_dir in ((workdir, tmp_path / "exported"), (uninterrupted, tmp_path / "exported-uninterrupted")):
+        export = subprocess.run(
+            [sys.executable, "-m", "sda_jax.export", f"--workdir={run}", f"--out={out_dir}"],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert export.returncode == 0, export.stderr[-3000:]
+    exported, reference = (tmp_path / name / "model.safetensors" for name in ("exported", "exported-uninterrupted"))
+    assert exported.read_bytes() == reference.read_bytes()
 
 
 def _start_and_hit_one_task(env, workdir, log, sig) -> tuple[str, float, dict[int, int]]:
