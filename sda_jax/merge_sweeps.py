@@ -20,14 +20,16 @@ import sys
 from typing import Any
 
 from sda_jax import atomic_write, sweep_results
+from sda_jax.workdir import Workdir
 
 
 def merged_table(workdirs: list[pathlib.Path]) -> dict[str, Any]:
     rows, singles = [], []
     for workdir in workdirs:
-        summary_file, settings_file = workdir / "summary.json", workdir / "settings.json"
+        run_folder = Workdir(workdir)
+        summary_file, settings_file = run_folder.summary_file, run_folder.settings_file
         if not summary_file.is_file() or not settings_file.is_file():
-            raise FileNotFoundError(f"{workdir}: no summary.json (the run has not finished)")
+            raise FileNotFoundError(f"{workdir}: no {summary_file.name} (the run has not finished)")
         summary, settings = json.loads(summary_file.read_text()), json.loads(settings_file.read_text())
         run = {"train.batch_size": settings["train"]["batch_size"], "workdir": str(workdir)}
         rows += [{**run, **row} for row in summary["combinations"]]
