@@ -1,4 +1,4 @@
-"""A lost or hung process of a multi-process run ends the others within seconds, with one line.
+"""A lost or hung process of a multi-process run ends the others within ~30 s, with one line.
 
 JAX's coordination service already notices a process that stops sending heartbeats, but it
 reports it by aborting every other process with a C++ stack dump (`missed_heartbeat_callback`
@@ -13,10 +13,13 @@ each process runs a small watchdog beside the training thread:
   SIGSTOP, a frozen host, a network partition), or when the coordination service itself (on
   process 0) has not answered for that long. A process that ends normally (training done, or
   stopped by a signal after its checkpoint) writes "done" first, so waiting for it is not a loss.
+  A process that finds its own judge was not scheduled for the timeout was frozen itself (its
+  peers have ended by then): it says so in one line and ends, blaming no one.
 
-The beat and judge threads are C++-free Python threads: a busy healthy run keeps beating
-(XLA computations, compilations and checkpoint writes release the GIL; nothing holds it for
-seconds). JAX's own heartbeat timeout (`JAX_HEARTBEAT_TIMEOUT_S`) stays as a backstop well
+The beat and judge are plain Python threads that need the GIL for microseconds every second or
+two: a busy healthy run keeps beating (XLA computations and compilations, checkpoint writes and a
+key-value call blocked on a frozen coordinator all run without the GIL; nothing in a healthy run
+holds it for seconds). JAX's own heartbeat timeout (`JAX_HEARTBEAT_TIMEOUT_S`) stays as a backstop well
 beyond ours, so that the one-line ending comes first. `os._exit` skips JAX's shutdown barrier,
 which would otherwise wait for the lost peer until that backstop and then abort with stack dumps.
 A checkpoint that a lost peer left half-written has no manifest (checkpoints.py) and is never
