@@ -192,6 +192,12 @@ def _train(train_and_evaluate, config, workdir: pathlib.Path, fresh: bool) -> No
     except Preempted as err:
         print(str(err), file=sys.stderr)
         sys.exit(err.exit_code)
+    except Exception as err:
+        from sda_jax.parallel import peers
+
+        if jax.process_count() > 1 and peers.collective_failed(err):  # a dead peer: one line naming it
+            peers.await_verdict(err)
+        raise
 
 
 def compilation_cache_dir() -> str:

@@ -125,7 +125,7 @@ def test_nothing_imports_the_tests_and_benchmarks_and_tests_keep_apart():
     assert not is_tests(_all_imports(REPO_ROOT / "reference")) and not is_benchmarks(_all_imports(REPO_ROOT / "reference"))
 
 
-ROOT_MODULES = {"__init__", "cli", "commands", "config", "errors", "export", "pretrain", "stopwatch", "train"}
+ROOT_MODULES = {"__init__", "cli", "commands", "config", "errors", "export", "merge_sweeps", "pretrain", "stopwatch", "train"}
 
 
 def test_the_package_root_holds_the_commands_the_config_and_the_ground_floor():

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sda_jax.errors import InputError
+from sda_jax.parallel import peers
 
 MODELS_AXIS = "models"
 DATA_AXIS = "data"
@@ -34,7 +35,7 @@ def initialize_distributed() -> None:
 
     launch.sh exports SDA_COORDINATOR_ADDRESS, SDA_NUM_PROCESSES and SDA_PROCESS_ID; under SLURM
     with more than one task, JAX reads the SLURM_* variables itself. Must run before any other
-    JAX call.
+    JAX call. Several processes also start the lost-peer watchdog (`peers`).
     """
     if os.environ.get("SDA_COORDINATOR_ADDRESS"):
         try:
@@ -44,10 +45,12 @@ def initialize_distributed() -> None:
                 "SDA_COORDINATOR_ADDRESS is set: SDA_NUM_PROCESSES and SDA_PROCESS_ID must be integers too"
             ) from None
         jax.distributed.initialize(
-            coordinator_address=os.environ["SDA_COORDINATOR_ADDRESS"], num_processes=num_processes, process_id=process_id
-        )
+            coordinator_address=os.environ["SDA_COORDINATOR_ADDRESS"], num_processes=num_processes, process_id=process_id,
+            heartbeat_timeout_seconds=peers.jax_heartbeat_timeout_s(),
+        )  # fmt: skip
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=peers.jax_heartbeat_timeout_s())
+    peers.start_watchdog()  # a lost or hung peer ends this process with one line (sda_jax/parallel/peers.py)
 
 
 def make_mesh(num_models: int = 1) -> Mesh:

@@ -26,6 +26,7 @@ from sda_jax.data import input_pipeline
 from sda_jax.evaluation import selection
 from sda_jax.evaluation.evaluate import EvalPrograms, Scores
 from sda_jax.parallel import distributed
+from sda_jax.run import allocation
 from sda_jax.run.preemption import Preempted, PreemptionGuard
 from sda_jax.step import optim, precision
 from sda_jax.stopwatch import Stopwatch, format_phases
@@ -77,6 +78,9 @@ class Session(contextlib.ExitStack):
                 # Before the writer opens the file: a resumed run logs the steps after its checkpoint again.
                 run.workdir.truncate_metrics(self.start_step)
                 print(f"Resuming from the checkpoint of step {self.start_step}.")
+                other = allocation.note(run.workdir.train_checkpoints / str(self.start_step), jax.device_count(), jax.process_count())
+                if other:
+                    print(other)
         self.selection = selection.Selection(run.workdir, run.models)
         self.callback(self.selection.close)
         self.writer = self.enter_context(MetricsWriter(run.workdir, enabled=run.is_main, resume_step=self.start_step))
@@ -233,7 +237,7 @@ def save_train_state(checkpoints: TrainCheckpoints, state: Any, step: int, run: 
     settings, per_epoch = run.settings, run.steps_per_epoch
     position = {
         "step": step, "seed": settings.seed, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
-        "model_seeds": list(run.models.seeds),
+        "model_seeds": list(run.models.seeds), **allocation.written_by(jax.device_count(), jax.process_count()),
     }  # fmt: skip
     checkpoints.save(step, state, position)
 

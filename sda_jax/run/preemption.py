@@ -3,18 +3,25 @@
 Schedulers send SIGTERM before they reclaim a machine; Ctrl-C sends SIGINT. While the guard is
 active, either signal only sets a flag: the train loop checkpoints at its next log boundary and
 exits cleanly. A second signal restores the default behaviour, so an impatient user can still
-kill the process outright.
+kill the process outright. SIGUSR1 does the same: it is what slurm/train.sbatch asks SLURM to send
+(`--signal=USR1@...`) before the time limit, and exit 138 tells the script to requeue the job.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import types
 
 import numpy as np
 from jax.experimental import multihost_utils
 
-EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # the shell's 128 + signal number
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 138}  # the shell's 128 + signal number
+# Why a signal came, as said under SLURM (the job's log then tells why the run stopped).
+SLURM_REASONS = {
+    signal.SIGTERM: "SLURM: a requeue, a preemption or scancel; a requeued job resumes from this checkpoint",
+    signal.SIGUSR1: "SLURM's --signal: the time limit is near; slurm/train.sbatch requeues the job",
+}
 
 
 class PreemptionGuard:
@@ -50,5 +57,6 @@ class Preempted(Exception):
     """The run stopped on a signal after saving a checkpoint; restarting resumes it."""
 
     def __init__(self, sig: signal.Signals, step: int):
-        super().__init__(f"stopped by {sig.name} at step {step}; checkpoint saved, rerun the same command to resume")
+        why = f" ({SLURM_REASONS[sig]})" if sig in SLURM_REASONS and "SLURM_JOB_ID" in os.environ else ""
+        super().__init__(f"stopped by {sig.name} at step {step}; checkpoint saved, rerun the same command to resume{why}")
         self.exit_code = EXIT_CODES[sig]
