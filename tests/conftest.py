@@ -44,6 +44,34 @@ TINY_RUN = {
 }
 
 
+def tiny_model(**changes):
+    """The tests' tiny BERT (2 layers, 32 wide, 2 heads), with `changes`: the one model config unit tests build."""
+    from sda_jax.models.config import BertConfig
+
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, type_vocab_size=2, num_labels=2,
+    )  # fmt: skip
+    return config.replace(**changes)
+
+
+def settings_with(**overrides):
+    """The default settings with `section__key=value` overrides (a double underscore for the dot),
+    from a plain Adam step: lr 1e-3, no warmup, bias correction, no Lookahead, the eval EMA from step 0."""
+    from configs import default
+    from sda_jax.config import Settings
+
+    config = default.get_config()
+    values = {
+        "optim__learning_rate": 1e-3, "optim__warmup_ratio": 0.0, "optim__adam_bias_correction": True,
+        "optim__lookahead_k": None, "sda__eval_ema_start_step": 0, **overrides,
+    }  # fmt: skip
+    for key, value in values.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return Settings.from_config(config)
+
+
 def flags_of(overrides: Mapping[str, Any]) -> list[str]:
     """Config overrides as the command line takes them."""
     return [f"--config.{key}={value!r}" if not isinstance(value, (str, pathlib.Path)) else f"--config.{key}={value}"

@@ -125,6 +125,13 @@ def test_nothing_imports_the_tests_and_benchmarks_and_tests_keep_apart():
     assert not is_tests(_all_imports(REPO_ROOT / "reference")) and not is_benchmarks(_all_imports(REPO_ROOT / "reference"))
 
 
+def test_no_test_imports_another_test():
+    """Shared helpers live in tests/conftest.py or a helper module (tests/e2e/resume_runs.py), not in a test file."""
+    for path in (REPO_ROOT / "tests").rglob("test_*.py"):
+        imported = [name for name in _all_imports(path.parent) if name.split(".")[-1].startswith("test_")]
+        assert not imported, (path.parent, imported)
+
+
 ROOT_MODULES = {"__init__", "cli", "commands", "config", "errors", "export", "merge_sweeps", "pretrain", "stopwatch", "train"}
 
 

@@ -25,7 +25,7 @@ import pytest
 from sda_jax import export
 from sda_jax.errors import InputError, NoSpaceError
 from tests.conftest import REPO_ROOT, TINY_RUN, flags_of, load_train_state, one_line_error, train_in_process
-from tests.e2e import test_resume
+from tests.e2e import resume_runs
 
 # Checkpoints at 20, 30, 40 kept: enough to fall back on.
 RUN = {**TINY_RUN, "train.max_steps": 40, "train.log_every": 4, "train.eval_every": 20, "train.checkpoint_every": 10,
@@ -40,7 +40,7 @@ def _train(workdir, fresh=False, **changes):
     return summary, printed.getvalue()
 
 
-_same_run = test_resume.assert_same_run  # final state, metrics and predictions, bit for bit
+_same_run = resume_runs.assert_same_run  # final state, metrics and predictions, bit for bit
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_a_rerun_resumes_exactly(und
             workdir = tmp_path / "run"
             limited = lambda: (resource.setrlimit(resource.RLIMIT_FSIZE, (6 << 20, 6 << 20)), signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
             result = subprocess.run(
-                cli.command("sda_jax.train", *test_resume.arguments(workdir, *flags_of(RUN))), cwd=REPO_ROOT, env=cli.env(),
+                cli.command("sda_jax.train", *resume_runs.arguments(workdir, *flags_of(RUN))), cwd=REPO_ROOT, env=cli.env(),
                 capture_output=True, text=True, timeout=600, preexec_fn=limited, check=False,
             )  # fmt: skip
             assert result.returncode == 4, result.stderr[-3000:]
@@ -197,7 +197,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_a_rerun_resumes_exactly(und
             _train(workdir)
             _same_run(undisturbed, workdir)
     if small is None:
-        result = cli.run("sda_jax.train", *test_resume.arguments(workdir, *flags_of(RUN)), timeout=600)
+        result = cli.run("sda_jax.train", *resume_runs.arguments(workdir, *flags_of(RUN)), timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         _same_run(undisturbed, workdir)
 

@@ -44,15 +44,13 @@ from tests.conftest import (
     moved_by_rounding_alone,
     read_records,
     settings_of,
+    tiny_model,
     train_in_process,
 )
-from tests.e2e import test_resume
+from tests.e2e import resume_runs
 
 SEEDS = (2021, 2022)
-CONFIG = BertConfig(
-    vocab_size=21128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    max_position_embeddings=64,
-)  # fmt: skip
+CONFIG = tiny_model(vocab_size=21128, type_vocab_size=2)
 RUN = {**TINY_RUN, "train.max_steps": 12, "train.eval_every": 6, "train.log_every": 3}
 
 
@@ -272,14 +270,14 @@ def test_two_seeds_on_four_devices_match_one_device(two_seeds, varied_model_dir,
 def test_a_sweep_resumes_bit_identically_after_sigkill(tmp_path, monkeypatch):
     """2 seeds × 2 distillation weights: 4 models, killed at a random step and resumed."""
     sweep = {"sweep.seed": SEEDS, "sweep.sda.kd_coeff": (0.5, 1.0)}
-    monkeypatch.setattr(test_resume, "TINY", flags_of({**test_resume.RUN, **sweep}))
+    monkeypatch.setattr(resume_runs, "TINY", flags_of({**resume_runs.RUN, **sweep}))
     uninterrupted = tmp_path / "uninterrupted"
-    train_in_process(uninterrupted, {**test_resume.RUN, **sweep})  # as test_resume's: in this process
+    train_in_process(uninterrupted, {**resume_runs.RUN, **sweep})  # as test_resume's: in this process
     killed = tmp_path / "killed"
-    code, _ = test_resume.start_and_signal(killed, signal.SIGKILL)
+    code, _ = resume_runs.start_and_signal(killed, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    resumed = test_resume.run(killed)
+    resumed = resume_runs.run(killed)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step" in resumed.stdout
-    test_resume.assert_same_run(uninterrupted, killed)
+    resume_runs.assert_same_run(uninterrupted, killed)
     assert np.shape(load_train_state(killed, 40)["['step']"]) == (4,)  # the state really has four models

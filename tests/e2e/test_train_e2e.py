@@ -12,7 +12,7 @@ import pytest
 from sda_jax.errors import InputError
 from sda_jax.parallel import distributed
 from tests.conftest import TINY_RUN_FLAGS, flags_of, read_records, train_in_process
-from tests.e2e import test_resume
+from tests.e2e import resume_runs
 
 TINY = {
     "model.num_hidden_layers": 2,
@@ -99,7 +99,7 @@ def test_tensorboard_events_and_curves_png(trained):
 def test_four_devices_agree_with_one(tmp_path, cli):
     """test_resume's 1-layer run (whose 4-device programs its resume on 4 devices shares) from
     scratch on 4 devices, against the same run in this process on one."""
-    overrides = {**test_resume.RUN, "train.log_every": 1}
+    overrides = {**resume_runs.RUN, "train.log_every": 1}
     train_in_process(tmp_path / "1", overrides)
     result = cli.run("sda_jax.train", "--config", "configs/afqmc_small.py", f"--workdir={tmp_path / '4'}", *flags_of(overrides),
                      devices=4)  # fmt: skip

@@ -16,17 +16,13 @@ from sda_jax.kernels import fused_layer_norm
 from sda_jax.kernels.dropout_counters import per_element_halves
 from sda_jax.kernels.sixteen_bit import add_bias16
 from sda_jax.models.bert import BertForSequenceClassification, init_params
-from sda_jax.models.config import BertConfig
 from sda_jax.models.layers import layer_norm
 from sda_jax.models.masked_lm import BertForMaskedLM
-from tests.conftest import TINY_RUN_FLAGS, one_line_error
+from tests.conftest import TINY_RUN_FLAGS, one_line_error, tiny_model
 
 # Two layers: a scan of one and the [CLS] row's layer, or both unrolled (the interpreted kernels
 # compile slowly: ~20 s a layer layout on the CI machine).
-CONFIG = BertConfig(
-    vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    max_position_embeddings=64, type_vocab_size=2, num_labels=2,
-)  # fmt: skip
+CONFIG = tiny_model()
 KEY = jax.random.key(5)
 
 

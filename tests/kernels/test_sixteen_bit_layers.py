@@ -15,14 +15,10 @@ from sda_jax.kernels.blocks16 import SelfAttention16
 from sda_jax.kernels.dropout_counters import per_element_halves
 from sda_jax.kernels.sixteen_bit import layer_norm16
 from sda_jax.models.bert import BertForSequenceClassification, init_params
-from sda_jax.models.config import BertConfig
 from sda_jax.models.layers import layer_norm
-from tests.conftest import moved_by_rounding_alone
+from tests.conftest import moved_by_rounding_alone, tiny_model
 
-CONFIG = BertConfig(
-    vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-    max_position_embeddings=40, type_vocab_size=2, num_labels=3,
-)  # fmt: skip
+CONFIG = tiny_model(num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, max_position_embeddings=40, num_labels=3)
 
 
 def test_layer_norm16_has_autodiffs_gradients() -> None:

@@ -12,19 +12,15 @@ from sda_jax.data.tokenization import Encoded
 from sda_jax.evaluation import evaluate
 from sda_jax.kernels import weight_copies
 from sda_jax.models.bert import BertForSequenceClassification, init_params
-from sda_jax.models.config import BertConfig
 from sda_jax.models.masked_lm import BertForMaskedLM, init_mlm_params
 from sda_jax.parallel import distributed
 from sda_jax.step import mlm_step, sda
 from sda_jax.step.hyperparameters import Hyperparameters
 from sda_jax.step.model_axis import Models
 from sda_jax.step.train_step import create_train_state, train_step
-from tests.step.test_teachers_adversarial import settings_with
+from tests.conftest import settings_with, tiny_model
 
-CONFIG = BertConfig(
-    vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-    max_position_embeddings=64, type_vocab_size=2, num_labels=2,
-)  # fmt: skip
+CONFIG = tiny_model()
 
 
 def _batch(step: int) -> dict[str, jax.Array]:

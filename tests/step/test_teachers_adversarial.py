@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
 from sda_jax import export, kernels
 from sda_jax.config import Settings
 from sda_jax.data import input_pipeline, splits, tokenization
@@ -23,12 +22,9 @@ from sda_jax.step.hyperparameters import Hyperparameters
 from sda_jax.step.train_step import create_train_state, train_step
 from sda_jax.workdir.checkpoints import read_train_state
 from sda_jax.workdir.layout import Workdir
-from tests.conftest import TINY_RUN, train_in_process
+from tests.conftest import TINY_RUN, settings_with, tiny_model, train_in_process
 
-CONFIG = BertConfig(
-    vocab_size=21128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)  # fmt: skip
+CONFIG = tiny_model(vocab_size=21128, num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +34,6 @@ def batches(afqmc_dir, bert_base_chinese_dir):
     encoded = tokenization.encode(splits.read_examples(data, "dev"), tokenizer, 32)
     stream = input_pipeline.eval_batches(encoded, batch_size=16, bucket_lengths=(32,))
     return [next(stream) for _ in range(4)]
-
-
-def settings_with(**overrides) -> Settings:
-    """The default settings with `section__key=value` overrides (a double underscore for the dot)."""
-    config = default.get_config()
-    values = {
-        "optim__learning_rate": 1e-3, "optim__warmup_ratio": 0.0, "optim__adam_bias_correction": True,
-        "optim__lookahead_k": None, "sda__eval_ema_start_step": 0, **overrides,
-    }  # fmt: skip
-    for key, value in values.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return Settings.from_config(config)
 
 
 def make_step(**overrides):
