@@ -1,4 +1,4 @@
-"""Task-adaptive pretraining (issue 22): the masked-LM head against transformers, the masking, and
+"""Task-adaptive pretraining: the masked-LM head against transformers, the masking, and
 a short MLM run end to end (resume, export, fill-mask, fine-tuning from the export).
 
 The model is a tiny random BERT with the real 21,128-token vocabulary (the decoder is tied to

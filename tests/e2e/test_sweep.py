@@ -91,8 +91,8 @@ def grid(tmp_path_factory):
 
 def test_a_model_among_others_is_the_single_run_of_its_values(grid, tmp_path):
     """The model of lr 3e-3, kd 0.5 and seed 2021 against a run of those values alone: float32
-    rounding, but for Adam's rare flips (`assert_within_rounding_but_adam_flips`; on 2026-12-02 two
-    word-embedding elements of 676,096 ended 1.15e-6 apart, at the code of the day before too).
+    rounding, but for Adam's rare flips (`assert_within_rounding_but_adam_flips`: a few word-embedding elements
+    of ~700k may end ~1e-6 apart).
     (The data order is the run's `seed`, shared by all models: 2021 here, as the single run's.)"""
     workdir, summary = grid
     index = next(m["model"] for m in summary["models"] if (m["optim.learning_rate"], m["sda.kd_coeff"], m["seed"]) == (3e-3, 0.5, 2021))

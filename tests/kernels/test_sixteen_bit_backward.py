@@ -1,7 +1,7 @@
-"""What 16-bit models compute differently from float32 ones, against what it replaces: dropout's
-per-element draws (the same masks bit for bit) and the backward passes written out (the same
-gradients). `sda_jax/models/dropout.py`, `sda_jax/models/bert.py`; why: benchmarks/RESULTS.md, the deviceless
-H100 report of 2026-12-01."""
+"""The xla forms' pieces against the reference they replace: dropout's per-element draws (the same
+masks bit for bit) and the backward passes written out (the same gradients).
+`sda_jax/kernels/dropout_counters.py`, `sda_jax/kernels/sixteen_bit.py`; why: benchmarks/RESULTS.md,
+the deviceless H100 rows of the 16-bit forms."""
 
 from __future__ import annotations
 

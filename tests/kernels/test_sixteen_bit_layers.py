@@ -1,7 +1,7 @@
 """The 16-bit model's own forms of the rematerialised LayerNorm, the query, key and value products
 and the dropout counters in the scan over layers, against what they replace: the same values
 and gradients, no 16-bit sums. `sda_jax/kernels/sixteen_bit.py`, `sda_jax/models/bert.py`,
-`sda_jax/models/dropout.py`; why: benchmarks/RESULTS.md, "More levers (2026-12-02)" (issue 20)."""
+`sda_jax/kernels/dropout_counters.py`; why: benchmarks/RESULTS.md, the rows "More levers"."""
 
 from __future__ import annotations
 
