@@ -181,6 +181,10 @@ def _train(train_and_evaluate, config, workdir: pathlib.Path, fresh: bool) -> No
     try:
         with clock.phase("startup"):
             distributed.initialize_distributed()
+            if jax.process_count() > 1 and jax.default_backend() == "cpu":
+                # jaxlib 0.12's CPU backend: a cross-process program read from the cache never
+                # completes (benchmarks/jax_cpu_cache_hang.md); such runs compile afresh.
+                jax.config.update("jax_enable_compilation_cache", False)
             settings = Settings.from_config(config)
         train_and_evaluate(settings, workdir, fresh=fresh, stopwatch=clock)
     except InputError as err:

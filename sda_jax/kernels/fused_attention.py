@@ -62,10 +62,11 @@ def _forward_values(y_ref, bias_ref, mask_ref, key_ref, *, heads, length, padded
     """q, k, v and the probabilities after dropout (16-bit, and float32 p and the mask) of this program's (b, h)."""
     b, h = pl.program_id(0), pl.program_id(1)
     rows = jnp.arange(padded) < length
-    tokens = pl.ds(0, padded)
+    # Indices, masked, not slices (pl.ds(0, padded)): jax >= 0.12 refuses a slice past the array's end.
+    tokens, columns = jnp.arange(padded), jnp.arange(head_dim)[None, :]
 
     def load(j):  # q, k or v of head h: the product's bf16 values, the bias added in float32 and rounded
-        part = pallas_triton.load(y_ref.at[b, tokens, j * heads + h, :], mask=rows[:, None], other=0.0)
+        part = pallas_triton.load(y_ref.at[b, tokens[:, None], j * heads + h, columns], mask=rows[:, None], other=0.0)
         bias = bias_ref[j * heads + h, :]
         return (part.astype(jnp.float32) + bias[None, :]).astype(dtype)
 
@@ -87,7 +88,8 @@ def _forward_kernel(y_ref, bias_ref, mask_ref, key_ref, out_ref, **shape):
     padded, length = shape["padded"], shape["length"]
     _, _, v, _, _, _, dropped = _forward_values(y_ref, bias_ref, mask_ref, key_ref, **shape)
     context = _dot(dropped, v).astype(shape["dtype"])
-    pallas_triton.store(out_ref.at[b, pl.ds(0, padded), h, :], context, mask=(jnp.arange(padded) < length)[:, None])
+    tokens, columns = jnp.arange(padded)[:, None], jnp.arange(shape["head_dim"])[None, :]
+    pallas_triton.store(out_ref.at[b, tokens, h, columns], context, mask=(jnp.arange(padded) < length)[:, None])
 
 
 def _backward_kernel(y_ref, bias_ref, mask_ref, key_ref, g_ref, dy_ref, **shape):
@@ -95,8 +97,8 @@ def _backward_kernel(y_ref, bias_ref, mask_ref, key_ref, g_ref, dy_ref, **shape)
     heads, padded, length, rate, dtype = shape["heads"], shape["padded"], shape["length"], shape["rate"], shape["dtype"]
     q, k, v, probs, keep, key_ok, _ = _forward_values(y_ref, bias_ref, mask_ref, key_ref, **shape)
     rows = jnp.arange(padded) < length
-    tokens = pl.ds(0, padded)
-    g = pallas_triton.load(g_ref.at[b, tokens, h, :], mask=rows[:, None], other=0.0)
+    tokens, columns = jnp.arange(padded)[:, None], jnp.arange(shape["head_dim"])[None, :]
+    g = pallas_triton.load(g_ref.at[b, tokens, h, columns], mask=rows[:, None], other=0.0)
     # Autodiff's transposes of the forward, in its order and dtypes. The products that contract
     # over the queries (dv, dk) take [key, query] operands computed as such (see `_keep`): the
     # same values as the [query, key] ones, element for element.
@@ -117,7 +119,7 @@ def _backward_kernel(y_ref, bias_ref, mask_ref, key_ref, g_ref, dy_ref, **shape)
     dq = _dot(scale(d_scores, key_ok), k).astype(dtype)
     dk = _dot(scale(d_scores_t, key_ok[0][:, None]), q).astype(dtype)
     for j, grad in enumerate((dq, dk, dv)):
-        pallas_triton.store(dy_ref.at[b, tokens, j * heads + h, :], grad, mask=rows[:, None])
+        pallas_triton.store(dy_ref.at[b, tokens, j * heads + h, columns], grad, mask=rows[:, None])
 
 
 def _call(kernel, y, bias, key_mask, key_data, extra, out_shape, rate: float, interpret: bool):

@@ -75,8 +75,9 @@ def _inputs(y_ref, dense_bias_ref, residual_ref, scale_ref, bias_ref, key_ref, *
     """This program's block: its index, masks, the biased 16-bit product, the residual, the
     LayerNorm's scale and bias, and the dropout mask (None without dropout)."""
     first, column_ok, mask = _block(rows, padded, tokens, hidden)
-    block = (pl.ds(first, rows), pl.ds(0, padded))
-    vector = lambda ref: pallas_triton.load(ref.at[pl.ds(0, padded)], mask=column_ok, other=0.0)
+    # Indices, masked, not slices (pl.ds): jax >= 0.12 refuses a slice past the array's end.
+    block = ((first + jnp.arange(rows))[:, None], jnp.arange(padded)[None, :])
+    vector = lambda ref: pallas_triton.load(ref.at[jnp.arange(padded)], mask=column_ok, other=0.0)
     y = pallas_triton.load(y_ref.at[block], mask=mask, other=0.0)
     z16 = (y.astype(jnp.float32) + vector(dense_bias_ref)[None, :]).astype(dtype)  # add_bias16
     residual = pallas_triton.load(residual_ref.at[block], mask=mask, other=0.0)
@@ -110,7 +111,7 @@ def _backward_kernel(
     dz, d_residual, d_scale, d_bias = vjp(g)  # the last two: this block's column sums
     pallas_triton.store(dz_ref.at[block], dz, mask=mask)
     pallas_triton.store(d_residual_ref.at[block], d_residual, mask=mask)
-    part = (pl.program_id(0), pl.ds(0, shape["padded"]))
+    part = (pl.program_id(0), jnp.arange(shape["padded"]))
     pallas_triton.store(d_scale_ref.at[part], d_scale, mask=column_ok)
     pallas_triton.store(d_bias_ref.at[part], d_bias, mask=column_ok)
 

@@ -304,6 +304,8 @@ def read_train_state(folder: pathlib.Path, step: int) -> dict[str, Any]:
     path = (folder / str(step) / "state").resolve()
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.metadata(path).item_metadata
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # jax 0.12 deprecates SingleDeviceSharding: a replicated NamedSharding over one device instead.
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("one",))
+    sharding = jax.sharding.NamedSharding(one_device, jax.sharding.PartitionSpec())
     state = checkpointer.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree))
     return jax.tree.map(np.asarray, state)

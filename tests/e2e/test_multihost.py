@@ -1,6 +1,7 @@
 """Two local CPU processes through launch.sh train the same model as one process on the same batches,
 and agree on the time-based checkpoints that process 0's clock decides."""
 
+import json
 import os
 import pathlib
 import socket
@@ -110,3 +111,22 @@ def test_launch_runs_the_interpreter_named_by_PYTHON(tmp_path):
     assert named.stderr.strip().splitlines() == [
         f"error: no_such_config.py: no such config file here or in {REPO_ROOT / 'configs'}"
     ]
+
+
+def test_a_second_two_process_run_on_the_same_cache_completes(tmp_path):
+    """jaxlib 0.12's CPU backend never completes a cross-process program that it read from the
+    persistent compilation cache (benchmarks/jax_cpu_cache_hang.md): multi-process CPU runs
+    compile afresh, so the same two-process run twice on one cache folder completes both times."""
+    rows = [json.dumps({"sentence1": f"花呗{i}", "sentence2": "借呗", "label": str(i % 2)}, ensure_ascii=False) for i in range(32)]
+    data = tmp_path / "data.json"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    run = {"train.max_steps": 2, "train.log_every": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
+           **{f"data.{split}_file": data for split in ("train", "dev", "test")}}  # fmt: skip
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    for attempt in ("first", "second"):
+        port = _free_port()
+        procs = [_launch(tmp_path / attempt, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                         "--process-id", str(i), env_extra=env, extra_flags=flags_of(run))
+                 for i in range(2)]  # fmt: skip
+        for proc, (_, err) in zip(procs, _wait_all(procs, timeout=240)):
+            assert proc.returncode == 0, f"{attempt} run: {err[-3000:]}"

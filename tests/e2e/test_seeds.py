@@ -57,6 +57,7 @@ RUN = {**TINY_RUN, "train.max_steps": 12, "train.eval_every": 6, "train.log_ever
 # --- In process ---------------------------------------------------------------------------------
 
 
+@pytest.mark.api_surface
 def test_one_model_is_the_plain_train_step_bit_for_bit(tmp_path):
     """A one-model run's program is the one-model train step itself: its checkpoint equals 12
     steps of `jax.jit(train_step)` on the run's batches, from the run's initial weights and dropout

@@ -96,6 +96,7 @@ def test_tensorboard_events_and_curves_png(trained):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.api_surface
 def test_four_devices_agree_with_one(tmp_path, cli):
     """test_resume's 1-layer run (whose 4-device programs its resume on 4 devices shares) from
     scratch on 4 devices, against the same run in this process on one."""

@@ -87,6 +87,7 @@ def test_kernels_compute_the_xla_expression_bit_for_bit(length, dropout, dtype):
         assert not np.array_equal(np.asarray(other, np.float32), np.asarray(got, np.float32))
 
 
+@pytest.mark.api_surface
 def test_kernels_on_the_model_axis():
     """vmapped over models (each with its own key), as a sweep's step runs them."""
     y, bias, key_mask, _ = _inputs(8)

@@ -83,6 +83,7 @@ def test_the_block_kernel_computes_the_xla_expression(dtype, rate):
         assert not np.array_equal(np.asarray(other[0]), np.asarray(got[0]))
 
 
+@pytest.mark.api_surface
 def test_the_gpu_tiling_pads_rows_and_columns_out_of_the_sums(monkeypatch):
     """The GPU's tiling (blocks of ROWS rows, the hidden size padded to a power of two, the last
     block partly outside the array) in the interpreter: the same values within rounding (a

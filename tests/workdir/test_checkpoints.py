@@ -3,11 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sda_jax.workdir.checkpoints import BestCheckpoint, TrainCheckpoints
 from sda_jax.workdir.layout import Workdir
 
 
+@pytest.mark.api_surface
 def test_half_written_checkpoint_is_ignored(tmp_path):
     state = {"w": jnp.arange(4.0), "step": jnp.int32(10)}
     folder = Workdir(tmp_path).train_checkpoints
@@ -25,6 +27,7 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     reopened.close()
 
 
+@pytest.mark.api_surface
 def test_best_checkpoint_only_improves_and_survives_reopen(tmp_path):
     params = {"student": {"w": jnp.ones(2)}, "teacher": {"w": jnp.ones(2)}, "eval_ema": {"w": jnp.ones(2)}}
     best = BestCheckpoint(tmp_path)
@@ -42,6 +45,7 @@ def test_best_checkpoint_only_improves_and_survives_reopen(tmp_path):
     reopened.close()
 
 
+@pytest.mark.api_surface
 def test_every_checkpoint_folder_of_a_run_has_barriers_of_its_own(tmp_path):
     """Orbax names a save's cross-process barriers by the step: without a prefix of their own, the
     train and best checkpoints saved at one step met in each other's barriers (a hang with two
