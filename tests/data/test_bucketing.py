@@ -30,7 +30,7 @@ def test_configured_and_fitted_lengths_are_taken_as_given():
 
 def test_cost_model_picks_the_cheapest_count_and_says_so():
     choice = choose()
-    model = bucketing.CostModel.for_platform("gpu", BASE, 64)
+    model = bucketing.CostModel.for_platform("gpu", flops_per_token(BASE, 64))
     total = lambda k: sum(model.cost(bucketing.padded_tokens(LENGTHS, input_pipeline.fit_bucket_lengths(LENGTHS, k, 64)), 1.0, k))
     assert sum(model.cost(bucketing.padded_tokens(LENGTHS, choice.lengths), 1.0, len(choice.lengths))) == pytest.approx(
         min(total(k) for k in range(1, 17))
