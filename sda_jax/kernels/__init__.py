@@ -21,6 +21,8 @@ A float32 model has no memory forms: it always computes the reference.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -36,20 +38,14 @@ XLA = Forms(
     self_attention=blocks16.SelfAttention16, intermediate=blocks16.Intermediate16,
     after_attention=blocks16.barrier_when_rematerialised, weight_copies=True,
 )  # fmt: skip
-_PALLAS_STREAM = {
-    "carry_in": blocks16.pair_stream_in, "float32": blocks16.float32_of, "product_input": blocks16.product_input_of,
-}  # fmt: skip
-PALLAS = Forms(
-    "pallas", dense=blocks16.Dense16, layer_norm=blocks16.LayerNorm16, dropout_draws=per_element_halves,
-    self_attention=blocks16.PallasSelfAttention, residual_output=blocks16.PallasResidualOutput,
-    intermediate=blocks16.Intermediate16, after_attention=blocks16.barrier_when_rematerialised, weight_copies=True,
-    **_PALLAS_STREAM,
+# xla's forms, with self-attention and the residual blocks' ends as Pallas kernels, the stream a pair.
+PALLAS = dataclasses.replace(
+    XLA, name="pallas", self_attention=blocks16.PallasSelfAttention, residual_output=blocks16.PallasResidualOutput,
+    carry_in=blocks16.pair_stream_in, float32=blocks16.float32_of, product_input=blocks16.product_input_of,
 )  # fmt: skip
-PALLAS_INTERPRETED = Forms(
-    "pallas_interpreted", dense=blocks16.Dense16, layer_norm=blocks16.LayerNorm16, dropout_draws=per_element_halves,
-    self_attention=blocks16.InterpretedPallasSelfAttention, residual_output=blocks16.InterpretedPallasResidualOutput,
-    intermediate=blocks16.Intermediate16, after_attention=blocks16.barrier_when_rematerialised, weight_copies=True,
-    **_PALLAS_STREAM,
+PALLAS_INTERPRETED = dataclasses.replace(
+    PALLAS, name="pallas_interpreted", self_attention=blocks16.InterpretedPallasSelfAttention,
+    residual_output=blocks16.InterpretedPallasResidualOutput,
 )  # fmt: skip
 
 

@@ -29,9 +29,8 @@ from sda_jax.kernels.fused_attention import attention16
 from sda_jax.kernels.fused_layer_norm import residual_layer_norm16
 from sda_jax.kernels.sixteen_bit import activation16, add_bias16, layer_norm16
 from sda_jax.models import layers
+from sda_jax.models.forms import Stream
 from sda_jax.models.layers import hf_normal_init, layer_norm
-
-Stream = jax.Array | tuple[jax.Array, jax.Array]
 
 
 def _product(x: jax.Array, kernel: jax.Array) -> jax.Array:
