@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A single-node SLURM (slurmctld + slurmd, authenticated by its own munged) on this machine, for the
-# tests and CI (tests/e2e/test_slurm_*.py) and for trying slurm/train.sbatch without a cluster.
+# tests and CI (tests/e2e/test_slurm.py) and for trying slurm/train.sbatch without a cluster.
 #
 #   slurm/cluster.sh start    # installs munge + slurm-wlm (apt) if missing, starts what is not running,
 #                             # waits until sinfo shows the node idle, prints `export SLURM_CONF=...`

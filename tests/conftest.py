@@ -112,6 +112,11 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if "e2e" in pathlib.Path(str(item.fspath)).relative_to(REPO_ROOT).parts[:2]:
             item.add_marker(pytest.mark.e2e)
+    # Longest first: pytest-xdist (`--dist loadfile --no-loadscope-reorder`) hands out whole files
+    # in this order, so the SLURM jobs (minutes, mostly waiting on the scheduler and a watchdog) and
+    # then the other whole runs start at once, and the short unit files fill in at the end instead
+    # of one worker finishing a long file alone. A stable sort: each file's tests stay together.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("e2e") else 2)
 
 
 @pytest.fixture(scope="session")

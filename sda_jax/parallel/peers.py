@@ -13,8 +13,10 @@ each process runs a small watchdog beside the training thread:
   SIGSTOP, a frozen host, a network partition), or when the coordination service itself (on
   process 0) has not answered for that long. A process that ends normally (training done, or
   stopped by a signal after its checkpoint) writes "done" first, so waiting for it is not a loss.
-  A process that finds its own judge was not scheduled for the timeout was frozen itself (its
-  peers have ended by then): it says so in one line and ends, blaming no one.
+  A process whose own judge was not scheduled for a while was frozen itself: that time does not
+  count against its peers, and if it was nearly the timeout (its peers may have ended it, as they
+  do from a beat read up to `BEAT_S` before the freeze) it says so in one line and ends, blaming
+  no one.
 
 The beat and judge are plain Python threads that need the GIL for microseconds every second or
 two: a busy healthy run keeps beating (XLA computations and compilations, checkpoint writes and a
@@ -36,6 +38,7 @@ import threading
 import time
 
 BEAT_S = 2.0
+JUDGE_S = 1.0
 DEFAULT_TIMEOUT_S = 30.0
 # jax.distributed.initialize(heartbeat_timeout_seconds=...), JAX's default 100: a backstop only. Its
 # service declares a silent task lost after 0.6-0.8 of it (measured with jaxlib 0.10.2: 7.8 s of 10,
@@ -90,8 +93,8 @@ class Watchdog:
                 self.client.key_value_set(f"{_PREFIX}{self.process_id}", str(count), allow_overwrite=True)
                 values = dict(self.client.key_value_dir_get(_PREFIX))
                 self.call_started = None
-                self.last_answer = now = time.monotonic()
                 with self.lock:
+                    self.last_answer = now = time.monotonic()
                     for key, value in values.items():
                         process = int(key.rsplit("/", 1)[1])
                         if process in self.seen and self.seen[process][0] != value:
@@ -102,21 +105,31 @@ class Watchdog:
 
     def _judge(self) -> None:
         tick = time.monotonic()
-        while not self.stopped.wait(1.0):
+        while not self.stopped.wait(JUDGE_S):
             now = time.monotonic()
-            if now - tick > self.timeout:  # this process was frozen itself (SIGSTOP, a hung host): its peers have ended
-                end_frozen(now - tick, self.process_id, self.num_processes)
+            self.judge(now, unscheduled=now - tick)
             tick = now
-            lost = self.lost(now)
-            if lost is not None and not self.stopped.is_set():
-                end_lost(lost, self.process_id, self.num_processes, self.timeout)
+
+    def judge(self, now: float, unscheduled: float) -> None:
+        """Ends this process if a peer is lost or if it was frozen itself for about as long as its
+        peers wait; `unscheduled` is the time since the judge last ran (JUDGE_S when all is well)."""
+        if unscheduled > self.timeout - 2 * BEAT_S:  # frozen itself (SIGSTOP, a hung host): its peers may have ended
+            end_frozen(unscheduled, self.process_id, self.num_processes, self.timeout)
+        if unscheduled > 2 * JUDGE_S:  # frozen itself for a while: its own silence, not its peers'
+            shifted = lambda when: min(now, when + unscheduled - JUDGE_S)  # noqa: E731
+            with self.lock:
+                self.last_answer = shifted(self.last_answer)
+                self.seen = {p: (value, shifted(changed)) for p, (value, changed) in self.seen.items()}
+        lost = self.lost(now)
+        if lost is not None and not self.stopped.is_set():
+            end_lost(lost, self.process_id, self.num_processes, self.timeout)
 
     def lost(self, now: float) -> int | None:
         """The lost process, if any: the service's host (0) if it has not answered for the timeout,
         else the lowest-numbered peer whose counter has not moved for the timeout (not one that is done)."""
-        if now - self.last_answer > self.timeout:
-            return 0
         with self.lock:
+            if now - self.last_answer > self.timeout:
+                return 0
             for process, (value, changed) in sorted(self.seen.items()):
                 if value != "done" and now - changed > self.timeout:
                     return process
@@ -134,11 +147,11 @@ def end_lost(lost: int, process_id: int, num_processes: int, timeout: float) -> 
     os._exit(LOST_PEER_EXIT)
 
 
-def end_frozen(seconds: float, process_id: int, num_processes: int) -> None:
-    """The one line of a process that was itself frozen longer than its peers wait, then the exit."""
+def end_frozen(seconds: float, process_id: int, num_processes: int, timeout: float) -> None:
+    """The one line of a process that was itself frozen about as long as its peers wait, then the exit."""
     print(
         f"\nerror: process {process_id} of {num_processes} was frozen for {seconds:.0f} s (SIGSTOP, a hung host or a "
-        "network partition), longer than its peers wait: they have ended, and so does it.",
+        f"network partition), about as long as its peers wait ({timeout:.0f} s): they end, and so does it.",
         file=sys.stderr, flush=True,
     )  # fmt: skip
     os._exit(LOST_PEER_EXIT)

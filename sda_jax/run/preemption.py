@@ -5,6 +5,11 @@ active, either signal only sets a flag: the train loop checkpoints at its next l
 exits cleanly. A second signal restores the default behaviour, so an impatient user can still
 kill the process outright. SIGUSR1 does the same: it is what slurm/train.sbatch asks SLURM to send
 (`--signal=USR1@...`) before the time limit, and exit 138 tells the script to requeue the job.
+
+Once the processes have agreed to stop, SIGTERM is ignored until the process ends: it is already
+doing what SIGTERM asks. Under `srun --kill-on-bad-exit` the first process to exit 138 or 143 makes
+srun send SIGTERM to the others, which would otherwise die of it while they exit and turn the
+step's status from 138 (requeue) into 143.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class PreemptionGuard:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        self.stopping = False  # every process agreed to stop: SIGTERM is ignored from then on
         self._previous: dict[signal.Signals, object] = {}
 
     def _handle(self, signum: int, _frame: types.FrameType | None) -> None:
@@ -43,13 +49,16 @@ class PreemptionGuard:
 
     def __exit__(self, *exc_info) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.stopping and sig == signal.SIGTERM else handler)
 
     def should_stop(self, multi_process: bool) -> bool:
         """Whether any process was signalled; every process must call this at the same steps."""
         stop = self.received is not None
         if multi_process:
             stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+        if stop:
+            self.stopping = True
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return stop
 
 

@@ -58,6 +58,33 @@ def test_watchdog_verdicts(monkeypatch):
     assert peers.jax_heartbeat_timeout_s() >= 2 * peers.timeout_s() + 30
 
 
+
+class Ended(Exception):
+    """What `end_lost` and `end_frozen` raise here instead of ending the test process."""
+
+
+def test_a_process_frozen_itself_blames_no_peer(monkeypatch):
+    """The judge's own freeze does not count against its peers; a freeze of about the timeout (its
+    peers may have ended it, deciding from a beat read before the freeze) ends it, blaming no one."""
+    monkeypatch.setattr(peers, "end_lost", lambda lost, *_: (_ for _ in ()).throw(Ended(f"lost {lost}")))
+    monkeypatch.setattr(peers, "end_frozen", lambda seconds, *_: (_ for _ in ()).throw(Ended(f"frozen {seconds:.0f}")))
+    dog = peers.Watchdog(FakeClient(), process_id=1, num_processes=2, timeout=30.0)
+    start = 1000.0
+    dog.last_answer, dog.seen = start, {0: ("7", start)}
+    # Frozen for 20 s right after the last answer, then 12 s more without a beat: 32 s by the
+    # clock, 13 of them the peers' silence. Without the freeze discounted, process 0 would be lost.
+    dog.judge(start + 21.0, unscheduled=21.0)
+    dog.judge(start + 32.0, unscheduled=peers.JUDGE_S)
+    assert dog.lost(start + 32.0) is None
+    assert dog.lost(start + 20.0 + 31.5) == 0  # 30 s of its peers' silence, the freeze aside
+    # Frozen for 27 s: the peer may have ended it (it decides up to a beat early), so it ends.
+    with pytest.raises(Ended, match="frozen 27"):
+        dog.judge(start + 60.0, unscheduled=peers.DEFAULT_TIMEOUT_S - 3)
+    # A peer silent for the timeout while this process ran is lost.
+    dog.last_answer, dog.seen = start + 90.0, {0: ("8", start + 60.0)}
+    with pytest.raises(Ended, match="lost 0"):
+        dog.judge(start + 91.0, unscheduled=peers.JUDGE_S)
+
 def test_merge_sweeps_of_an_array(tmp_path):
     """Two runs (batch sizes 16 and 32) of two learning rates each: one table of four rows, the best over both."""
     workdirs = []
