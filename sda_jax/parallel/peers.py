@@ -113,7 +113,9 @@ class Watchdog:
     def judge(self, now: float, unscheduled: float) -> None:
         """Ends this process if a peer is lost or if it was frozen itself for about as long as its
         peers wait; `unscheduled` is the time since the judge last ran (JUDGE_S when all is well)."""
-        if unscheduled > self.timeout - 2 * BEAT_S:  # frozen itself (SIGSTOP, a hung host): its peers may have ended
+        # Frozen itself (SIGSTOP, a hung host) for about the timeout: its peers may have ended. Never
+        # less than three of the judge's own ticks, so that a short $SDA_PEER_TIMEOUT_S stays usable.
+        if unscheduled > max(self.timeout - 2 * BEAT_S, 3 * JUDGE_S):
             end_frozen(unscheduled, self.process_id, self.num_processes, self.timeout)
         if unscheduled > 2 * JUDGE_S:  # frozen itself for a while: its own silence, not its peers'
             shifted = lambda when: min(now, when + unscheduled - JUDGE_S)  # noqa: E731

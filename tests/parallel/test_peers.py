@@ -80,6 +80,12 @@ def test_a_process_frozen_itself_blames_no_peer(monkeypatch):
     # Frozen for 27 s: the peer may have ended it (it decides up to a beat early), so it ends.
     with pytest.raises(Ended, match="frozen 27"):
         dog.judge(start + 60.0, unscheduled=peers.DEFAULT_TIMEOUT_S - 3)
+    # A short timeout: the judge's ordinary ticks (a little over a second) are no freeze.
+    short = peers.Watchdog(FakeClient(), process_id=1, num_processes=2, timeout=5.0)
+    short.last_answer, short.seen = start, {0: ("1", start)}
+    short.judge(start + 1.2, unscheduled=1.2)
+    with pytest.raises(Ended, match="frozen 4"):
+        short.judge(start + 5.2, unscheduled=4.0)
     # A peer silent for the timeout while this process ran is lost.
     dog.last_answer, dog.seen = start + 90.0, {0: ("8", start + 60.0)}
     with pytest.raises(Ended, match="lost 0"):
