@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from sda_jax import merge_sweeps
-from tests.conftest import REPO_ROOT, SHARED_DIR, TINY_RUN, flags_of, load_train_state, moved_by_rounding_alone
+from tests.conftest import REPO_ROOT, SHARED_DIR, TINY_RUN, flags_of
+from tests.e2e.resume_runs import assert_close_run, assert_same_run, train_steps
 
 slurm = pytest.mark.slurm
 
@@ -98,11 +98,6 @@ def wait_for(what, condition, timeout: float, job_info=None):
     return value
 
 
-def checkpoints(workdir: pathlib.Path) -> list[int]:
-    folder = workdir / "checkpoints" / "train"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-
-
 def task_pids(job_id: str) -> dict[int, int]:
     """{SLURM_PROCID: pid} of the job's training processes."""
     found = {}
@@ -127,24 +122,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def assert_same_run(a: pathlib.Path, b: pathlib.Path):
-    flat_a, flat_b = load_train_state(a, STEPS), load_train_state(b, STEPS)
-    assert flat_a.keys() == flat_b.keys()
-    for key in flat_a:
-        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-    assert (a / "afqmc_predict.json").read_text() == (b / "afqmc_predict.json").read_text()
-
-
-def assert_close_run(a: pathlib.Path, b: pathlib.Path):
-    """The same run up to the order of the gradient sums (another device count)."""
-    flat_a, flat_b = load_train_state(a, STEPS), load_train_state(b, STEPS)
-    assert flat_a.keys() == flat_b.keys()
-    for key in flat_b:
-        if not moved_by_rounding_alone(key):
-            np.testing.assert_allclose(flat_a[key], flat_b[key], rtol=1e-4, atol=1e-5, err_msg=key)
-
-
 NOISE = ("Traceback", "Fatal Python error", "Stack dump", "*** Begin stack trace", "Check failure")
 
 
@@ -165,7 +142,7 @@ def test_signal_then_requeue_resume_bit_identical(cluster, uninterrupted, tmp_pa
     info = lambda: cluster.job(job_id)
     text = lambda: log.read_text() if log.exists() else ""
     # 1. SLURM's early warning (what --signal=USR1@300 sends before the time limit): the script requeues.
-    wait_for("the first checkpoint", lambda: checkpoints(workdir), 300, info)
+    wait_for("the first checkpoint", lambda: train_steps(workdir), 300, info)
     cluster.run("scancel", "--signal=USR1", job_id)
     wait_for("the stop on SIGUSR1", lambda: "stopped by SIGUSR1 at step" in text(), 120, info)
     wait_for("the first restart's first step", lambda: text().count("Restarted: first new step") >= 1, 300, info)
@@ -181,7 +158,7 @@ def test_signal_then_requeue_resume_bit_identical(cluster, uninterrupted, tmp_pa
     assert "stopped by SIGTERM at step" in out and "requeue" in out
     assert len(re.findall(r"Resuming from the checkpoint of step \d+", out)) == 2
     assert not any(noise in out for noise in NOISE), out[-3000:]
-    assert_same_run(workdir, uninterrupted)
+    assert_same_run(workdir, uninterrupted, STEPS)
     # What the user takes away: the exported model, byte for byte.
     for run, out_dir in ((workdir, tmp_path / "exported"), (uninterrupted, tmp_path / "exported-uninterrupted")):
         export = subprocess.run(
@@ -224,7 +201,7 @@ def _start_and_hit_one_task(cluster, workdir, log, sig) -> tuple[str, float, dic
     job_id = cluster.submit(workdir, log)
     # The tasks first, so that the signal follows the first checkpoint closely (the tiny run is quick).
     pids = wait_for("both tasks", lambda: len(p := task_pids(job_id)) == 2 and p, 120, lambda: cluster.job(job_id))
-    wait_for("the first checkpoint", lambda: checkpoints(workdir), 300, lambda: cluster.job(job_id))
+    wait_for("the first checkpoint", lambda: train_steps(workdir), 300, lambda: cluster.job(job_id))
     os.kill(pids[1], sig)
     return job_id, time.time(), pids
 
@@ -247,12 +224,12 @@ def test_killed_task_ends_the_job_and_resubmissions_resume(cluster, uninterrupte
     again = cluster.submit(workdir, log)
     assert cluster.wait_done(again)["JobState"] == "COMPLETED", log.read_text()[-3000:]
     assert "Resuming from the checkpoint of step" in log.read_text()
-    assert_same_run(workdir, uninterrupted)
+    assert_same_run(workdir, uninterrupted, STEPS)
     # On 1 task (a requeued job may get less): the same to rounding, and one line says why not exact.
     job_id = cluster.submit(one_task, tmp_path / "log1", tasks=1)
     assert cluster.wait_done(job_id)["JobState"] == "COMPLETED", (tmp_path / "log1").read_text()[-3000:]
     assert "written on 2 devices (2 processes) and resumes on 1 (1)" in (tmp_path / "log1").read_text()
-    assert_close_run(one_task, uninterrupted)
+    assert_close_run(one_task, uninterrupted, STEPS)
 
 
 @slurm
@@ -276,4 +253,4 @@ def test_frozen_task_ends_the_others_within_60s_with_one_line(cluster, uninterru
     job_id = cluster.submit(workdir, log, tasks=4)
     assert cluster.wait_done(job_id, timeout=600)["JobState"] == "COMPLETED", log.read_text()[-3000:]
     assert "written on 2 devices (2 processes) and resumes on 4 (4)" in log.read_text()
-    assert_close_run(workdir, uninterrupted)
+    assert_close_run(workdir, uninterrupted, STEPS)

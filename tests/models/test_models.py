@@ -502,15 +502,19 @@ def test_dense_is_flax_dense_in_float32_and_adds_its_bias_in_float32() -> None:
     with _no_f16_sums():
         grads = jax.grad(loss)(params)
     assert grads["params"]["bias"].dtype == jnp.float32
-    if "jax_allow_f16_reductions" not in jax.config.values:  # jax < 0.9.1: the check is the newest stack's
+    if not F16_SUM_CHECK:
         return
     with _no_f16_sums(), pytest.raises(ValueError, match="reduce_sum"):
         jax.grad(lambda p: jnp.sum(nn.Dense(4, dtype=jnp.bfloat16).apply(p, x).astype(jnp.float32) ** 2))(params)
 
 
+# jax >= 0.9.1 can refuse 16-bit sums as it traces (jax_allow_f16_reductions); the minimum stack's cannot.
+F16_SUM_CHECK = "jax_allow_f16_reductions" in jax.config.values
+
+
 @contextlib.contextmanager
 def _no_f16_sums():
-    if "jax_allow_f16_reductions" not in jax.config.values:  # jax < 0.9.1 (the minimum stack): no such check
+    if not F16_SUM_CHECK:
         yield
         return
     previous = jax.config.jax_allow_f16_reductions

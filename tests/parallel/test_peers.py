@@ -58,16 +58,19 @@ def test_watchdog_verdicts(monkeypatch):
     assert peers.jax_heartbeat_timeout_s() >= 2 * peers.timeout_s() + 30
 
 
-
 class Ended(Exception):
     """What `end_lost` and `end_frozen` raise here instead of ending the test process."""
+
+
+def _ended(what: str):
+    raise Ended(what)
 
 
 def test_a_process_frozen_itself_blames_no_peer(monkeypatch):
     """The judge's own freeze does not count against its peers; a freeze of about the timeout (its
     peers may have ended it, deciding from a beat read before the freeze) ends it, blaming no one."""
-    monkeypatch.setattr(peers, "end_lost", lambda lost, *_: (_ for _ in ()).throw(Ended(f"lost {lost}")))
-    monkeypatch.setattr(peers, "end_frozen", lambda seconds, *_: (_ for _ in ()).throw(Ended(f"frozen {seconds:.0f}")))
+    monkeypatch.setattr(peers, "end_lost", lambda lost, *_: _ended(f"lost {lost}"))
+    monkeypatch.setattr(peers, "end_frozen", lambda seconds, *_: _ended(f"frozen {seconds:.0f}"))
     dog = peers.Watchdog(FakeClient(), process_id=1, num_processes=2, timeout=30.0)
     start = 1000.0
     dog.last_answer, dog.seen = start, {0: ("7", start)}
@@ -90,6 +93,7 @@ def test_a_process_frozen_itself_blames_no_peer(monkeypatch):
     dog.last_answer, dog.seen = start + 90.0, {0: ("8", start + 60.0)}
     with pytest.raises(Ended, match="lost 0"):
         dog.judge(start + 91.0, unscheduled=peers.JUDGE_S)
+
 
 def test_merge_sweeps_of_an_array(tmp_path):
     """Two runs (batch sizes 16 and 32) of two learning rates each: one table of four rows, the best over both."""
@@ -116,5 +120,3 @@ def test_merge_sweeps_of_an_array(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         merge_sweeps.main(["--out", str(tmp_path / "grid"), str(tmp_path / "missing")])
     assert exit_info.value.code == 2
-
-
