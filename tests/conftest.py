@@ -30,8 +30,15 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO_ROOT / ".pytest_cache" / "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-# A 1-layer, 32-wide BERT on one bucket length (one compilation): for tests of the run's
-# machinery (resume, processes), where the model's quality does not matter.
+# The first rows of each AFQMC split, written once per session (`pytest_configure`) where every
+# process of a test (subprocesses, SLURM tasks) reads them: a run of the machinery reads, scores
+# and predicts all of its data, and the full dev and test sets would be most of a tiny run's work.
+AFQMC_CUT_ROWS = {"train": 1024, "dev": 256, "test": 256}
+AFQMC_CUT_DIR = REPO_ROOT / ".pytest_cache" / "afqmc-cut"
+AFQMC_CUT = {f"data.{split}_file": AFQMC_CUT_DIR / f"{split}.json" for split in AFQMC_CUT_ROWS}
+
+# A 1-layer, 32-wide BERT on one bucket length (one compilation) and the cut of AFQMC: for tests
+# of the run's machinery (resume, processes), where the model's quality does not matter.
 TINY_RUN = {
     "model.num_hidden_layers": 1,
     "model.hidden_size": 32,
@@ -41,6 +48,7 @@ TINY_RUN = {
     "train.batch_size": 16,
     "optim.learning_rate": 0.001,
     "train.eval_all_params": False,  # one dev pass per evaluation is enough there
+    **AFQMC_CUT,
 }
 
 
@@ -104,6 +112,22 @@ class Cli:
         return subprocess.Popen(
             self.command(module, *args), cwd=REPO_ROOT, env={**self.env(devices), **(env or {})}, text=True, **streams
         )
+
+
+def pytest_configure(config) -> None:
+    """Writes the cut of AFQMC (AFQMC_CUT) unless it is there: pytest-xdist's controller first,
+    before its workers start; each file whole, through a rename, for the workers that find it."""
+    for split, rows in AFQMC_CUT_ROWS.items():
+        if not (SHARED_DIR / "data" / "afqmc" / f"{split}.json").is_file():
+            return  # without ../shared the tests that read AFQMC say so, each
+        AFQMC_CUT_DIR.mkdir(parents=True, exist_ok=True)
+        with open(SHARED_DIR / "data" / "afqmc" / f"{split}.json", encoding="utf-8") as source:
+            text = "".join(line for line, _ in zip(source, range(rows)))
+        target = AFQMC_CUT_DIR / f"{split}.json"
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            partial = target.with_name(f"{target.name}.{os.getpid()}")
+            partial.write_text(text, encoding="utf-8")
+            partial.replace(target)
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY_RUN, flags_of, load_train_state, train_in_process
+from tests.conftest import AFQMC_CUT_ROWS, REPO_ROOT, TINY_RUN, flags_of, load_train_state, train_in_process
 
 RUN = {**TINY_RUN, "train.max_steps": 12, "train.log_every": 4, "train.eval_every": 12, "train.checkpoint_every": 12}
 FLAGS = flags_of(RUN)
@@ -93,7 +93,7 @@ def test_two_processes_match_one(tmp_path, seeds):
     assert one.keys() == two.keys()
     for key in one:
         np.testing.assert_allclose(two[key], one[key], rtol=2e-5, atol=2e-6, err_msg=key)
-    assert (workdir / "afqmc_predict.json").read_text().count("\n") == 3861
+    assert (workdir / "afqmc_predict.json").read_text().count("\n") == AFQMC_CUT_ROWS["test"]
     assert (workdir / "afqmc_predict.json").read_text() == (tmp_path / "one" / "afqmc_predict.json").read_text()
 
 

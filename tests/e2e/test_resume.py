@@ -6,12 +6,13 @@ length (one compilation), killed with SIGKILL or SIGTERM at a random step and st
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
 import pytest
 
-from tests.conftest import load_train_state, train_in_process
+from tests.conftest import load_train_state, read_records, train_in_process
 from tests.e2e.resume_runs import (  # noqa: F401
     RUN,
     TINY,
@@ -43,10 +44,17 @@ def test_checkpoint_holds_everything(uninterrupted):
     assert train_steps(uninterrupted) == [30, 40]  # keep_checkpoints=2
 
 
-def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A run SIGKILLed at a random step after its first checkpoint; each test resumes a copy."""
+    workdir = tmp_path_factory.mktemp("killed") / "run"
     code, _ = start_and_signal(workdir, signal.SIGKILL)
     assert code == -signal.SIGKILL
+    return workdir
+
+
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, killed, tmp_path):
+    workdir = shutil.copytree(killed, tmp_path / "run", symlinks=True)
     assert (workdir / ".lock").exists()  # the killed run's lock file stays; its flock died with it
     resumed = run(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -123,10 +131,27 @@ def test_fp16_overflow_steps_are_skipped_and_counted(tmp_path):
         assert np.all(np.isfinite(value)), key
 
 
-def test_resume_on_another_device_count(uninterrupted, tmp_path):
-    workdir = tmp_path / "run"
-    start_and_signal(workdir, signal.SIGKILL)
+def test_resume_on_another_device_count(uninterrupted, killed, tmp_path):
+    workdir = shutil.copytree(killed, tmp_path / "run", symlinks=True)
     resumed = run(workdir, devices=4)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "4 x cpu" in json.loads((workdir / "summary.json").read_text())["devices"]
     assert_close_run(workdir, uninterrupted)  # the same run up to the order of the gradient sums
+
+
+@pytest.mark.api_surface
+def test_four_devices_agree_with_one(uninterrupted, tmp_path):
+    """The same run from scratch on 4 devices: the logged losses, the dev figures and the final
+    state of the one-device `uninterrupted`, up to the order of the gradient sums."""
+    workdir = tmp_path / "run"
+    result = run(workdir, devices=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 x cpu" in json.loads((workdir / "summary.json").read_text())["devices"]
+    losses_one = [r["loss"] for r in read_records(uninterrupted, "train")]
+    losses_four = [r["loss"] for r in read_records(workdir, "train")]
+    assert len(losses_one) == len(losses_four) == 8  # every 5 of the 40 steps
+    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-4, atol=1e-5)
+    dev_one, dev_four = read_records(uninterrupted, "dev")[-1], read_records(workdir, "dev")[-1]
+    assert dev_one["step"] == dev_four["step"] == 40
+    np.testing.assert_allclose(dev_four["loss"], dev_one["loss"], rtol=1e-4)
+    assert_close_run(workdir, uninterrupted)

@@ -37,6 +37,7 @@ from sda_jax.step.model_axis import Models
 from sda_jax.workdir import checkpoints
 from sda_jax.workdir.layout import Workdir
 from tests.conftest import (
+    AFQMC_CUT_ROWS,
     TINY_RUN,
     assert_within_rounding_but_adam_flips,
     flags_of,
@@ -185,7 +186,7 @@ def test_per_model_mean_std_and_ensemble_metrics_are_what_the_logits_say(two_see
         assert scored["std"][key] == pytest.approx(values.std(), abs=1e-12)
     # Each model's and the ensemble's (the mean of the two students' logits), from the step-12 checkpoint.
     state = checkpoints.read_train_state(Workdir(workdir).train_checkpoints, 12)
-    dev = splits.read_split(settings_of(config="default").data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
+    dev = splits.read_split(settings_of(RUN).data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
     per_model = [_logits(workdir, jax.tree.map(lambda x, i=i: x[i], state["params"]), dev) for i in range(len(SEEDS))]
     for i in range(len(SEEDS)):
         assert scored["models"][i]["accuracy"] == pytest.approx(float(np.mean(per_model[i].argmax(-1) == dev.labels)), abs=1e-12)
@@ -211,7 +212,7 @@ def test_summary_and_ensemble_predictions(two_seeds, bert_base_chinese_dir):
     # Each model kept its own best checkpoint.
     assert sorted(p.name for p in (workdir / "checkpoints" / "best").iterdir()) == ["model_0", "model_1"]
     # Predictions: each seed's best eval EMA, and the argmax of their mean logits.
-    test = splits.read_split(settings_of(config="default").data, "test", tokenization.load_tokenizer(bert_base_chinese_dir))
+    test = splits.read_split(settings_of(RUN).data, "test", tokenization.load_tokenizer(bert_base_chinese_dir))
     logits = []
     for seed in SEEDS:
         params, _ = export.restore_best(workdir, "eval_ema", seed)
@@ -220,7 +221,7 @@ def test_summary_and_ensemble_predictions(two_seeds, bert_base_chinese_dir):
         assert [int(x) for x in written] == logits[-1].argmax(-1).tolist()
     ensemble = np.mean(logits, axis=0).argmax(-1)
     written = [int(json.loads(line)["label"]) for line in (workdir / "afqmc_predict.json").read_text().splitlines()]
-    assert written == ensemble.tolist() and len(written) == 3861
+    assert written == ensemble.tolist() and len(written) == AFQMC_CUT_ROWS["test"]
     # Not a trivial agreement: the seeds disagree on some rows, and the ensemble predicts both classes.
     assert (logits[0].argmax(-1) != logits[1].argmax(-1)).any() and 0 < ensemble.sum() < len(ensemble)
 

@@ -1,5 +1,5 @@
-"""Under a real SLURM (slurm/cluster.sh start), jobs of slurm/train.sbatch on the 1-layer tiny run,
-2 CPU tasks, on a small cut of AFQMC:
+"""Under a real SLURM (slurm/cluster.sh start), jobs of slurm/train.sbatch on the 1-layer tiny run
+(tests/conftest.py's TINY_RUN, on its cut of AFQMC), 2 CPU tasks:
 - SLURM's early-warning signal and `scontrol requeue`: every task checkpoints the same step, the job
   runs again and resumes; requeued twice, bit-identical to an uninterrupted run, export included;
 - a task SIGKILLed (the job ends at once; a resubmission resumes bit-exactly on 2 tasks, or on 1 with
@@ -24,35 +24,31 @@ import time
 import pytest
 
 from sda_jax import merge_sweeps
-from tests.conftest import REPO_ROOT, SHARED_DIR, TINY_RUN, flags_of
+from tests.conftest import REPO_ROOT, TINY_RUN, flags_of
 from tests.e2e.resume_runs import assert_close_run, assert_same_run, train_steps
 
 slurm = pytest.mark.slurm
 
 STEPS = 60
 RUN = {**TINY_RUN, "train.max_steps": STEPS, "train.log_every": 5, "train.eval_every": 30, "train.checkpoint_every": 10}
-# The first rows of each AFQMC split: the jobs test the run's machinery, and every task of every job
-# reads, scores and predicts its data.
-CUT = {"train": 1024, "dev": 256, "test": 256}
 DEFAULT_CONF = "/var/tmp/sda-jax-slurm/slurm.conf"
 
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
-    """The running SLURM: its environment and the data flags of the cut (CUT) of AFQMC."""
+    """The running SLURM: its environment."""
 
     env: dict[str, str]
-    data_flags: tuple[str, ...]
 
     def run(self, *args: str) -> str:
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60, check=True).stdout
 
     def submit(self, workdir: pathlib.Path, log: pathlib.Path, tasks: int = 2) -> str:
-        """A job of slurm/train.sbatch (RUN on the cut) on `tasks` tasks of the one node; its id."""
+        """A job of slurm/train.sbatch (RUN) on `tasks` tasks of the one node; its id."""
         return self.run(
             "sbatch", "--parsable", f"--ntasks={tasks}", f"--ntasks-per-node={tasks}", f"--output={log}",
             f"--chdir={REPO_ROOT}", "--time=00:20:00", "slurm/train.sbatch", "configs/afqmc_small.py",
-            f"--workdir={workdir}", *flags_of(RUN), *self.data_flags,
+            f"--workdir={workdir}", *flags_of(RUN),
         ).strip().split(";")[0]  # fmt: skip
 
     def job(self, job_id: str) -> dict[str, str]:
@@ -68,7 +64,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module", name="cluster")
-def cluster_fixture(tmp_path_factory) -> Cluster:
+def cluster_fixture() -> Cluster:
     conf = os.environ.get("SLURM_CONF") or DEFAULT_CONF
     env = dict(os.environ, SLURM_CONF=conf, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)  # one CPU device per task
@@ -81,12 +77,7 @@ def cluster_fixture(tmp_path_factory) -> Cluster:
         if os.environ.get("SDA_REQUIRE_SLURM"):
             pytest.fail(f"no SLURM answers (SLURM_CONF={conf}): start one with slurm/cluster.sh start")
         pytest.skip(f"no SLURM answers (SLURM_CONF={conf}): slurm/cluster.sh start starts one")
-    folder, files = tmp_path_factory.mktemp("afqmc-cut"), {}
-    for split, rows in CUT.items():
-        lines = (SHARED_DIR / "data" / "afqmc" / f"{split}.json").read_text(encoding="utf-8").splitlines(keepends=True)
-        files[f"data.{split}_file"] = folder / f"{split}.json"
-        files[f"data.{split}_file"].write_text("".join(lines[:rows]), encoding="utf-8")
-    return Cluster(env, tuple(flags_of(files)))
+    return Cluster(env)
 
 
 def wait_for(what, condition, timeout: float, job_info=None):
@@ -185,7 +176,7 @@ def test_grid_as_a_job_array_and_its_merged_table(cluster, tmp_path):
     sweep = {"sweep.optim.learning_rate": (1e-3, 2e-3), "sweep.seed": (1,)}
     array_id = cluster.run(
         "sbatch", "--parsable", "--array=0-1", "--ntasks=1", f"--output={tmp_path}/log-%a", f"--chdir={REPO_ROOT}",
-        "slurm/clue_grid.sbatch", "configs/afqmc_small.py", f"--workdir={grid}", *flags_of({**short, **sweep}), *cluster.data_flags,
+        "slurm/clue_grid.sbatch", "configs/afqmc_small.py", f"--workdir={grid}", *flags_of({**short, **sweep}),
     ).strip().split(";")[0]  # fmt: skip
     for task in (0, 1):
         info = cluster.wait_done(f"{array_id}_{task}")

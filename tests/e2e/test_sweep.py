@@ -23,6 +23,7 @@ from sda_jax.step.model_axis import Models
 from sda_jax.workdir import checkpoints
 from sda_jax.workdir.layout import Workdir
 from tests.conftest import (
+    AFQMC_CUT_ROWS,
     TINY_RUN,
     TINY_RUN_FLAGS,
     assert_within_rounding_but_adam_flips,
@@ -116,7 +117,7 @@ def test_the_table_is_what_the_best_checkpoints_score(grid, bert_base_chinese_di
     workdir, summary = grid
     config = BertConfig.from_json_file(workdir / "model" / "config.json")
     model = BertForSequenceClassification(config)
-    dev = splits.read_split(Settings().data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
+    dev = splits.read_split(settings_of(RUN).data, "dev", tokenization.load_tokenizer(bert_base_chinese_dir))
     apply = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["token_type_ids"], b["attention_mask"]))
     accuracy = []
     for i in range(8):
@@ -140,7 +141,7 @@ def test_the_table_is_what_the_best_checkpoints_score(grid, bert_base_chinese_di
     # The submission is the best combination's ensemble: the mean logits of its seeds' best.
     assert (summary["prediction"]["with"], summary["prediction"]["models"]) == ("best_combination", best["models"])
     per_model = [[json.loads(line)["label"] for line in (workdir / f"afqmc_predict.model{i}.json").read_text().splitlines()] for i in range(8)]
-    assert len(per_model[0]) == 3861
+    assert len(per_model[0]) == AFQMC_CUT_ROWS["test"]
 
 
 def test_export_picks_a_model_by_its_values(grid, tmp_path):
