@@ -303,7 +303,10 @@ def read_train_state(folder: pathlib.Path, step: int) -> dict[str, Any]:
     to restore into."""
     path = (folder / str(step) / "state").resolve()
     checkpointer = ocp.StandardCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata
+    metadata = checkpointer.metadata(path)
+    # orbax-checkpoint 0.12 returns the step's metadata, 0.11 the tree's metadata itself.
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
     # jax 0.12 deprecates SingleDeviceSharding: a replicated NamedSharding over one device instead.
     one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("one",))
     sharding = jax.sharding.NamedSharding(one_device, jax.sharding.PartitionSpec())
