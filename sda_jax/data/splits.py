@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import transformers
 
 from sda_jax.config import DataSettings
 from sda_jax.data import tokenization
 from sda_jax.data.clue_files import Examples, read_clue_file
 from sda_jax.data.tokenization import Encoded
 from sda_jax.errors import InputError
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is loaded (tokenization.load_tokenizer)
+    import transformers
 
 SPLITS = ("train", "dev", "test")
 
