@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_train_state, read_records, train_in_process
-from tests.e2e.resume_runs import (  # noqa: F401
+from tests.e2e.resume_runs import (
     RUN,
-    TINY,
-    arguments,
     assert_close_run,
     assert_same_run,
     run,

@@ -39,6 +39,9 @@ from sda_jax.models.forms import REFERENCE
 from sda_jax.models.layers import BertSelfAttention, Dense, LayerNorm
 from tests.conftest import shard_torch_state_dict
 
+# jax >= 0.9.1 can refuse 16-bit sums as it traces (jax_allow_f16_reductions); the minimum stack's cannot.
+F16_SUM_CHECK = "jax_allow_f16_reductions" in jax.config.values
+
 pytestmark = pytest.mark.api_surface  # the model, loading and export: .ci/run's minimum-versions job
 
 TINY = {
@@ -506,10 +509,6 @@ def test_dense_is_flax_dense_in_float32_and_adds_its_bias_in_float32() -> None:
         return
     with _no_f16_sums(), pytest.raises(ValueError, match="reduce_sum"):
         jax.grad(lambda p: jnp.sum(nn.Dense(4, dtype=jnp.bfloat16).apply(p, x).astype(jnp.float32) ** 2))(params)
-
-
-# jax >= 0.9.1 can refuse 16-bit sums as it traces (jax_allow_f16_reductions); the minimum stack's cannot.
-F16_SUM_CHECK = "jax_allow_f16_reductions" in jax.config.values
 
 
 @contextlib.contextmanager
