@@ -13,6 +13,7 @@ folder that ships with sda-jax; `--config.KEY=None` sets a key to None ("off" or
 its comment in `sda_jax/config.py` says so).
 """
 
+import gc
 import os
 import pathlib
 import sys
@@ -173,6 +174,9 @@ def _train(train_and_evaluate, config, workdir: pathlib.Path, fresh: bool) -> No
     from sda_jax.run.preemption import Preempted
     from sda_jax.stopwatch import Stopwatch
 
+    # The imports' objects (modules, classes, the libraries' tables) move to the collector's permanent
+    # generation: its full collections, frequent while JAX traces, no longer rescan them.
+    gc.freeze()
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     # Resumed and repeated runs load their compiled programs instead of compiling them again.
     jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())

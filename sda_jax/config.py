@@ -126,15 +126,14 @@ class TrainSettings:
     eval_all_params: bool = key(True, "also score the student and the teacher on dev (logged, not for \"best\")")
     log_every: int = key(20, "steps between host reads of the running loss (each read syncs)", minimum=1)
     checkpoint_every: int = key(200, "full train-state checkpoint for resume every this many steps", minimum=1)
-    checkpoint_every_seconds: float | None = key(
-        None, "also checkpoint at the first log step this many seconds after the last (process 0's clock); None: steps only",
-        above=0.0,
-    )  # fmt: skip
+    checkpoint_every_seconds: float | None = key(None, "also checkpoint at the first log step this many seconds after the "
+                                                 "last (process 0's clock); None: steps only", above=0.0)  # fmt: skip
     keep_checkpoints: int = key(2, "train checkpoints kept (the best-by-dev one is kept apart)", minimum=1)
     predict_file: str = key("afqmc_predict.json", "CLUE submission written into the workdir")
     predict_with: str = key("best_combination", "the submission's models: best_combination (the ensemble of its seeds) or best_model",
                             choices=PREDICT_WITH)  # fmt: skip
     per_model_predictions: bool = key(False, "with several models: also write each model's predictions beside the submission")
+    plot_curves: bool = key(True, "draw the training curves into the workdir as a PNG at the end of the run (matplotlib)")
 
 
 @dataclasses.dataclass(frozen=True)

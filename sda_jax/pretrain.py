@@ -78,7 +78,8 @@ def pretrain(settings: Settings, workdir: Any, *, fresh: bool = False, stopwatch
         summary = _summary(run, session, best, train_fn, eval_fn, compile_wall, clock)
         if run.is_main:
             run.workdir.write_outputs(settings, RunOutputs(submission=None, summary=summary))
-            plot_training_curves(run.workdir)
+            if settings.train.plot_curves:
+                plot_training_curves(run.workdir)
             print(format_summary(summary))
         return summary
 

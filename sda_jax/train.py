@@ -109,7 +109,8 @@ def finish(run: Run, programs: Programs, state: Any, session: loop.Session, cloc
             per_model=tuple(map(submission, test_logits)) if settings.train.per_model_predictions else (),
             sweep_tables=(sweep_results.to_csv(table), sweep_results.to_markdown(table)) if settings.sweep else None,
         ))  # fmt: skip
-        plot_training_curves(run.workdir)
+        if settings.train.plot_curves:
+            plot_training_curves(run.workdir)
         print(run_summary.format_summary(summary))
     return summary
 

@@ -48,6 +48,7 @@ TINY_RUN = {
     "train.batch_size": 16,
     "optim.learning_rate": 0.001,
     "train.eval_all_params": False,  # one dev pass per evaluation is enough there
+    "train.plot_curves": False,  # drawn and checked by test_train_e2e and test_pretrain's tapt_run
     **AFQMC_CUT,
 }
 
@@ -141,6 +142,14 @@ def pytest_collection_modifyitems(items) -> None:
     # then the other whole runs start at once, and the short unit files fill in at the end instead
     # of one worker finishing a long file alone. A stable sort: each file's tests stay together.
     items.sort(key=lambda item: 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("e2e") else 2)
+
+
+def pytest_collection_finish(session) -> None:
+    """As the commands do (sda_jax/commands.py): the imports' objects, all made by now, go to the
+    collector's permanent generation, which its full collections during tracing do not rescan."""
+    import gc
+
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

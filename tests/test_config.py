@@ -22,7 +22,7 @@ def test_shipped_configs_are_valid(module):
 def test_each_key_is_written_once_with_its_default_and_comment():
     """configs/default.py is built from the settings' fields: the same keys, the same defaults."""
     keys = settings_module.describe()
-    assert len(keys) == len({name for name, _, _ in keys}) == 68 + len(settings_module.SWEEP_KEYS)  # 7 of them pretrain.*
+    assert len(keys) == len({name for name, _, _ in keys}) == 69 + len(settings_module.SWEEP_KEYS)  # 7 of them pretrain.*
     assert all(comment and "\n" not in comment for _, _, comment in keys)
     assert Settings.from_config(default.get_config()) == Settings()  # the dataclass defaults are the config's
     flat = lambda tree, prefix="": [k for key, v in tree.items() for k in (flat(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]

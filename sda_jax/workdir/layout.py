@@ -5,7 +5,7 @@
                              tokenizer files, ready to sit beside exported weights
     metrics.jsonl            train and dev records (`metrics_writer`)
     tensorboard/             the same as TensorBoard events
-    training_curves.png      the curves, drawn at the end
+    training_curves.png      the curves, drawn at the end (`train.plot_curves`)
     checkpoints/train/       full train states for resume (`checkpoints.TrainCheckpoints`)
     checkpoints/best/model_<i>/   each model's best parameter sets by dev accuracy
     checkpoints/damaged/     checkpoints found damaged when a run resumed, moved aside (never deleted)

@@ -212,7 +212,7 @@ def pretrain_args(workdir, data, *extra):
 @pytest.fixture(scope="module")
 def tapt_run(tmp_path_factory, small_data, cli):
     workdir = tmp_path_factory.mktemp("tapt") / "run"
-    result = cli.run("sda_jax.pretrain", *pretrain_args(workdir, small_data), timeout=600)
+    result = cli.run("sda_jax.pretrain", *pretrain_args(workdir, small_data, "--config.train.plot_curves=True"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 

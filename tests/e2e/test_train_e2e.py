@@ -119,3 +119,5 @@ def test_runs_of_other_lengths_share_their_compiled_programs(tmp_path, cli):
     assert len(first) >= 2  # train and eval programs at least
     second = run(tmp_path / "b", "--config.train.max_steps=7", "--config.train.eval_every=7", "--config.optim.learning_rate=0.003")
     assert second == first, (first, second)
+    # TINY_RUN turns the curves off: the run's other outputs are there, the PNG is not.
+    assert (tmp_path / "b" / "summary.json").is_file() and not (tmp_path / "b" / "training_curves.png").exists()
