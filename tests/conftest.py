@@ -9,6 +9,7 @@ their own; a subprocess (through `cli`) is for what only one can show: another d
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import pathlib
 import subprocess
@@ -147,8 +148,6 @@ def pytest_collection_modifyitems(items) -> None:
 def pytest_collection_finish(session) -> None:
     """As the commands do (sda_jax/commands.py): the imports' objects, all made by now, go to the
     collector's permanent generation, which its full collections during tracing do not rescan."""
-    import gc
-
     gc.freeze()
 
 

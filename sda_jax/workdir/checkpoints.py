@@ -304,7 +304,8 @@ def read_train_state(folder: pathlib.Path, step: int) -> dict[str, Any]:
     path = (folder / str(step) / "state").resolve()
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path)
-    # orbax-checkpoint 0.12 returns the step's metadata, 0.11 the tree's metadata itself.
+    # orbax-checkpoint 0.12 wraps the tree's metadata in the step's (`item_metadata`), 0.11 returns it
+    # itself; its `tree` is the nested dict.
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     # jax 0.12 deprecates SingleDeviceSharding: a replicated NamedSharding over one device instead.
